@@ -1,0 +1,277 @@
+"""The SamToNe loss family and its analytic gradients, in float64 NumPy.
+
+Notation (shapes in brackets):
+
+* ``q`` [N, D] queries, ``d`` [N, D] their positive documents, ``n`` [N, H, D] hard negatives,
+  ``n[i, h]`` mined for query ``i``.
+* Document columns ``C`` [M, D], M = N (1 + H): block k = 0..H of N columns each; column (j, k) is
+  ``d[j]`` for k = 0 and ``n[j, k - 1]`` for k >= 1, stored at row ``k * N + j`` of ``C``.
+* Logits ``s(x, y) = x . y / tau``; with ``normalize=True`` every embedding is first replaced by
+  ``x / max(|x|, 1e-12)``.
+* Four blocks of logits, each with a keep-mask:
+
+  ====  ==========  =========  =====================================================================
+  name  anchors     candidates entries removed for anchor i (``g`` = group ids, j != i)
+  ====  ==========  =========  =====================================================================
+  q2d   q [N]       C [M]      column (j, 0) when g_j == g_i
+  q2q   q [N]       q [N]      q_i itself; q_j when g_j == g_i
+  d2q   d [N]       q [N]      q_j when g_j == g_i
+  d2d   d [N]       C [M]      every column (i, k) of pair i; column (j, 0) when g_j == g_i
+  ====  ==========  =========  =====================================================================
+
+* ``Zq_i`` sums ``exp`` over the kept q2d (+ q2q) entries of row i, ``Zd_i`` over the kept d2q
+  (+ d2d) entries (only when "d2q" is selected), and ``pos_i = s(q_i, d_i)``.
+
+  - ``partition="per_anchor"``: ``l_i = [(log Zq_i - pos_i) + w (log Zd_i - pos_i)] / (1 + w)``
+    with the doc group, else ``log Zq_i - pos_i``.
+  - ``partition="joint"``: ``l_i = log(Zq_i + Zd_i) - pos_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ALL_DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
+NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+def _check_options(directions, partition, doc_anchor_weight, reduction, temperature):
+    directions = tuple(directions)
+    unknown = set(directions) - set(ALL_DIRECTIONS)
+    if unknown:
+        raise ValueError(f"directions: unknown {sorted(unknown)}, expected a subset of {ALL_DIRECTIONS}")
+    if "q2d" not in directions:
+        raise ValueError("directions: 'q2d' is required (it holds the positive pair)")
+    if "d2d" in directions and "d2q" not in directions:
+        raise ValueError("directions: 'd2d' requires 'd2q'")
+    if partition not in ("per_anchor", "joint"):
+        raise ValueError(f"partition: expected 'per_anchor' or 'joint', got {partition!r}")
+    if doc_anchor_weight < 0:
+        raise ValueError("doc_anchor_weight: expected >= 0")
+    if partition == "joint" and doc_anchor_weight != 1.0:
+        raise ValueError("doc_anchor_weight: must be 1.0 with partition='joint'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError("temperature: expected a finite value > 0")
+    return set(directions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation and its gradient
+# --------------------------------------------------------------------------------------------------
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.sqrt((x * x).sum(-1, keepdims=True))
+    return x / np.maximum(norm, NORM_EPS)
+
+
+def _normalize_backward(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Gradient through ``y = x / max(|x|, eps)`` given ``g = dL/dy``.
+
+    For |x| > eps: dy/dx = (I - y y^T) / |x|, so dL/dx = (g - y (y . g)) / |x|.
+    For |x| <= eps the denominator is the constant eps:   dL/dx = g / eps.
+    """
+    norm = np.sqrt((x * x).sum(-1, keepdims=True))
+    y = x / np.maximum(norm, NORM_EPS)
+    projected = (g - y * (y * g).sum(-1, keepdims=True)) / np.maximum(norm, NORM_EPS)
+    return np.where(norm > NORM_EPS, projected, g / NORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logit blocks
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Blocks:
+    """The four logit blocks of a batch and their keep-masks (True = the entry is in the sums).
+
+    Every block is built whatever the directions; the partition picks the ones it uses.
+    """
+
+    q: np.ndarray  # [N, D] (normalised if asked)
+    d: np.ndarray  # [N, D]
+    columns: np.ndarray  # [M, D], M = N (1 + H)
+    temperature: float
+    s_qd: np.ndarray  # [N, M]
+    s_qq: np.ndarray  # [N, N]
+    s_dq: np.ndarray  # [N, N]
+    s_dd: np.ndarray  # [N, M]
+    keep_qd: np.ndarray
+    keep_qq: np.ndarray
+    keep_dq: np.ndarray
+    keep_dd: np.ndarray
+
+    @property
+    def pos(self) -> np.ndarray:
+        """[N] positive logits s(q_i, d_i): the diagonal of the first q2d block."""
+        n = self.q.shape[0]
+        return self.s_qd[np.arange(n), np.arange(n)]
+
+
+def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None, normalize=False) -> Blocks:
+    """Build the logit blocks and keep-masks (see the module docstring for the rules)."""
+    q = np.asarray(q, dtype=np.float64)
+    d = np.asarray(d, dtype=np.float64)
+    n_pairs, dim = q.shape
+    negs = (np.zeros((n_pairs, 0, dim)) if hard_negatives is None
+            else np.asarray(hard_negatives, dtype=np.float64))
+    if normalize:
+        q, d, negs = _normalize(q), _normalize(d), _normalize(negs)
+    n_blocks = 1 + negs.shape[1]
+    # Column (j, k) at row k * N + j: block 0 the positives, block k the k-th hard negative of each pair.
+    columns = np.concatenate([d] + [negs[:, k] for k in range(negs.shape[1])], axis=0)
+    tau = float(temperature)
+
+    i = np.arange(n_pairs)[:, None]
+    j = np.arange(n_pairs)[None, :]
+    if group_ids is None:
+        same_group = i == j
+    else:
+        g = np.asarray(group_ids)
+        same_group = g[:, None] == g[None, :]
+    other_in_group = same_group & (i != j)  # relevant to each other: never negatives
+    own_pair = np.tile(i == j, (1, n_blocks))  # [N, M]: the columns (i, k) of pair i
+    hard_cols = np.zeros((n_pairs, n_pairs * (n_blocks - 1)), dtype=bool)
+    group_cols = np.concatenate([other_in_group, hard_cols], axis=1)  # groups touch block 0 only
+
+    return Blocks(
+        q=q, d=d, columns=columns, temperature=tau,
+        s_qd=q @ columns.T / tau, s_qq=q @ q.T / tau, s_dq=d @ q.T / tau, s_dd=d @ columns.T / tau,
+        keep_qd=~group_cols,
+        keep_qq=~same_group,  # removes q_i itself and its group
+        keep_dq=~other_in_group,  # keeps the positive q_i
+        keep_dd=~(own_pair | group_cols),
+    )
+
+
+def _masked_logsumexp(blocks: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Row-wise log(sum over kept entries of exp(s)) across several (logits, keep) blocks."""
+    s = np.concatenate([np.where(keep, s, -np.inf) for s, keep in blocks], axis=1)
+    m = s.max(axis=1, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (m_safe + np.log(np.exp(s - m_safe).sum(axis=1, keepdims=True)))[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss and gradients
+# --------------------------------------------------------------------------------------------------
+def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float):
+    """Per-row log-partitions and the coefficient of each block in dl_i/ds.
+
+    Returns (row_losses [N], {block: (logits, keep, lse [N], coef)}) where
+    dl_i / ds_x = coef * exp(s_x - lse_i) for each kept entry x of row i's block, and
+    dl_i / dpos_i = -1 in every configuration.
+    """
+    q_blocks = {"qd": (b.s_qd, b.keep_qd)}
+    if "q2q" in dirs:
+        q_blocks["qq"] = (b.s_qq, b.keep_qq)
+    d_blocks = {}
+    if "d2q" in dirs:
+        d_blocks["dq"] = (b.s_dq, b.keep_dq)
+        if "d2d" in dirs:
+            d_blocks["dd"] = (b.s_dd, b.keep_dd)
+
+    terms = {}
+    if partition == "joint":
+        # l_i = log(Zq_i + Zd_i) - pos_i: one softmax over every kept entry of both anchors.
+        lse = _masked_logsumexp(list(q_blocks.values()) + list(d_blocks.values()))
+        for name, (s, keep) in {**q_blocks, **d_blocks}.items():
+            terms[name] = (s, keep, lse, 1.0)
+        return lse - b.pos, terms
+
+    # per_anchor: l_i = [(Lq_i - pos_i) + w (Ld_i - pos_i)] / (1 + w); dl/dpos = -(1 + w)/(1 + w) = -1.
+    lse_q = _masked_logsumexp(list(q_blocks.values()))
+    if not d_blocks:
+        for name, (s, keep) in q_blocks.items():
+            terms[name] = (s, keep, lse_q, 1.0)
+        return lse_q - b.pos, terms
+    lse_d = _masked_logsumexp(list(d_blocks.values()))
+    for name, (s, keep) in q_blocks.items():
+        terms[name] = (s, keep, lse_q, 1.0 / (1.0 + w))
+    for name, (s, keep) in d_blocks.items():
+        terms[name] = (s, keep, lse_d, w / (1.0 + w))
+    return ((lse_q - b.pos) + w * (lse_d - b.pos)) / (1.0 + w), terms
+
+
+def samtone_loss(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
+                 partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
+                 reduction="mean"):
+    """The loss, as a float (or an [N] array for ``reduction="none"``).
+
+    Parameters are those of ``samtone_kernels.fused_samtone_loss`` without ``backend``; arrays are
+    NumPy (any float dtype, computed in float64).
+    """
+    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature)
+    b = build_blocks(q, d, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
+    losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight))
+    if reduction == "none":
+        return losses
+    return float(losses.mean() if reduction == "mean" else losses.sum())
+
+
+def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
+                 partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
+                 reduction="mean"):
+    """Analytic gradients of the reduced loss (of its sum for ``reduction="none"``).
+
+    Returns a dict with "queries" [N, D], "docs" [N, D], "hard_negatives" [N, H, D] (when given) and
+    "temperature" (float).
+
+    Derivation. Let L = sum_i c_i l_i, with c_i = 1/N ("mean") or 1 ("sum", "none"). For an entry x
+    of block X in row i, dL/ds_x = G_X[i, x] = c_i * coef_X * exp(s_x - lse_i) (zero where masked;
+    see ``_anchor_terms``), and dL/dpos_i = -c_i. Each logit is s = a . b / tau, so
+
+        dL/da += G b / tau,   dL/db += G a / tau,   dL/dtau = -sum(G * s) / tau,
+
+    summed over every block an embedding takes part in, on either side:
+
+        dq = (G_qd C + G_qq q + G_qq^T q + G_dq^T d - c * d) / tau   (q anchors q2q *and* is its candidate)
+        dC = (G_qd^T q + G_dd^T d) / tau                              (columns: positives and negatives)
+        dd = dC[block 0] + (G_dd C + G_dq q - c * q) / tau
+        dtau = -(sum_X sum(G_X * S_X) - sum_i c_i pos_i) / tau
+
+    and, with ``normalize=True``, the chain rule through x / max(|x|, eps) (``_normalize_backward``).
+    """
+    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature)
+    q_raw = np.asarray(q, dtype=np.float64)
+    d_raw = np.asarray(d, dtype=np.float64)
+    b = build_blocks(q_raw, d_raw, hard_negatives, temperature=temperature, group_ids=group_ids,
+                     normalize=normalize)
+    _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight))
+    n_pairs, dim = b.q.shape
+    tau = b.temperature
+    c = np.full(n_pairs, 1.0 / n_pairs if reduction == "mean" else 1.0)
+
+    zeros_nn, zeros_nm = np.zeros((n_pairs, n_pairs)), np.zeros((n_pairs, b.columns.shape[0]))
+    grads = {"qd": zeros_nm, "qq": zeros_nn, "dq": zeros_nn, "dd": zeros_nm}
+    dtau_logits = 0.0
+    for name, (s, keep, lse, coef) in terms.items():
+        # G = c_i * coef * softmax entry, zero where masked (exp of a kept entry minus its row's LSE).
+        g = c[:, None] * coef * np.exp(np.where(keep, s - lse[:, None], -np.inf))
+        grads[name] = g
+        dtau_logits += (g * np.where(keep, s, 0.0)).sum()
+
+    g_qd, g_qq, g_dq, g_dd = grads["qd"], grads["qq"], grads["dq"], grads["dd"]
+    cols, qh, dh = b.columns, b.q, b.d
+    dq = (g_qd @ cols + g_qq @ qh + g_qq.T @ qh + g_dq.T @ dh - c[:, None] * dh) / tau
+    dcols = (g_qd.T @ qh + g_dd.T @ dh) / tau
+    dd = dcols[:n_pairs] + (g_dd @ cols + g_dq @ qh - c[:, None] * qh) / tau
+    n_hard = cols.shape[0] // n_pairs - 1
+    dn = dcols[n_pairs:].reshape(n_hard, n_pairs, dim).transpose(1, 0, 2)
+    dtau = -(dtau_logits - (c * b.pos).sum()) / tau
+
+    if normalize:
+        dq = _normalize_backward(q_raw, dq)
+        dd = _normalize_backward(d_raw, dd)
+        if hard_negatives is not None:
+            dn = _normalize_backward(np.asarray(hard_negatives, dtype=np.float64), dn)
+
+    out = {"queries": dq, "docs": dd, "temperature": float(dtau)}
+    if hard_negatives is not None:
+        out["hard_negatives"] = dn
+    return out

@@ -1,0 +1,155 @@
+"""Validation of the loss options and inputs: every bad argument raises here, before any compute."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+ALL_DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
+PARTITIONS = ("per_anchor", "joint")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NORM_EPS = 1e-12  # normalize=True divides by max(|x|, NORM_EPS), as torch.nn.functional.normalize
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated options of ``fused_samtone_loss`` (everything but the tensors)."""
+
+    directions: tuple[str, ...]
+    partition: str
+    doc_anchor_weight: float
+    normalize: bool
+    reduction: str
+    backend: str
+
+    @property
+    def q2q(self) -> bool:
+        return "q2q" in self.directions
+
+    @property
+    def d2q(self) -> bool:
+        """True when the document-anchored group (d2q, optionally d2d) is present."""
+        return "d2q" in self.directions
+
+    @property
+    def d2d(self) -> bool:
+        return "d2d" in self.directions
+
+
+def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, backend) -> LossOptions:
+    """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument."""
+    if isinstance(directions, str) or not isinstance(directions, Sequence | set | frozenset):
+        raise TypeError(
+            f"directions: expected a sequence of names from {ALL_DIRECTIONS}, got {directions!r} "
+            "(write ('q2d',) for a single direction)"
+        )
+    for name in directions:
+        if name not in ALL_DIRECTIONS:
+            raise ValueError(f"directions: unknown direction {name!r}, expected names from {ALL_DIRECTIONS}")
+    if "q2d" not in directions:
+        raise ValueError("directions: 'q2d' is required (it holds the positive pair)")
+    if "d2d" in directions and "d2q" not in directions:
+        raise ValueError("directions: 'd2d' requires 'd2q' (doc-doc negatives join the doc-anchored softmax)")
+    canonical = tuple(name for name in ALL_DIRECTIONS if name in directions)
+
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition: expected one of {PARTITIONS}, got {partition!r}")
+    if isinstance(doc_anchor_weight, bool) or not isinstance(doc_anchor_weight, numbers.Real):
+        raise TypeError(f"doc_anchor_weight: expected a real number, got {type(doc_anchor_weight).__name__}")
+    weight = float(doc_anchor_weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"doc_anchor_weight: expected a finite value >= 0, got {weight}")
+    if partition == "joint" and weight != 1.0:
+        raise ValueError(
+            "doc_anchor_weight: must be 1.0 with partition='joint' (one softmax has no per-anchor weight)"
+        )
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return LossOptions(canonical, partition, weight, normalize, reduction, backend)
+
+
+def check_temperature(temperature) -> float | torch.Tensor:
+    """A Python number > 0 and finite, or a floating tensor with one element.
+
+    A tensor's value is checked here when it lives on the CPU; reading a GPU tensor would force a
+    host-device sync every step, so there the loss is NaN instead for a value that is not > 0 and
+    finite (see ``temperature_scale``).
+    """
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(
+                f"temperature: expected a 0-dim tensor (or a float), got shape {tuple(temperature.shape)}"
+            )
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature: expected a floating tensor, got {temperature.dtype}")
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"temperature: expected a finite value > 0, got {value}")
+        return temperature.reshape(())
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a float or a 0-dim tensor, got {type(temperature).__name__}")
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature: expected a finite value > 0, got {value}")
+    return value
+
+
+def _check_embedding(name: str, x, ndim: int, shape_doc: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected shape {shape_doc}, got {tuple(x.shape)}")
+
+
+def check_inputs(queries, docs, hard_negatives, group_ids) -> torch.Tensor | None:
+    """Check shapes, dtypes and devices of the tensors; return group ids on the embeddings' device."""
+    _check_embedding("queries", queries, 2, "[N, D]")
+    _check_embedding("docs", docs, 2, "[N, D]")
+    n_pairs, dim = queries.shape
+    if n_pairs == 0:
+        raise ValueError("queries: empty batch (N = 0); the loss needs at least one pair")
+    if dim == 0:
+        raise ValueError("queries: embedding dimension D = 0; expected D >= 1")
+    if docs.shape != queries.shape:
+        raise ValueError(
+            f"docs: expected shape [N, D] = {tuple(queries.shape)} to match queries, got {tuple(docs.shape)}"
+        )
+    tensors = {"queries": queries, "docs": docs}
+    if hard_negatives is not None:
+        _check_embedding("hard_negatives", hard_negatives, 3, "[N, H, D]")
+        if hard_negatives.shape[0] != n_pairs or hard_negatives.shape[2] != dim:
+            raise ValueError(
+                f"hard_negatives: expected shape [N, H, D] with N = {n_pairs}, D = {dim}, "
+                f"got {tuple(hard_negatives.shape)}"
+            )
+        tensors["hard_negatives"] = hard_negatives
+    for name, x in tensors.items():
+        if x.dtype != queries.dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from queries' {queries.dtype}; use one dtype")
+        if x.device != queries.device:
+            raise ValueError(f"{name}: on {x.device}, but queries are on {queries.device}; use one device")
+
+    if group_ids is None:
+        return None
+    if not isinstance(group_ids, torch.Tensor):
+        raise TypeError(f"group_ids: expected an integer tensor of shape [N], got {type(group_ids).__name__}")
+    if group_ids.dtype == torch.bool or group_ids.is_floating_point() or group_ids.is_complex():
+        raise TypeError(f"group_ids: expected an integer tensor, got {group_ids.dtype}")
+    if tuple(group_ids.shape) != (n_pairs,):
+        raise ValueError(f"group_ids: expected shape [N] = ({n_pairs},), got {tuple(group_ids.shape)}")
+    return group_ids.to(device=queries.device, dtype=torch.int64, non_blocking=True)

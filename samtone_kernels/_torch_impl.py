@@ -1,0 +1,78 @@
+"""Eager torch implementation of the per-anchor log-partitions (materialises the logit blocks).
+
+It is the fallback on every device and the baseline the fused kernel is measured against. Autograd
+provides its gradients; the reference in ``reference/`` defines what they must be.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._options import LossOptions
+
+
+def keep_masks(n_pairs: int, n_blocks: int, group_ids: torch.Tensor | None, device: torch.device):
+    """Keep-masks of the four logit blocks (True = the entry is in the sums).
+
+    Returns ``(keep_qd [N, M], keep_qq [N, N], keep_dq [N, N], keep_dd [N, M])`` with M = N * n_blocks
+    and document column (j, k) at index k * N + j. For anchor i and j != i in i's group, column (j, 0)
+    and q_j are removed; q2q also drops q_i itself and d2d every column (i, k) of pair i.
+    """
+    eye = torch.eye(n_pairs, dtype=torch.bool, device=device)
+    if group_ids is None:
+        same_group = eye
+    else:
+        same_group = group_ids[:, None] == group_ids[None, :]
+    other_in_group = same_group & ~eye
+    hard = torch.zeros(n_pairs, n_pairs * (n_blocks - 1), dtype=torch.bool, device=device)
+    group_cols = torch.cat([other_in_group, hard], dim=1)
+    own_pair = eye.repeat(1, n_blocks)
+    return ~group_cols, ~same_group, ~other_in_group, ~(own_pair | group_cols)
+
+
+def document_columns(docs: torch.Tensor, hard_negatives: torch.Tensor | None) -> torch.Tensor:
+    """[M, D] document columns: block 0 the positives, block k the k-th hard negative of every pair."""
+    if hard_negatives is None or hard_negatives.shape[1] == 0:
+        return docs
+    return torch.cat([docs, hard_negatives.transpose(0, 1).reshape(-1, docs.shape[1])], dim=0)
+
+
+def row_lse_torch(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    hard_negatives: torch.Tensor | None,
+    scale: float | torch.Tensor,
+    group_ids: torch.Tensor | None,
+    options: LossOptions,
+) -> torch.Tensor:
+    """Log-partitions of the query and document anchors.
+
+    Parameters
+    ----------
+    q, d : [N, D] embeddings, already normalised if asked, in the compute dtype.
+    hard_negatives : [N, H, D] or None.
+    scale : 1 / temperature (float or 0-dim tensor).
+    group_ids : [N] int64 or None.
+
+    Returns
+    -------
+    [A, N] tensor: row 0 is log Zq (q2d + q2q), row 1 (when "d2q" is selected, A = 2) log Zd
+    (d2q + d2d).
+    """
+    n_pairs = q.shape[0]
+    cols = document_columns(d, hard_negatives)
+    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(n_pairs, cols.shape[0] // n_pairs, group_ids, q.device)
+
+    def masked(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return s.masked_fill(~keep, float("-inf"))
+
+    q_parts = [masked(q @ cols.T * scale, keep_qd)]
+    if options.q2q:
+        q_parts.append(masked(q @ q.T * scale, keep_qq))
+    rows = [torch.logsumexp(torch.cat(q_parts, dim=1), dim=1)]
+    if options.d2q:
+        d_parts = [masked(d @ q.T * scale, keep_dq)]
+        if options.d2d:
+            d_parts.append(masked(d @ cols.T * scale, keep_dd))
+        rows.append(torch.logsumexp(torch.cat(d_parts, dim=1), dim=1))
+    return torch.stack(rows)

@@ -1,0 +1,173 @@
+"""Public entry point: ``fused_samtone_loss``.
+
+Every backend computes one thing, the per-anchor log-partitions ``lse`` [A, N]; the positive logits,
+the temperature, the partition and the reduction are assembled here once, in torch, so all backends
+share those semantics exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature
+from ._torch_impl import row_lse_torch
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is never imported at package import)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        fast = x.device.type == "cuda" and x.dtype != torch.float64 and triton_available()
+        return "triton" if fast else "torch"
+    # backend == "triton": explicit, so every reason it cannot run is an error.
+    if not triton_available():
+        raise ValueError("backend='triton': the triton package is not installed (pip install triton)")
+    if x.dtype == torch.float64:
+        raise TypeError("backend='triton': float64 inputs are not supported by the kernel; use backend='torch'")
+    if x.device.type == "cpu" and not _interpreting():
+        raise ValueError(
+            "backend='triton' on CPU tensors runs only under the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton); use CUDA tensors or backend='torch'"
+        )
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton': unsupported device {x.device}; use backend='torch'")
+    return "triton"
+
+
+def _temperature_scale(temperature: float | torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """1 / temperature. A tensor that is not > 0 and finite gives NaN (its value is never read)."""
+    if not isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature
+    tau = temperature.to(device=device, dtype=dtype)
+    valid = torch.isfinite(tau) & (tau > 0)
+    return torch.where(valid, 1.0 / tau, torch.full_like(tau, float("nan")))
+
+
+def _assemble(lse: torch.Tensor, pos: torch.Tensor, options: LossOptions) -> torch.Tensor:
+    """Per-pair losses [N] from the log-partitions [A, N] and the positive logits [N]."""
+    if not options.d2q:
+        return lse[0] - pos
+    if options.partition == "joint":
+        return torch.logaddexp(lse[0], lse[1]) - pos
+    w = options.doc_anchor_weight
+    return ((lse[0] - pos) + w * (lse[1] - pos)) / (1.0 + w)
+
+
+def fused_samtone_loss(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    hard_negatives: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    directions: Sequence[str] = ("q2d", "q2q"),
+    partition: str = "per_anchor",
+    doc_anchor_weight: float = 1.0,
+    group_ids: torch.Tensor | None = None,
+    normalize: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
+
+    Parameters
+    ----------
+    queries : [N, D] tensor
+        Query-tower embeddings; ``queries[i]`` is paired with ``docs[i]``.
+    docs : [N, D] tensor
+        Document-tower embeddings, the positives.
+    hard_negatives : [N, H, D] tensor, optional
+        ``hard_negatives[i, h]`` is a mined negative of query i. Column (j, k) of the document
+        candidates is ``docs[j]`` for k = 0 and ``hard_negatives[j, k - 1]`` for k >= 1.
+    temperature : float or 0-dim tensor, default 0.05
+        Logits are ``x . y / temperature``. A tensor may require grad (a learnable temperature).
+    directions : sequence of {"q2d", "q2q", "d2q", "d2d"}, default ("q2d", "q2q")
+        "q2d": query i against every document column; "q2q": against every other query (SamToNe);
+        "d2q": document i against every query (DANCE); "d2d": document i against every document
+        column except those of pair i. "q2d" is required; "d2d" requires "d2q".
+    partition : {"per_anchor", "joint"}, default "per_anchor"
+        "per_anchor": ``l_i = [(log Zq_i - pos_i) + w (log Zd_i - pos_i)] / (1 + w)`` (just
+        ``log Zq_i - pos_i`` without "d2q"); "joint": ``l_i = log(Zq_i + Zd_i) - pos_i`` (GTE).
+    doc_anchor_weight : float, default 1.0
+        ``w`` above (DANCE uses 0.1). Must be 1.0 with ``partition="joint"``; unused without "d2q".
+    group_ids : [N] integer tensor, optional
+        Pairs with equal ids are relevant to each other and never negatives of one another: for
+        anchor i and j != i in its group, column (j, 0) leaves q2d and d2d, and q_j leaves q2q and
+        d2q. Hard negatives are never removed. Moved to the embeddings' device if needed.
+    normalize : bool, default False
+        L2-normalise every embedding first (``x / max(|x|, 1e-12)``: cosine similarity).
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "none" returns the [N] per-pair losses.
+    backend : {"auto", "torch", "triton"}, default "auto"
+        "auto" runs the fused Triton kernel on CUDA tensors when triton is installed (and the dtype
+        is not float64), else the eager torch implementation.
+
+    Returns
+    -------
+    Tensor
+        float32 (float64 for float64 inputs): a scalar, or [N] for ``reduction="none"``. Gradients
+        reach queries, docs, hard_negatives and a tensor temperature, in their own dtypes.
+
+    Notes
+    -----
+    ``reference.samtone_loss`` (NumPy, float64) is the executable definition of these semantics. NaN
+    or inf anywhere in the embeddings gives a NaN loss.
+    """
+    options = check_options(
+        directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
+        normalize=normalize, reduction=reduction, backend=backend,
+    )
+    tau = check_temperature(temperature)
+    group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
+    backend = _resolve_backend(options.backend, queries)
+    if hard_negatives is not None and hard_negatives.shape[1] == 0:
+        hard_negatives = None
+
+    compute_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    scale = _temperature_scale(tau, compute_dtype, queries.device)
+    embeddings = [queries, docs] if hard_negatives is None else [queries, docs, hard_negatives]
+
+    if backend == "torch":
+        # Half inputs are upcast once: logits, softmax and statistics all in float32.
+        prepared = [x.to(compute_dtype) for x in embeddings]
+        if normalize:
+            prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
+        q, d, n = prepared + [None] * (3 - len(prepared))
+        lse = row_lse_torch(q, d, n, scale, group_ids, options)
+    else:
+        from ._triton import row_lse_triton
+
+        # The kernel reads the input dtype (tensor cores) and accumulates in float32.
+        prepared = embeddings
+        if normalize:
+            prepared = [F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype) for x in embeddings]
+        q, d, n = prepared + [None] * (3 - len(prepared))
+        lse = row_lse_triton(q, d, n, scale, group_ids, options)
+
+    pos = (q.to(compute_dtype) * d.to(compute_dtype)).sum(-1) * scale
+    losses = _assemble(lse, pos, options)
+
+    # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
+    # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync).
+    finite = torch.stack([torch.isfinite(x).all() for x in embeddings]).all()
+    losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
+
+    if reduction == "none":
+        return losses
+    return losses.mean() if reduction == "mean" else losses.sum()

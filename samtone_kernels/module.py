@@ -1,0 +1,93 @@
+"""``SamToNeLoss``: the loss as an ``nn.Module``, optionally owning a learnable temperature."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._options import check_options, check_temperature
+from .loss import fused_samtone_loss
+
+
+class SamToNeLoss(nn.Module):
+    """Module form of :func:`samtone_kernels.fused_samtone_loss`; see it for every option.
+
+    Parameters
+    ----------
+    temperature : float, default 0.05
+        The temperature, or its initial value when ``learnable_temperature=True``.
+    learnable_temperature : bool, default False
+        Own the temperature as a parameter, stored as its logarithm so it stays > 0.
+    directions, partition, doc_anchor_weight, normalize, reduction, backend
+        As in ``fused_samtone_loss``; checked here, at construction.
+
+    Examples
+    --------
+    >>> loss_fn = SamToNeLoss(temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"))
+    >>> loss = loss_fn(query_embeddings, doc_embeddings)          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        *,
+        learnable_temperature: bool = False,
+        directions: Sequence[str] = ("q2d", "q2q"),
+        partition: str = "per_anchor",
+        doc_anchor_weight: float = 1.0,
+        normalize: bool = False,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        options = check_options(
+            directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
+            normalize=normalize, reduction=reduction, backend=backend,
+        )
+        if isinstance(temperature, torch.Tensor):
+            raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
+        value = check_temperature(temperature)
+        self.directions = options.directions
+        self.partition = options.partition
+        self.doc_anchor_weight = options.doc_anchor_weight
+        self.normalize = options.normalize
+        self.reduction = options.reduction
+        self.backend = options.backend
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
+        else:
+            self.log_temperature = None
+            self._temperature = value
+
+    @property
+    def temperature(self) -> float | torch.Tensor:
+        """The temperature: a float, or a 0-dim tensor with grad when learnable."""
+        if self.log_temperature is None:
+            return self._temperature
+        return self.log_temperature.exp()
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        docs: torch.Tensor,
+        hard_negatives: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of a batch: queries [N, D], docs [N, D], hard_negatives [N, H, D], group_ids [N]."""
+        return fused_samtone_loss(
+            queries, docs, hard_negatives,
+            temperature=self.temperature, directions=self.directions, partition=self.partition,
+            doc_anchor_weight=self.doc_anchor_weight, group_ids=group_ids, normalize=self.normalize,
+            reduction=self.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        tau = "learnable" if self.log_temperature is not None else f"{self._temperature:g}"
+        return (
+            f"temperature={tau}, directions={self.directions}, partition={self.partition!r}, "
+            f"doc_anchor_weight={self.doc_anchor_weight:g}, normalize={self.normalize}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

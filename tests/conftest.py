@@ -1,0 +1,32 @@
+"""Test-wide settings: the one device switch, Hypothesis profiles, GPU marker.
+
+The device is chosen once, here: CUDA when present, else the CPU with ``TRITON_INTERPRET=1`` so the
+Triton kernels run under the interpreter. That variable must be set before triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=40, derandomize=False, print_blob=True, **_common)
+settings.register_profile("dev", max_examples=400, print_blob=True, **_common)
+settings.register_profile("gpu", max_examples=200, print_blob=True, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

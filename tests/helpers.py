@@ -1,0 +1,178 @@
+"""Shared pieces of the tests: random cases, Hypothesis strategies, per-dtype tolerances."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import strategies as st
+
+import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+DIRECTION_SETS = [
+    ("q2d",),
+    ("q2d", "q2q"),
+    ("q2d", "d2q"),
+    ("q2d", "q2q", "d2q"),
+    ("q2d", "d2q", "d2d"),
+    ("q2d", "q2q", "d2q", "d2d"),
+]
+
+# Unit roundoff of each dtype; every tolerance below is built from these, in this one place.
+EPS = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def require(module: str):
+    """Import an optional peer: skip without it, but fail where the run promised it (``make test``)."""
+    if os.environ.get("SAMTONE_REQUIRE_OPTIONAL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@dataclass
+class Case:
+    """One random configuration of the contract, held in float64 NumPy."""
+
+    q: np.ndarray
+    d: np.ndarray
+    n: np.ndarray | None
+    group_ids: np.ndarray | None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.q.shape[0]
+
+    def rounded(self, dtype: torch.dtype) -> Case:
+        """The same case with embeddings rounded to ``dtype``, so a reference sees the same inputs."""
+        def r(x):
+            return None if x is None else torch.from_numpy(x).to(dtype).double().numpy()
+        return replace(self, q=r(self.q), d=r(self.d), n=r(self.n))
+
+    def reference_loss(self):
+        return reference.samtone_loss(self.q, self.d, self.n, group_ids=self.group_ids, **self.options)
+
+    def reference_grad(self):
+        return reference.samtone_grad(self.q, self.d, self.n, group_ids=self.group_ids, **self.options)
+
+    def torch_inputs(self, dtype: torch.dtype, device=DEVICE, requires_grad: bool = True,
+                     tensor_temperature: bool = False):
+        """(queries, docs, hard_negatives, kwargs) for ``fused_samtone_loss``."""
+        def t(x):
+            if x is None:
+                return None
+            return torch.from_numpy(x).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        kwargs = dict(self.options)
+        if tensor_temperature:  # held in the compute dtype; the reference sees the same value
+            kwargs["temperature"] = torch.tensor(
+                float(self.options["temperature"]), device=device, requires_grad=True,
+                dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+            )
+        if self.group_ids is not None:
+            kwargs["group_ids"] = torch.from_numpy(self.group_ids).to(device)
+        return t(self.q), t(self.d), t(self.n), kwargs
+
+    # ---- error scales (see tolerance()) -------------------------------------------------------------
+    def _norms(self):
+        xs = [self.q, self.d] + ([] if self.n is None else [self.n.reshape(-1, self.q.shape[1])])
+        return np.concatenate([np.linalg.norm(x, axis=-1) for x in xs])
+
+    def logit_bound(self) -> float:
+        """max |s| over all logits: (max norm)^2 / tau, or 1 / tau after normalisation."""
+        tau = float(self.options["temperature"])
+        if self.options.get("normalize"):
+            return 1.0 / tau
+        return float(self._norms().max()) ** 2 / tau
+
+    def upstream(self) -> tuple[float, float]:
+        """(max c_i, sum c_i) of the reduction's weights."""
+        n = self.n_pairs
+        return (1.0 / n, 1.0) if self.options.get("reduction", "mean") == "mean" else (1.0, float(n))
+
+    def grad_floor(self) -> float:
+        """Natural size of an embedding-gradient entry: c |y| / tau (over |x| when normalising)."""
+        c_max, _ = self.upstream()
+        tau = float(self.options["temperature"])
+        if self.options.get("normalize"):
+            return c_max / tau / max(float(self._norms().min()), 1e-12)
+        return c_max * float(self._norms().max()) / tau
+
+
+def tolerance(dtype: torch.dtype, case: Case) -> float:
+    """Relative error budget: float32 (float64) arithmetic on logits of size |s|, plus one rounding
+    of the result (and of the kernel's probabilities) to ``dtype``."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return 16 * EPS[compute] * (1.0 + case.logit_bound()) + 2 * EPS[dtype]
+
+
+def assert_loss_close(actual: torch.Tensor, expected, dtype: torch.dtype, case: Case) -> None:
+    _, c_sum = case.upstream()
+    scale = (1.0 + case.logit_bound()) * (c_sum if case.options.get("reduction") == "sum" else 1.0)
+    atol = 16 * EPS[torch.float64 if dtype == torch.float64 else torch.float32] * scale
+    actual = actual.detach().double().cpu().numpy()
+    err = np.abs(actual - np.asarray(expected)).max()
+    assert err <= atol, f"loss: max error {err:.3g} > {atol:.3g} (dtype {dtype})"
+
+
+def assert_grad_close(name: str, actual: torch.Tensor | None, expected, dtype: torch.dtype, case: Case) -> None:
+    assert actual is not None, f"{name}: no gradient"
+    assert actual.dtype == (dtype if name != "temperature" else actual.dtype), f"{name}: dtype {actual.dtype}"
+    actual = actual.detach().double().cpu().numpy()
+    expected = np.asarray(expected)
+    if name == "temperature":
+        tau = float(case.options["temperature"])
+        _, c_sum = case.upstream()
+        floor = (1.0 if case.options.get("reduction") == "mean" else c_sum) * case.logit_bound() / tau
+    else:
+        floor = case.grad_floor()
+    atol = tolerance(dtype, case) * max(float(np.abs(expected).max(initial=0.0)), floor)
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= atol, f"{name}: max error {err:.3g} > {atol:.3g} (dtype {dtype}, floor {floor:.3g})"
+
+
+@st.composite
+def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None, group_ids=None) -> Case:
+    """A random configuration: sizes (N = 1, odd N and D included), directions, partition, weight,
+    group ids with ties, normalisation, reduction, temperature in [0.01, 10], large norms, duplicate
+    rows (tied logits)."""
+    n_pairs = draw(st.integers(1, max_n))
+    dim = draw(st.integers(1, max_d))
+    n_hard = draw(st.integers(0, max_h))
+    dirs = draw(st.sampled_from(DIRECTION_SETS)) if directions is None else directions
+    partition = draw(st.sampled_from(["per_anchor", "joint"]))
+    weight = 1.0 if partition == "joint" else draw(st.sampled_from([1.0, 0.1, 0.0, 3.0]))
+    if group_ids is None:
+        groups = draw(st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=n_pairs, max_size=n_pairs)))
+    else:
+        groups = group_ids
+    normalize = draw(st.booleans())
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    temperature = float(10.0 ** draw(st.floats(-2.0, 1.0)))
+    norm_scale = draw(st.sampled_from([0.3, 1.0, 4.0]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    duplicate = draw(st.booleans())
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n_pairs, dim)) * norm_scale / np.sqrt(dim)
+    d = rng.standard_normal((n_pairs, dim)) * norm_scale / np.sqrt(dim)
+    n = rng.standard_normal((n_pairs, n_hard, dim)) * norm_scale / np.sqrt(dim) if n_hard else None
+    if duplicate and n_pairs > 1:  # tied logits: a repeated query and a repeated document
+        q[-1], d[-1] = q[0], d[0]
+    # Keep norms away from 0 so normalisation is well conditioned at every dtype.
+    for x in (q, d) + (() if n is None else (n,)):
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+        x *= np.where(norms < 0.1 * norm_scale, 0.1 * norm_scale / np.maximum(norms, 1e-30), 1.0)
+    options = dict(temperature=temperature, directions=dirs, partition=partition,
+                   doc_anchor_weight=weight, normalize=normalize, reduction=reduction)
+    return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
