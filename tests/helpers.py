@@ -109,23 +109,33 @@ class Case:
         return c_max * float(self._norms().max()) / tau
 
 
-def tolerance(dtype: torch.dtype, case: Case) -> float:
-    """Relative error budget: float32 (float64) arithmetic on logits of size |s|, plus one rounding
-    of the result (and of the kernel's probabilities) to ``dtype``."""
+def _logit_error(dtype: torch.dtype, case: Case, renormalized: bool) -> float:
+    """Relative error of a logit: float32 (float64) arithmetic on |s|, plus, where the unit vectors
+    are rounded back to ``dtype`` after normalising (``renormalized``), two roundings of them."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    return 16 * EPS[compute] * (1.0 + case.logit_bound()) + 2 * EPS[dtype]
+    err = 16 * EPS[compute]
+    if renormalized and case.options.get("normalize"):
+        err += 4 * EPS[dtype]
+    return err * (1.0 + case.logit_bound())
 
 
-def assert_loss_close(actual: torch.Tensor, expected, dtype: torch.dtype, case: Case) -> None:
+def tolerance(dtype: torch.dtype, case: Case, renormalized: bool = False) -> float:
+    """Relative error budget of a gradient: the logits' error, plus one rounding of the result (and
+    of the kernel's probabilities) to ``dtype``."""
+    return _logit_error(dtype, case, renormalized) + 2 * EPS[dtype]
+
+
+def assert_loss_close(actual: torch.Tensor, expected, dtype: torch.dtype, case: Case,
+                      renormalized: bool = False) -> None:
     _, c_sum = case.upstream()
-    scale = (1.0 + case.logit_bound()) * (c_sum if case.options.get("reduction") == "sum" else 1.0)
-    atol = 16 * EPS[torch.float64 if dtype == torch.float64 else torch.float32] * scale
+    atol = _logit_error(dtype, case, renormalized) * (c_sum if case.options.get("reduction") == "sum" else 1.0)
     actual = actual.detach().double().cpu().numpy()
     err = np.abs(actual - np.asarray(expected)).max()
     assert err <= atol, f"loss: max error {err:.3g} > {atol:.3g} (dtype {dtype})"
 
 
-def assert_grad_close(name: str, actual: torch.Tensor | None, expected, dtype: torch.dtype, case: Case) -> None:
+def assert_grad_close(name: str, actual: torch.Tensor | None, expected, dtype: torch.dtype, case: Case,
+                      renormalized: bool = False) -> None:
     assert actual is not None, f"{name}: no gradient"
     assert actual.dtype == (dtype if name != "temperature" else actual.dtype), f"{name}: dtype {actual.dtype}"
     actual = actual.detach().double().cpu().numpy()
@@ -136,7 +146,7 @@ def assert_grad_close(name: str, actual: torch.Tensor | None, expected, dtype: t
         floor = (1.0 if case.options.get("reduction") == "mean" else c_sum) * case.logit_bound() / tau
     else:
         floor = case.grad_floor()
-    atol = tolerance(dtype, case) * max(float(np.abs(expected).max(initial=0.0)), floor)
+    atol = tolerance(dtype, case, renormalized) * max(float(np.abs(expected).max(initial=0.0)), floor)
     err = float(np.abs(actual - expected).max(initial=0.0))
     assert err <= atol, f"{name}: max error {err:.3g} > {atol:.3g} (dtype {dtype}, floor {floor:.3g})"
 

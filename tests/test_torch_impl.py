@@ -17,20 +17,25 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool) -> None:
-    """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs."""
+    """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
+
+    The kernel path normalises in float32 and rounds the unit vectors back to ``dtype`` (the torch
+    path keeps them in float32): that rounding is part of its budget.
+    """
     case = case.rounded(dtype)
+    tol = dict(renormalized=backend == "triton")
     q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
     loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_loss_close(loss, case.reference_loss(), dtype, case)
+    assert_loss_close(loss, case.reference_loss(), dtype, case, **tol)
     loss.sum().backward()
     expected = case.reference_grad()
-    assert_grad_close("queries", q.grad, expected["queries"], dtype, case)
-    assert_grad_close("docs", d.grad, expected["docs"], dtype, case)
+    assert_grad_close("queries", q.grad, expected["queries"], dtype, case, **tol)
+    assert_grad_close("docs", d.grad, expected["docs"], dtype, case, **tol)
     if n is not None:
-        assert_grad_close("hard_negatives", n.grad, expected["hard_negatives"], dtype, case)
+        assert_grad_close("hard_negatives", n.grad, expected["hard_negatives"], dtype, case, **tol)
     if tensor_temperature:
-        assert_grad_close("temperature", kwargs["temperature"].grad, expected["temperature"], dtype, case)
+        assert_grad_close("temperature", kwargs["temperature"].grad, expected["temperature"], dtype, case, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -159,7 +164,7 @@ def _mnrl_configurations():
 @pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
 @pytest.mark.parametrize("n_hard", [0, 2])
 def test_equals_sentence_transformers_mnrl(dirs, st_mode, partition, n_hard):
-    losses = require("sentence_transformers.losses")
+    losses = require("sentence_transformers.sentence_transformer.losses")
     rng = np.random.default_rng(len(dirs) * 10 + n_hard)
     n_pairs, dim, scale = 6, 16, 20.0
     q = torch.tensor(rng.standard_normal((n_pairs, dim)), dtype=torch.float32)

@@ -1,0 +1,435 @@
+"""Fused Triton kernels: per-anchor log-partitions of the SamToNe logit blocks, forward and backward,
+in O(N * D) memory (no N x M buffer of any kind).
+
+Layers, bottom to top:
+
+1. ``@triton.jit`` helpers: one logit tile (a K-loop over D chunks), its keep-mask, and the three
+   per-segment loops (online log-sum-exp; anchor-side gradient; candidate-side gradient).
+2. Kernels: ``_lse_fwd_kernel`` (one program per block of anchor rows), ``_anchor_grad_kernel`` (per
+   block of anchor rows) and ``_candidate_grad_kernel`` (per block of candidate rows).
+3. Launchers and two ``torch.library.custom_op``s (forward, backward) with fake implementations and
+   an autograd formula, so ``torch.compile`` traces around them.
+
+Candidates come in *segments* of N rows: the queries, the positive documents, and each block
+``hard_negatives[:, k]``. An anchor kind walks the segments of its partition:
+
+=============  ====================================  ================================================
+anchor         segment (direction)                   entries removed for anchor i (constexpr flags)
+=============  ====================================  ================================================
+query q_i      queries (q2q, if selected)            q_i itself (EXCL_SELF), its group (GROUP)
+query q_i      documents (q2d)                       its group's positives (GROUP)
+query q_i      hard-negative block k (q2d)           none
+document d_i   queries (d2q)                         its group's queries (GROUP)
+document d_i   documents (d2d, if selected)          d_i (EXCL_SELF), its group's positives (GROUP)
+document d_i   hard-negative block k (d2d)           n[i, k] (EXCL_SELF)
+=============  ====================================  ================================================
+
+Gradient (derivation). The kernels compute F = sum_{a,i} w_{a,i} lse_{a,i}, where w = dL/dlse is the
+upstream gradient and lse_{a,i} = log sum_{x kept} exp(s_x), s_x = scale * (x_anchor . y_x). Then
+
+    dF/ds_x = w_{a,i} * P_x,        P_x = exp(s_x - lse_{a,i})    (0 where masked)
+    dF/dx_anchor = scale * sum_x (w P)_x y_x                        (``_anchor_grad_kernel``)
+    dF/dy_x      = scale * sum_{a,i} (w P)_{a,i,x} x_{a,i}          (``_candidate_grad_kernel``)
+
+A query takes part as an anchor (q2d, q2q) *and* as a candidate (q2q, d2q); a document as an anchor
+(d2q, d2d) *and* as a candidate (q2d, d2d): its gradient is the sum of both kernels' outputs. For the
+temperature, F is homogeneous: F(c X, scale) = F(X, c^2 scale) for every embedding X, so
+d/dc at c = 1 gives  sum_X <X, dF/dX> = 2 scale dF/dscale : the scale's gradient costs one dot
+product of the embedding gradients, no kernel work.
+
+Determinism: every output element is owned by one program, which accumulates it in a fixed order
+(read-modify-write of a float32 buffer, no atomics); the first tile stores instead of adding, so the
+buffers need no zeroing (and tests poison them with NaN).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._options import LossOptions
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Set by tests: fill every buffer the kernels must write with NaN before launching them.
+POISON_OUTPUTS = False
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. jit helpers
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Logit tile [BLOCK_M, BLOCK_N] = scale * X[rows] @ Y[cols]^T, float32 accumulation over D chunks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_D)
+    x_rows = X + rows.to(tl.int64)[:, None] * sxn
+    y_rows = Y + cols.to(tl.int64)[:, None] * syn
+    for k0 in range(0, dim, BLOCK_D):
+        ks = k0 + offs_k
+        k_ok = ks[None, :] < dim
+        x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
+        y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    return acc * scale
+
+
+@triton.jit
+def _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF: tl.constexpr, GROUP: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_N] of a tile: in range, minus self (EXCL_SELF) and group-mates (GROUP)."""
+    keep = row_ok[:, None] & col_ok[None, :]
+    same = rows[:, None] == cols[None, :]
+    if EXCL_SELF:
+        keep = keep & ~same
+    if GROUP:
+        g_rows = tl.load(G + rows, mask=row_ok, other=0)
+        g_cols = tl.load(G + cols, mask=col_ok, other=0)
+        keep = keep & ~((g_rows[:, None] == g_cols[None, :]) & ~same)
+    return keep
+
+
+@triton.jit
+def _lse_segment(m, l, X, sxn, sxd, rows, row_ok, Y, syn, syd, G, n_pairs, dim, scale,
+                 EXCL_SELF: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one candidate segment into the running (max m, sum l) of each anchor row."""
+    for c0 in range(0, n_pairs, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_pairs
+        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        s = tl.where(_keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # A row with nothing kept so far keeps m = -inf; shift by 0 so exp(-inf - 0) = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m = m_new
+    return m, l
+
+
+@triton.jit
+def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, Y, syn, syd, G,
+                         n_pairs, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
+                         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[rows] (+)= sum over this segment's columns of (w P) y, in float32 (scale applied later)."""
+    offs_k = tl.arange(0, BLOCK_D)
+    dx_rows = DX + rows.to(tl.int64)[:, None] * sdxn
+    for c0 in range(0, n_pairs, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_pairs
+        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        keep = _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
+        wp = tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None]
+        if FIRST:
+            started = c0 > 0
+        else:
+            started = c0 >= 0
+        y_rows = Y + cols.to(tl.int64)[:, None] * syn
+        for k0 in range(0, dim, BLOCK_D):
+            ks = k0 + offs_k
+            k_ok = ks[None, :] < dim
+            y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
+            upd = tl.dot(wp.to(y.dtype), y, input_precision=PRECISION)
+            ptrs = dx_rows + ks[None, :] * sdxd
+            out_ok = row_ok[:, None] & k_ok
+            upd += tl.load(ptrs, mask=out_ok & started, other=0.0)
+            tl.store(ptrs, upd, mask=out_ok)
+
+
+@triton.jit
+def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, X, sxn, sxd, LSE, COEF, G,
+                            n_pairs, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
+                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """DY[cols] (+)= sum over one anchor kind's rows of (w P)^T x, in float32 (scale applied later)."""
+    offs_k = tl.arange(0, BLOCK_D)
+    dy_rows = DY + cols.to(tl.int64)[:, None] * sdyn
+    for r0 in range(0, n_pairs, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_pairs
+        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        keep = _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+        wp_t = tl.trans(tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None])
+        if FIRST:
+            started = r0 > 0
+        else:
+            started = r0 >= 0
+        x_rows = X + rows.to(tl.int64)[:, None] * sxn
+        for k0 in range(0, dim, BLOCK_D):
+            ks = k0 + offs_k
+            k_ok = ks[None, :] < dim
+            x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
+            upd = tl.dot(wp_t.to(x.dtype), x, input_precision=PRECISION)
+            ptrs = dy_rows + ks[None, :] * sdyd
+            out_ok = col_ok[:, None] & k_ok
+            upd += tl.load(ptrs, mask=out_ok & started, other=0.0)
+            tl.store(ptrs, upd, mask=out_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Kernels
+# --------------------------------------------------------------------------------------------------
+def _configs():
+    if INTERPRETING:  # the interpreter runs every program in NumPy: smallest legal tiles, no tuning
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        for bm in (64, 128) for bn in (64, 128) for bd in (32, 64) for w in (4, 8) for s in (2, 3)
+        if not (bm == 128 and bn == 128 and w == 4)
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (small N or D), keeping at least one config."""
+    n_pairs, dim = named_args["n_pairs"], named_args["dim"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_D"] <= max(16, triton.next_power_of_2(dim))
+            and min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(16, triton.next_power_of_2(n_pairs))]
+    return kept or configs[:1]
+
+
+_AUTOTUNE = dict(configs=_configs(), key=["n_pairs", "dim", "n_hard"],
+                 prune_configs_by={"early_config_prune": _prune})
+
+
+@triton.autotune(**_AUTOTUNE)
+@triton.jit
+def _lse_fwd_kernel(X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd, G, SCALE, LSE,
+                    n_pairs, dim, n_hard,
+                    USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr, C_EXCL: tl.constexpr,
+                    HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y)."""
+    tl.static_assert(USE_Q or USE_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_pairs
+    scale = tl.load(SCALE)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if USE_Q:
+        m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, Q, sqn, sqd, G, n_pairs, dim, scale,
+                            Q_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if USE_C:
+        m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, D, sdn, sdd, G, n_pairs, dim, scale,
+                            C_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        for k in range(0, n_hard):  # hard negatives: never masked by groups
+            m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, NEG + k * snh, snn, snd, G, n_pairs,
+                                dim, scale, C_EXCL, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    # Rows past N never reach the store; give them l = 1 so log() sees no zero.
+    tl.store(LSE + rows, m + tl.log(tl.where(row_ok, l, 1.0)), mask=row_ok)
+
+
+@triton.autotune(**_AUTOTUNE)
+@triton.jit
+def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd,
+                        G, SCALE, LSE, COEF, n_pairs, dim, n_hard,
+                        USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr,
+                        C_EXCL: tl.constexpr, HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DX[rows] = sum over the anchor's kept candidates of (w P) y (unscaled; see the module doc)."""
+    tl.static_assert(USE_Q or USE_C)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_pairs
+    scale = tl.load(SCALE)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+    if USE_Q:
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, Q, sqn, sqd, G,
+                             n_pairs, dim, scale, True, Q_EXCL, HAS_GROUPS,
+                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if USE_C:
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, D, sdn, sdd, G,
+                             n_pairs, dim, scale, not USE_Q, C_EXCL, HAS_GROUPS,
+                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        for k in range(0, n_hard):
+            _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, NEG + k * snh,
+                                 snn, snd, G, n_pairs, dim, scale, False, C_EXCL, False,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+
+
+@triton.autotune(**_AUTOTUNE)
+@triton.jit
+def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, D, sdn, sdd, G, SCALE,
+                           LSE_Q, COEF_Q, LSE_D, COEF_D, n_pairs, dim, n_hard,
+                           USE_QA: tl.constexpr, QA_EXCL: tl.constexpr, USE_DA: tl.constexpr,
+                           DA_EXCL: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DY[cols] = sum over the query anchors and document anchors that see these candidates of
+    (w P)^T x (unscaled). Axis 1 of the grid walks the segments of a [N, K, D] candidate tensor."""
+    tl.static_assert(USE_QA or USE_DA)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_pairs
+    seg = tl.program_id(1).to(tl.int64)
+    Y = Y + seg * syk
+    DY = DY + seg * sdyk
+    scale = tl.load(SCALE)
+    if USE_QA:
+        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, Q, sqn, sqd, LSE_Q, COEF_Q, G,
+                                n_pairs, dim, scale, True, QA_EXCL, GROUP,
+                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if USE_DA:
+        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, D, sdn, sdd, LSE_D, COEF_D, G,
+                                n_pairs, dim, scale, not USE_QA, DA_EXCL, GROUP,
+                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Launchers and custom ops
+# --------------------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    """float32 dots follow torch's matmul setting (TF32 only if the user allowed it)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for 16-bit inputs
+
+
+def _empty(shape, like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(shape, dtype=torch.float32, device=like.device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _segments(q, d, n):
+    """Kernel arguments of the candidate segments: (Q, strides), (D, strides), (NEG, strides), n_hard."""
+    neg = d.unsqueeze(1) if n is None else n  # a valid pointer when there are no hard negatives
+    return (q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1),
+            neg, neg.stride(0), neg.stride(1), neg.stride(2)), (0 if n is None else n.shape[1])
+
+
+def _anchor_flags(doc_anchor: bool, q2q: bool, d2d: bool) -> dict:
+    """Which segments an anchor kind walks, and whether each drops the anchor's own row."""
+    if doc_anchor:  # d2q over the queries, d2d over the document columns minus pair i's own
+        return dict(USE_Q=True, Q_EXCL=False, USE_C=d2d, C_EXCL=True)
+    return dict(USE_Q=q2q, Q_EXCL=True, USE_C=True, C_EXCL=False)  # q2q minus q_i; q2d
+
+
+def _grid_rows(n_pairs):
+    return lambda meta: (triton.cdiv(n_pairs, meta["BLOCK_M"]),)
+
+
+def _groups_arg(groups, q):
+    return (groups.contiguous(), True) if groups is not None else (q, False)
+
+
+@torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
+def row_lse_op(q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None, groups: torch.Tensor | None,
+               scale: torch.Tensor, q2q: bool, d2q: bool, d2d: bool) -> torch.Tensor:
+    """[A, N] float32: log Zq (row 0) and, with d2q, log Zd (row 1). See the module docstring."""
+    n_pairs, dim = q.shape
+    seg_args, n_hard = _segments(q, d, n)
+    g, has_groups = _groups_arg(groups, q)
+    lse = _empty((2 if d2q else 1, n_pairs), q)
+    for a, x in enumerate([q, d] if d2q else [q]):
+        _lse_fwd_kernel[_grid_rows(n_pairs)](
+            x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], n_pairs, dim, n_hard,
+            **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=_precision(q.dtype),
+        )
+    return lse
+
+
+@row_lse_op.register_fake
+def _(q, d, n, groups, scale, q2q, d2q, d2d):
+    return q.new_empty((2 if d2q else 1, q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
+def row_lse_backward_op(grad_lse: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                        n: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor,
+                        q2q: bool, d2q: bool, d2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 gradients of sum(grad_lse * lse) for q [N, D], d [N, D] and n [N, H, D] ([N, 0, D] if none)."""
+    n_pairs, dim = q.shape
+    seg_args, n_hard = _segments(q, d, n)
+    g, has_groups = _groups_arg(groups, q)
+    precision = _precision(q.dtype)
+    # Upstream weights are rescaled to max |w| = 1 before the kernels multiply them into P and cast to
+    # the input dtype (float16 would flush 1/N-sized products to zero); the factor comes back below.
+    w_max = grad_lse.abs().amax()
+    coef = (grad_lse * torch.where(w_max > 0, 1.0 / w_max, torch.zeros_like(w_max))).float().contiguous()
+    lse = lse.contiguous()
+    lse_d, coef_d = (lse[1], coef[1]) if d2q else (lse[0], coef[0])
+
+    # Anchor side: d/dq from q2d (+ q2q); d/dd from d2q (+ d2d).
+    anchor = [_empty((n_pairs, dim), q) for _ in range(2 if d2q else 1)]
+    for a, (x, dx) in enumerate(zip([q, d], anchor)):
+        _anchor_grad_kernel[_grid_rows(n_pairs)](
+            dx, dx.stride(0), dx.stride(1), x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], coef[a],
+            n_pairs, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=precision,
+        )
+
+    # Candidate side: each segment from the anchor kinds that see it.
+    def candidates(y, dy, k, use_qa, qa_excl, use_da, da_excl, group):
+        # y, dy viewed as [N, K, D]: axis 1 of the grid walks the K segments.
+        _candidate_grad_kernel[lambda meta: (triton.cdiv(n_pairs, meta["BLOCK_N"]), k)](
+            dy, dy.stride(0), dy.stride(2), dy.stride(1), y, y.stride(0), y.stride(2), y.stride(1),
+            q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1), g, scale,
+            lse[0], coef[0], lse_d, coef_d, n_pairs, dim, n_hard,
+            USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da, DA_EXCL=da_excl, GROUP=group, PRECISION=precision,
+        )
+
+    dq = anchor[0]
+    if q2q or d2q:  # queries as candidates: q2q (minus self) and d2q
+        dq_cand = _empty((n_pairs, 1, dim), q)
+        candidates(q.unsqueeze(1), dq_cand, 1, q2q, True, d2q, False, has_groups)
+        dq = dq + dq_cand[:, 0]
+    dd_cand = _empty((n_pairs, 1, dim), q)  # positives as candidates: q2d and d2d (minus own pair)
+    candidates(d.unsqueeze(1), dd_cand, 1, True, False, d2d, True, has_groups)
+    dd = dd_cand[:, 0] if not d2q else dd_cand[:, 0] + anchor[1]
+    dn = _empty((n_pairs, n_hard, dim), q)
+    if n_hard:  # hard negatives: q2d and d2d (minus own pair), never group-masked
+        candidates(n, dn, n_hard, True, False, d2d, True, False)
+
+    factor = (scale * w_max).float()
+    return dq * factor, dd * factor, dn * factor
+
+
+@row_lse_backward_op.register_fake
+def _(grad_lse, lse, q, d, n, groups, scale, q2q, d2q, d2d):
+    n_hard = 0 if n is None else n.shape[1]
+    return (q.new_empty(q.shape, dtype=torch.float32), d.new_empty(d.shape, dtype=torch.float32),
+            q.new_empty((q.shape[0], n_hard, q.shape[1]), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, n, groups, scale, q2q, d2q, d2d = inputs
+    ctx.save_for_backward(q, d, n, groups, scale, output)  # O(N * D): inputs and [A, N] statistics
+    ctx.flags = (q2q, d2q, d2d)
+
+
+def _backward(ctx, grad_lse):
+    q, d, n, groups, scale, lse = ctx.saved_tensors
+    dq, dd, dn = row_lse_backward_op(grad_lse.contiguous(), lse, q, d, n, groups, scale, *ctx.flags)
+    dscale = None
+    if ctx.needs_input_grad[4]:
+        # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale).
+        dots = (q.float() * dq).sum() + (d.float() * dd).sum()
+        if n is not None:
+            dots = dots + (n.float() * dn).sum()
+        dscale = (dots / (2 * scale)).to(scale.dtype)
+    return (dq.to(q.dtype), dd.to(d.dtype), None if n is None else dn.to(n.dtype), None, dscale,
+            None, None, None)
+
+
+row_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def row_lse_triton(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None,
+                   scale: float | torch.Tensor, group_ids: torch.Tensor | None,
+                   options: LossOptions) -> torch.Tensor:
+    """Fused counterpart of ``row_lse_torch``: [A, N] float32 log-partitions of the anchors.
+
+    ``q``, ``d`` [N, D] and ``hard_negatives`` [N, H, D] are read in their own dtype and strides;
+    ``scale`` (1 / temperature) may be a float or a 0-dim tensor (its gradient is returned).
+    """
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.full((), scale, dtype=torch.float32, device=q.device)
+    return row_lse_op(q, d, hard_negatives, group_ids, scale.float(), options.q2q, options.d2q, options.d2d)

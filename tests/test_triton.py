@@ -1,0 +1,259 @@
+"""The fused Triton kernel against the reference (CPU: under TRITON_INTERPRET=1; GPU: on the device).
+
+Every test here runs with poisoned outputs: each buffer the kernels must write is filled with NaN
+before launch, so an element they skip shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import DEVICE, DIRECTION_SETS, Case, cases
+from samtone_kernels import fused_samtone_loss
+
+triton = pytest.importorskip("triton")
+from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch in conftest)
+
+from test_torch_impl import run_and_compare  # noqa: E402
+
+# The interpreter computes bfloat16 tl.dot wrongly; bfloat16 is checked on the GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_triton, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """float32 dots in IEEE precision, as the reference (TF32 only when a user allows it)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@settings(max_examples=25 if DEVICE.type == "cpu" else None)
+@given(case=cases(max_n=37, max_d=40, max_h=2), tensor_temperature=st.booleans())
+def test_kernel_matches_reference(dtype, case, tensor_temperature):
+    """Values and every gradient, N and D not multiples of the 16-wide interpreter tiles, N = 1."""
+    run_and_compare(case, dtype, "triton", tensor_temperature)
+
+
+@pytest.mark.parametrize("directions", DIRECTION_SETS, ids="-".join)
+@pytest.mark.parametrize("partition", ["per_anchor", "joint"])
+def test_kernel_every_direction_set_with_ties(directions, partition):
+    """Each direction set and partition once, deterministically: 2 tiles of N, 3 chunks of D,
+    hard negatives, group ids with ties, duplicated rows."""
+    rng = np.random.default_rng(len(directions))
+    n_pairs, dim, n_hard = 23, 37, 2
+    q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
+    q[5], d[5] = q[2], d[2]
+    options = dict(temperature=0.2, directions=directions, partition=partition, normalize=True,
+                   doc_anchor_weight=1.0 if partition == "joint" else 0.3, reduction="mean")
+    case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 5, n_pairs), options)
+    run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
+
+
+def _inputs(n_pairs=29, dim=19, n_hard=2, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()
+            for s in [(n_pairs, dim), (n_pairs, dim), (n_pairs, n_hard, dim)]]
+
+
+ALL_FOUR = ("q2d", "q2q", "d2q", "d2d")
+
+
+def _loss_and_grads(q, d, n, **kwargs):
+    tau = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+    loss = fused_samtone_loss(q, d, n, temperature=tau, backend="triton", **kwargs)
+    grads = torch.autograd.grad(loss, [q, d, n, tau])
+    return [loss.detach(), *grads]
+
+
+def test_deterministic_bits():
+    q, d, n = _inputs()
+    groups = torch.tensor([0, 1, 2] * 9 + [0, 1], device=DEVICE)
+    first = _loss_and_grads(q, d, n, directions=ALL_FOUR, group_ids=groups)
+    for _ in range(2):
+        again = _loss_and_grads(q, d, n, directions=ALL_FOUR, group_ids=groups)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_strided_inputs_match_contiguous():
+    q, d, n = _inputs()
+    base = _loss_and_grads(q, d, n, directions=ALL_FOUR)
+    # Views with non-unit strides everywhere: a column slice, a transposed buffer, a permuted [N, H, D].
+    wide = torch.randn(q.shape[0], 3 * q.shape[1], device=DEVICE)
+    wide[:, ::3] = q.detach()
+    qs = wide[:, ::3].requires_grad_()
+    ds = d.detach().t().contiguous().t().requires_grad_()
+    ns = n.detach().permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
+    assert not qs.is_contiguous() and not ds.is_contiguous() and not ns.is_contiguous()
+    strided = _loss_and_grads(qs, ds, ns, directions=ALL_FOUR)
+    for a, b in zip(base, strided):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_tensors_are_linear_in_n():
+    """At N = 512, D = 4 (N^2 = 128 N D) the graph holds O(N D) bytes for backward; eager holds N^2."""
+    n_pairs, dim = 512, 4
+
+    def saved_bytes(backend):
+        storages = {}  # a tensor saved twice, or a view, holds its storage once
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        q, d, n = _inputs(n_pairs, dim, 1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fused_samtone_loss(q, d, n, directions=ALL_FOUR, normalize=True, backend=backend,
+                               group_ids=torch.arange(n_pairs, device=DEVICE) % 7)
+        return sum(storages.values())
+
+    embeddings = 4 * n_pairs * dim * 3  # q, d, n in float32
+    assert saved_bytes("triton") <= 3 * embeddings + 64 * n_pairs  # inputs, unit vectors, row statistics
+    assert saved_bytes("torch") >= 4 * n_pairs * n_pairs  # the check can fail: eager holds N x N blocks
+
+
+def test_only_needed_tensors_are_saved():
+    q, d, n = (x.detach() for x in _inputs())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fused_samtone_loss(q, d, n, directions=ALL_FOUR, backend="triton")
+    assert saved == [] and not loss.requires_grad
+
+
+def test_n_equals_one_and_d_equals_one():
+    for n_pairs, dim in [(1, 1), (1, 17), (17, 1)]:
+        q, d, n = _inputs(n_pairs, dim, 1)
+        ours = _loss_and_grads(q, d, n, directions=ALL_FOUR)
+        tau = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+        loss = fused_samtone_loss(q, d, n, temperature=tau, directions=ALL_FOUR, backend="torch")
+        theirs = [loss.detach(), *torch.autograd.grad(loss, [q, d, n, tau])]
+        for a, b in zip(ours[:-1], theirs[:-1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # dL/dtau sums terms of size |s| / tau that cancel exactly here (the document anchor's only
+        # entry is its positive): compare at the size of the terms, not of their sum.
+        logits = max(x.detach().norm(dim=-1).max() for x in (q, d, n)) ** 2 / 0.1
+        torch.testing.assert_close(ours[-1], theirs[-1], rtol=1e-5, atol=1e-6 * float(logits) / 0.1)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_nan_propagates_through_the_kernel():
+    q, d, n = (x.detach() for x in _inputs())
+    q[3, 2] = float("nan")
+    for directions in [("q2d",), ALL_FOUR]:
+        loss = fused_samtone_loss(q, d, n, directions=directions, backend="triton", reduction="none")
+        assert torch.isnan(loss).all()
+
+
+def test_auto_backend_uses_the_kernel_only_on_cuda(monkeypatch):
+    calls = []
+    real = _triton.row_lse_triton
+    monkeypatch.setattr(_triton, "row_lse_triton", lambda *args: calls.append(1) or real(*args))
+    q, d, n = (x.detach() for x in _inputs())
+    fused_samtone_loss(q, d, n)
+    assert calls == ([1] if DEVICE.type == "cuda" else [])
+    fused_samtone_loss(q.double(), d.double(), n.double())  # auto: float64 goes to the torch path
+    assert len(calls) == (1 if DEVICE.type == "cuda" else 0)
+    with pytest.raises(TypeError, match="float64"):
+        fused_samtone_loss(q.double(), d.double(), n.double(), backend="triton")
+
+
+def test_custom_op_traces_under_torch_compile():
+    """A training step compiled end to end (fullgraph): the op is opaque, with a fake and autograd."""
+    torch._dynamo.reset()
+    q, d, n = _inputs()
+    tower = torch.nn.Linear(q.shape[1], q.shape[1]).to(DEVICE)
+
+    def step(q, d, n):
+        loss = fused_samtone_loss(tower(q), d, n, directions=ALL_FOUR, normalize=True, backend="triton")
+        loss.backward()
+        return loss.detach()
+
+    eager = step(q, d, n)
+    grads_eager = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(step, backend=backend, fullgraph=False)(q, d, n)
+    torch.testing.assert_close(compiled, eager)
+    for g, e in zip([p.grad for p in tower.parameters()], grads_eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_op_opcheck():
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree."""
+    q, d, n = _inputs(11, 9, 1)
+    scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
+    groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
+    torch.library.opcheck(_triton.row_lse_op, (q, d, n, groups, scale, True, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n_pairs,dim", [(4096, 768), (16384, 256)])
+def test_gpu_large_batches_match_torch_float32(dtype, n_pairs, dim):
+    """Large N against the eager implementation in float32, both fed the same unit vectors (rounded
+    to ``dtype``), so the comparison measures the kernel's arithmetic alone."""
+    units = [torch.nn.functional.normalize(x.detach().float(), dim=-1).to(dtype)
+             for x in _inputs(n_pairs, dim, 1, dtype=torch.float32)]
+    kwargs = dict(directions=ALL_FOUR, group_ids=torch.arange(n_pairs, device=DEVICE) % 997)
+    ours = _loss_and_grads(*(x.clone().requires_grad_() for x in units), **kwargs)
+    q32, d32, n32 = (x.float().requires_grad_() for x in units)
+    tau = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+    loss = fused_samtone_loss(q32, d32, n32, temperature=tau, backend="torch", **kwargs)
+    theirs = [loss.detach(), *torch.autograd.grad(loss, [q32, d32, n32, tau])]
+    # Budget: float32 logits of size 1 / tau, plus the kernel's probabilities rounded to ``dtype``.
+    tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b in zip(["loss", "queries", "docs", "hard_negatives", "temperature"], ours, theirs):
+        err = (a.float() - b).abs().max().item()
+        assert err <= tol * max(b.abs().max().item(), 1e-6), (name, err)
+
+
+@pytest.mark.gpu
+def test_gpu_n_65536_forward_and_memory():
+    """N = 65536 runs (the eager path would hold ~17 GB per N x N float32 block) with O(N D) memory."""
+    n_pairs, dim = 65536, 128
+    q, d, n = _inputs(n_pairs, dim, 1, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_samtone_loss(q, d, n, directions=ALL_FOUR, normalize=True, backend="triton")
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss)
+    assert peak < 64 * n_pairs * dim * 4  # a few float32 copies of the embeddings, nothing N x N
+    # Row statistics of a slice of anchors against float32 on the same bfloat16 unit vectors.
+    qb, db, nb = (torch.nn.functional.normalize(x.detach().float(), dim=-1).to(torch.bfloat16)
+                  for x in (q, d, n))
+    qn, dn_, nn_ = qb.float(), db.float(), nb.float()
+    cols = torch.cat([dn_, nn_[:, 0]])
+    rows = torch.arange(0, n_pairs, 4099, device=DEVICE)
+    s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
+    s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
+    expected = torch.logsumexp(s, dim=1)
+    ours = _triton.row_lse_op(qb, db, nb, None, torch.tensor(20.0, device=DEVICE), True, True, True)
+    torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_at_scale():
+    q, d, n = _inputs(8192, 768, 1, dtype=torch.bfloat16)
+    first = _loss_and_grads(q, d, n, directions=ALL_FOUR)
+    again = _loss_and_grads(q, d, n, directions=ALL_FOUR)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
