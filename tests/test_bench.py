@@ -1,0 +1,104 @@
+"""bench/speed.py's own pieces: the work count, the agreement check, OOM handling, the CLI's files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from helpers import require
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_speed", pathlib.Path(__file__).resolve().parents[1] / "bench" / "speed.py")
+speed = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_speed"] = speed  # dataclasses look their module up while the class is built
+_SPEC.loader.exec_module(speed)
+
+
+@pytest.mark.parametrize("name", list(speed.WORKLOADS))
+@pytest.mark.parametrize("n_pairs", [1, 5])
+def test_pair_count_counts_the_kept_entries(name, n_pairs):
+    w = speed.WORKLOADS[name]
+    rng = np.random.default_rng(0)
+    n = rng.standard_normal((n_pairs, w.n_hard, 2)) if w.n_hard else None
+    blocks = reference.build_blocks(rng.standard_normal((n_pairs, 2)), rng.standard_normal((n_pairs, 2)), n)
+    keep = {"q2d": blocks.keep_qd, "q2q": blocks.keep_qq, "d2q": blocks.keep_dq, "d2d": blocks.keep_dd}
+    assert speed.pair_count(w, n_pairs) == sum(int(keep[x].sum()) for x in w.directions)
+    assert speed.flop_count(w, n_pairs) == 6 * w.dim * speed.pair_count(w, n_pairs)
+
+
+def test_agreement_check():
+    assert speed.agrees(1.00005, 1.0, torch.float32)
+    assert not speed.agrees(1.001, 1.0, torch.float32)
+    assert speed.agrees(1.01, 1.0, torch.bfloat16)
+    assert not speed.agrees(1.1, 1.0, torch.bfloat16)
+    assert not speed.agrees(float("nan"), 1.0, torch.float32)
+
+
+def _read(out: pathlib.Path, suffix: str):
+    (path,) = out.glob(f"*.{suffix}")
+    return path
+
+
+def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path, capsys):
+    require("sentence_transformers")
+    require("matplotlib")
+    code = speed.main(["--quick", "--workloads", "samtone", "symmetric-infonce", "--device", "cpu",
+                       "--impls", "ours-fused", "ours-eager", "sentence-transformers", "inf-cl",
+                       "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "# torch" in printed or "torch " in printed
+    assert "needs a CUDA GPU" in printed  # ours-fused on CPU says so instead of vanishing
+    with open(_read(tmp_path, "csv")) as f:
+        rows = list(csv.DictReader(f))
+    impls = {(r["workload"], r["impl"]) for r in rows}
+    assert impls == {("samtone", "ours-eager"), ("samtone", "sentence-transformers"),
+                     ("symmetric-infonce", "ours-eager"), ("symmetric-infonce", "sentence-transformers")}
+    for r in rows:
+        assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0
+        assert speed.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
+    data = json.loads(_read(tmp_path, "json").read_text())
+    assert data["header"][0].startswith("# date") and len(data["rows"]) == len(rows)
+    assert _read(tmp_path, "png").stat().st_size > 0
+
+
+def test_wrong_loss_is_flagged_and_fails_the_run(tmp_path, monkeypatch):
+    def wrong(w, device):
+        return lambda q, d, n: speed.impl_eager(w, device)(q, d, n) + 1.0
+
+    monkeypatch.setitem(speed.IMPLEMENTATIONS, "ours-eager", (wrong, None))
+    code = speed.main(["--quick", "--workloads", "samtone", "--device", "cpu", "--impls", "ours-eager",
+                       "--repeats", "1", "--out", str(tmp_path), "--no-plot"])
+    assert code == 1
+    with open(_read(tmp_path, "csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"].startswith("WRONG") and row["fwd_bwd_ms"] == ""
+
+
+def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def runs_out(w, device):
+        def run(q, d, n):
+            if q.shape[0] > 16:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return speed.impl_eager(w, device)(q, d, n)
+        return run
+
+    monkeypatch.setitem(speed.IMPLEMENTATIONS, "torch.compile", (runs_out, None))
+    code = speed.main(["--workloads", "gte", "--device", "cpu", "--sizes", "16", "32", "48", "--dim", "8",
+                       "--impls", "ours-eager", "torch.compile", "--repeats", "1", "--out", str(tmp_path),
+                       "--no-plot"])
+    assert code == 0
+    with open(_read(tmp_path, "csv")) as f:
+        status = {(r["impl"], int(r["n"])): r["status"] for r in csv.DictReader(f)}
+    assert status[("torch.compile", 16)] == "ok"
+    assert status[("torch.compile", 32)] == "OOM"
+    assert status[("torch.compile", 48)].startswith("OOM (skipped")
+    assert all(status[("ours-eager", n)] == "ok" for n in (16, 32, 48))
