@@ -11,20 +11,24 @@ import torch
 from ._options import LossOptions
 
 
-def keep_masks(n_pairs: int, n_blocks: int, group_ids: torch.Tensor | None, device: torch.device):
+def keep_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
+               device: torch.device):
     """Keep-masks of the four logit blocks (True = the entry is in the sums).
 
-    Returns ``(keep_qd [N, M], keep_qq [N, N], keep_dq [N, N], keep_dd [N, M])`` with M = N * n_blocks
-    and document column (j, k) at index k * N + j. For anchor i and j != i in i's group, column (j, 0)
-    and q_j are removed; q2q also drops q_i itself and d2d every column (i, k) of pair i.
+    Anchor i is pair ``offset + i`` of the N = ``n_cand`` candidate pairs (``offset`` > 0 when the
+    anchors are one rank's slice of a gathered batch). Returns ``(keep_qd [n, M], keep_qq [n, N],
+    keep_dq [n, N], keep_dd [n, M])`` with M = N * n_blocks and document column (j, k) at index
+    k * N + j. For anchor i and j != i in i's group (``group_ids`` [N], global), column (j, 0) and
+    q_j are removed; q2q also drops q_i itself and d2d every column (i, k) of pair i.
     """
-    eye = torch.eye(n_pairs, dtype=torch.bool, device=device)
+    rows = torch.arange(n_anchor, device=device)[:, None] + offset
+    eye = rows == torch.arange(n_cand, device=device)[None, :]
     if group_ids is None:
         same_group = eye
     else:
-        same_group = group_ids[:, None] == group_ids[None, :]
+        same_group = group_ids[offset:offset + n_anchor, None] == group_ids[None, :]
     other_in_group = same_group & ~eye
-    hard = torch.zeros(n_pairs, n_pairs * (n_blocks - 1), dtype=torch.bool, device=device)
+    hard = torch.zeros(n_anchor, n_cand * (n_blocks - 1), dtype=torch.bool, device=device)
     group_cols = torch.cat([other_in_group, hard], dim=1)
     own_pair = eye.repeat(1, n_blocks)
     return ~group_cols, ~same_group, ~other_in_group, ~(own_pair | group_cols)
@@ -40,38 +44,44 @@ def document_columns(docs: torch.Tensor, hard_negatives: torch.Tensor | None) ->
 def row_lse_torch(
     q: torch.Tensor,
     d: torch.Tensor,
-    hard_negatives: torch.Tensor | None,
+    q_all: torch.Tensor,
+    d_all: torch.Tensor,
+    n_all: torch.Tensor | None,
     scale: float | torch.Tensor,
     group_ids: torch.Tensor | None,
+    offset: int,
     options: LossOptions,
 ) -> torch.Tensor:
     """Log-partitions of the query and document anchors.
 
     Parameters
     ----------
-    q, d : [N, D] embeddings, already normalised if asked, in the compute dtype.
-    hard_negatives : [N, H, D] or None.
+    q, d : [n, D] anchor embeddings, already normalised if asked, in the compute dtype.
+    q_all, d_all : [N, D] candidate queries and positives (the same tensors as ``q``, ``d`` unless the
+        batch was gathered across devices); anchor i is pair ``offset + i`` among them.
+    n_all : [N, H, D] candidate hard negatives, or None.
     scale : 1 / temperature (float or 0-dim tensor).
-    group_ids : [N] int64 or None.
+    group_ids : [N] int64 (global) or None.
 
     Returns
     -------
-    [A, N] tensor: row 0 is log Zq (q2d + q2q), row 1 (when "d2q" is selected, A = 2) log Zd
+    [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when "d2q" is selected, A = 2) log Zd
     (d2q + d2d).
     """
-    n_pairs = q.shape[0]
-    cols = document_columns(d, hard_negatives)
-    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(n_pairs, cols.shape[0] // n_pairs, group_ids, q.device)
+    n_anchor, n_cand = q.shape[0], q_all.shape[0]
+    cols = document_columns(d_all, n_all)
+    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(
+        n_anchor, n_cand, cols.shape[0] // n_cand, offset, group_ids, q.device)
 
     def masked(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return s.masked_fill(~keep, float("-inf"))
 
     q_parts = [masked(q @ cols.T * scale, keep_qd)]
     if options.q2q:
-        q_parts.append(masked(q @ q.T * scale, keep_qq))
+        q_parts.append(masked(q @ q_all.T * scale, keep_qq))
     rows = [torch.logsumexp(torch.cat(q_parts, dim=1), dim=1)]
     if options.d2q:
-        d_parts = [masked(d @ q.T * scale, keep_dq)]
+        d_parts = [masked(d @ q_all.T * scale, keep_dq)]
         if options.d2d:
             d_parts.append(masked(d @ cols.T * scale, keep_dd))
         rows.append(torch.logsumexp(torch.cat(d_parts, dim=1), dim=1))

@@ -79,30 +79,31 @@ def _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
 
 
 @triton.jit
-def _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF: tl.constexpr, GROUP: tl.constexpr):
-    """Keep-mask [BLOCK_M, BLOCK_N] of a tile: in range, minus self (EXCL_SELF) and group-mates (GROUP)."""
+def _keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF: tl.constexpr, GROUP: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_N] of a tile: in range, minus self (EXCL_SELF) and group-mates (GROUP).
+    ``rows_g`` are the anchors' indices among the candidates (their local index plus the row offset)."""
     keep = row_ok[:, None] & col_ok[None, :]
-    same = rows[:, None] == cols[None, :]
+    same = rows_g[:, None] == cols[None, :]
     if EXCL_SELF:
         keep = keep & ~same
     if GROUP:
-        g_rows = tl.load(G + rows, mask=row_ok, other=0)
+        g_rows = tl.load(G + rows_g, mask=row_ok, other=0)
         g_cols = tl.load(G + cols, mask=col_ok, other=0)
         keep = keep & ~((g_rows[:, None] == g_cols[None, :]) & ~same)
     return keep
 
 
 @triton.jit
-def _lse_segment(m, l, X, sxn, sxd, rows, row_ok, Y, syn, syd, G, n_pairs, dim, scale,
+def _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, Y, syn, syd, G, n_cand, dim, scale,
                  EXCL_SELF: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one candidate segment into the running (max m, sum l) of each anchor row."""
-    for c0 in range(0, n_pairs, BLOCK_N):
+    for c0 in range(0, n_cand, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_pairs
+        col_ok = cols < n_cand
         s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        s = tl.where(_keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP), s, float("-inf"))
+        s = tl.where(_keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF, GROUP), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # A row with nothing kept so far keeps m = -inf; shift by 0 so exp(-inf - 0) = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -112,19 +113,19 @@ def _lse_segment(m, l, X, sxn, sxd, rows, row_ok, Y, syn, syd, G, n_pairs, dim, 
 
 
 @triton.jit
-def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, Y, syn, syd, G,
-                         n_pairs, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
+def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, Y, syn, syd, G,
+                         n_cand, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DX[rows] (+)= sum over this segment's columns of (w P) y, in float32 (scale applied later)."""
     offs_k = tl.arange(0, BLOCK_D)
     dx_rows = DX + rows.to(tl.int64)[:, None] * sdxn
-    for c0 in range(0, n_pairs, BLOCK_N):
+    for c0 in range(0, n_cand, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_pairs
+        col_ok = cols < n_cand
         s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        keep = _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
+        keep = _keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         wp = tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None]
         if FIRST:
             started = c0 > 0
@@ -144,18 +145,18 @@ def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, Y
 
 @triton.jit
 def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, X, sxn, sxd, LSE, COEF, G,
-                            n_pairs, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
+                            n_anchor, row_offset, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
                             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DY[cols] (+)= sum over one anchor kind's rows of (w P)^T x, in float32 (scale applied later)."""
     offs_k = tl.arange(0, BLOCK_D)
     dy_rows = DY + cols.to(tl.int64)[:, None] * sdyn
-    for r0 in range(0, n_pairs, BLOCK_M):
+    for r0 in range(0, n_anchor, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_pairs
+        row_ok = rows < n_anchor
         s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        keep = _keep(rows, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
+        keep = _keep(rows + row_offset, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
         wp_t = tl.trans(tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None])
@@ -190,40 +191,42 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much larger than the problem (small N or D), keeping at least one config."""
-    n_pairs, dim = named_args["n_pairs"], named_args["dim"]
+    n_pairs, dim = min(named_args["n_anchor"], named_args["n_cand"]), named_args["dim"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_D"] <= max(16, triton.next_power_of_2(dim))
             and min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(16, triton.next_power_of_2(n_pairs))]
     return kept or configs[:1]
 
 
-_AUTOTUNE = dict(configs=_configs(), key=["n_pairs", "dim", "n_hard"],
+_AUTOTUNE = dict(configs=_configs(), key=["n_anchor", "n_cand", "dim", "n_hard"],
                  prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _lse_fwd_kernel(X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd, G, SCALE, LSE,
-                    n_pairs, dim, n_hard,
+                    n_anchor, n_cand, row_offset, dim, n_hard,
                     USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr, C_EXCL: tl.constexpr,
                     HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y)."""
+    """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y). Anchor row i is
+    candidate pair ``row_offset + i`` (the self and group masks compare those indices)."""
     tl.static_assert(USE_Q or USE_C)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_pairs
+    rows_g = rows + row_offset
+    row_ok = rows < n_anchor
     scale = tl.load(SCALE)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if USE_Q:
-        m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, Q, sqn, sqd, G, n_pairs, dim, scale,
+        m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, Q, sqn, sqd, G, n_cand, dim, scale,
                             Q_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_C:
-        m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, D, sdn, sdd, G, n_pairs, dim, scale,
+        m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, D, sdn, sdd, G, n_cand, dim, scale,
                             C_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         for k in range(0, n_hard):  # hard negatives: never masked by groups
-            m, l = _lse_segment(m, l, X, sxn, sxd, rows, row_ok, NEG + k * snh, snn, snd, G, n_pairs,
-                                dim, scale, C_EXCL, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, NEG + k * snh, snn, snd, G,
+                                n_cand, dim, scale, C_EXCL, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     # Rows past N never reach the store; give them l = 1 so log() sees no zero.
     tl.store(LSE + rows, m + tl.log(tl.where(row_ok, l, 1.0)), mask=row_ok)
 
@@ -231,35 +234,36 @@ def _lse_fwd_kernel(X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd, G
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd,
-                        G, SCALE, LSE, COEF, n_pairs, dim, n_hard,
+                        G, SCALE, LSE, COEF, n_anchor, n_cand, row_offset, dim, n_hard,
                         USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr,
                         C_EXCL: tl.constexpr, HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX[rows] = sum over the anchor's kept candidates of (w P) y (unscaled; see the module doc)."""
     tl.static_assert(USE_Q or USE_C)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_pairs
+    rows_g = rows + row_offset
+    row_ok = rows < n_anchor
     scale = tl.load(SCALE)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
     if USE_Q:
-        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, Q, sqn, sqd, G,
-                             n_pairs, dim, scale, True, Q_EXCL, HAS_GROUPS,
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, Q, sqn, sqd, G,
+                             n_cand, dim, scale, True, Q_EXCL, HAS_GROUPS,
                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_C:
-        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, D, sdn, sdd, G,
-                             n_pairs, dim, scale, not USE_Q, C_EXCL, HAS_GROUPS,
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, D, sdn, sdd, G,
+                             n_cand, dim, scale, not USE_Q, C_EXCL, HAS_GROUPS,
                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         for k in range(0, n_hard):
-            _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, row_ok, lse, coef, NEG + k * snh,
-                                 snn, snd, G, n_pairs, dim, scale, False, C_EXCL, False,
+            _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef,
+                                 NEG + k * snh, snn, snd, G, n_cand, dim, scale, False, C_EXCL, False,
                                  BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, D, sdn, sdd, G, SCALE,
-                           LSE_Q, COEF_Q, LSE_D, COEF_D, n_pairs, dim, n_hard,
+                           LSE_Q, COEF_Q, LSE_D, COEF_D, n_anchor, n_cand, row_offset, dim, n_hard,
                            USE_QA: tl.constexpr, QA_EXCL: tl.constexpr, USE_DA: tl.constexpr,
                            DA_EXCL: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -267,18 +271,18 @@ def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, 
     (w P)^T x (unscaled). Axis 1 of the grid walks the segments of a [N, K, D] candidate tensor."""
     tl.static_assert(USE_QA or USE_DA)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_pairs
+    col_ok = cols < n_cand
     seg = tl.program_id(1).to(tl.int64)
     Y = Y + seg * syk
     DY = DY + seg * sdyk
     scale = tl.load(SCALE)
     if USE_QA:
         _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, Q, sqn, sqd, LSE_Q, COEF_Q, G,
-                                n_pairs, dim, scale, True, QA_EXCL, GROUP,
+                                n_anchor, row_offset, dim, scale, True, QA_EXCL, GROUP,
                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_DA:
         _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, D, sdn, sdd, LSE_D, COEF_D, G,
-                                n_pairs, dim, scale, not USE_QA, DA_EXCL, GROUP,
+                                n_anchor, row_offset, dim, scale, not USE_QA, DA_EXCL, GROUP,
                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
@@ -322,33 +326,37 @@ def _groups_arg(groups, q):
 
 
 @torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
-def row_lse_op(q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None, groups: torch.Tensor | None,
-               scale: torch.Tensor, q2q: bool, d2q: bool, d2d: bool) -> torch.Tensor:
-    """[A, N] float32: log Zq (row 0) and, with d2q, log Zd (row 1). See the module docstring."""
-    n_pairs, dim = q.shape
-    seg_args, n_hard = _segments(q, d, n)
+def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
+               n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
+               q2q: bool, d2q: bool, d2d: bool) -> torch.Tensor:
+    """[A, n] float32: log Zq (row 0) and, with d2q, log Zd (row 1) of the anchors q, d [n, D], which
+    are pairs ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]."""
+    (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
+    seg_args, n_hard = _segments(q_all, d_all, n_all)
     g, has_groups = _groups_arg(groups, q)
-    lse = _empty((2 if d2q else 1, n_pairs), q)
+    lse = _empty((2 if d2q else 1, n_anchor), q)
     for a, x in enumerate([q, d] if d2q else [q]):
-        _lse_fwd_kernel[_grid_rows(n_pairs)](
-            x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], n_pairs, dim, n_hard,
+        _lse_fwd_kernel[_grid_rows(n_anchor)](
+            x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], n_anchor, n_cand, offset, dim, n_hard,
             **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=_precision(q.dtype),
         )
     return lse
 
 
 @row_lse_op.register_fake
-def _(q, d, n, groups, scale, q2q, d2q, d2d):
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d):
     return q.new_empty((2 if d2q else 1, q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
 def row_lse_backward_op(grad_lse: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
-                        n: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor,
-                        q2q: bool, d2q: bool, d2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 gradients of sum(grad_lse * lse) for q [N, D], d [N, D] and n [N, H, D] ([N, 0, D] if none)."""
-    n_pairs, dim = q.shape
-    seg_args, n_hard = _segments(q, d, n)
+                        q_all: torch.Tensor, d_all: torch.Tensor, n_all: torch.Tensor | None,
+                        groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
+                        d2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 gradients of sum(grad_lse * lse): anchor side for q, d [n, D]; candidate side for
+    q_all, d_all [N, D] and n_all [N, H, D] ([N, 0, D] when there are none)."""
+    (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
+    seg_args, n_hard = _segments(q_all, d_all, n_all)
     g, has_groups = _groups_arg(groups, q)
     precision = _precision(q.dtype)
     # Upstream weights are rescaled to max |w| = 1 before the kernels multiply them into P and cast to
@@ -357,79 +365,83 @@ def row_lse_backward_op(grad_lse: torch.Tensor, lse: torch.Tensor, q: torch.Tens
     coef = (grad_lse * torch.where(w_max > 0, 1.0 / w_max, torch.zeros_like(w_max))).float().contiguous()
     lse = lse.contiguous()
     lse_d, coef_d = (lse[1], coef[1]) if d2q else (lse[0], coef[0])
+    factor = (scale * w_max).float()
 
     # Anchor side: d/dq from q2d (+ q2q); d/dd from d2q (+ d2d).
-    anchor = [_empty((n_pairs, dim), q) for _ in range(2 if d2q else 1)]
+    anchor = [_empty((n_anchor, dim), q) for _ in range(2 if d2q else 1)]
     for a, (x, dx) in enumerate(zip([q, d], anchor)):
-        _anchor_grad_kernel[_grid_rows(n_pairs)](
+        _anchor_grad_kernel[_grid_rows(n_anchor)](
             dx, dx.stride(0), dx.stride(1), x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], coef[a],
-            n_pairs, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=precision,
+            n_anchor, n_cand, offset, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups,
+            PRECISION=precision,
         )
+    dq = anchor[0] * factor
+    dd = anchor[1] * factor if d2q else torch.zeros_like(anchor[0])
 
     # Candidate side: each segment from the anchor kinds that see it.
-    def candidates(y, dy, k, use_qa, qa_excl, use_da, da_excl, group):
-        # y, dy viewed as [N, K, D]: axis 1 of the grid walks the K segments.
-        _candidate_grad_kernel[lambda meta: (triton.cdiv(n_pairs, meta["BLOCK_N"]), k)](
+    def candidates(y, k, use_qa, qa_excl, use_da, da_excl, group):
+        # y and its gradient viewed as [N, K, D]: axis 1 of the grid walks the K segments.
+        dy = _empty((n_cand, k, dim), q)
+        _candidate_grad_kernel[lambda meta: (triton.cdiv(n_cand, meta["BLOCK_N"]), k)](
             dy, dy.stride(0), dy.stride(2), dy.stride(1), y, y.stride(0), y.stride(2), y.stride(1),
             q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1), g, scale,
-            lse[0], coef[0], lse_d, coef_d, n_pairs, dim, n_hard,
+            lse[0], coef[0], lse_d, coef_d, n_anchor, n_cand, offset, dim, n_hard,
             USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da, DA_EXCL=da_excl, GROUP=group, PRECISION=precision,
         )
+        return dy * factor
 
-    dq = anchor[0]
     if q2q or d2q:  # queries as candidates: q2q (minus self) and d2q
-        dq_cand = _empty((n_pairs, 1, dim), q)
-        candidates(q.unsqueeze(1), dq_cand, 1, q2q, True, d2q, False, has_groups)
-        dq = dq + dq_cand[:, 0]
-    dd_cand = _empty((n_pairs, 1, dim), q)  # positives as candidates: q2d and d2d (minus own pair)
-    candidates(d.unsqueeze(1), dd_cand, 1, True, False, d2d, True, has_groups)
-    dd = dd_cand[:, 0] if not d2q else dd_cand[:, 0] + anchor[1]
-    dn = _empty((n_pairs, n_hard, dim), q)
-    if n_hard:  # hard negatives: q2d and d2d (minus own pair), never group-masked
-        candidates(n, dn, n_hard, True, False, d2d, True, False)
-
-    factor = (scale * w_max).float()
-    return dq * factor, dd * factor, dn * factor
+        dq_all = candidates(q_all.unsqueeze(1), 1, q2q, True, d2q, False, has_groups)[:, 0]
+    else:
+        dq_all = q_all.new_zeros(q_all.shape, dtype=torch.float32)
+    # Positives as candidates: q2d and d2d (minus the anchor's own pair).
+    dd_all = candidates(d_all.unsqueeze(1), 1, True, False, d2d, True, has_groups)[:, 0]
+    # Hard negatives: q2d and d2d (minus own pair), never group-masked.
+    dn_all = candidates(n_all, n_hard, True, False, d2d, True, False) if n_hard else _empty((n_cand, 0, dim), q)
+    return dq, dd, dq_all, dd_all, dn_all
 
 
 @row_lse_backward_op.register_fake
-def _(grad_lse, lse, q, d, n, groups, scale, q2q, d2q, d2d):
-    n_hard = 0 if n is None else n.shape[1]
-    return (q.new_empty(q.shape, dtype=torch.float32), d.new_empty(d.shape, dtype=torch.float32),
-            q.new_empty((q.shape[0], n_hard, q.shape[1]), dtype=torch.float32))
+def _(grad_lse, lse, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d):
+    n_hard = 0 if n_all is None else n_all.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape, **f32), d.new_empty(d.shape, **f32), q_all.new_empty(q_all.shape, **f32),
+            d_all.new_empty(d_all.shape, **f32), q.new_empty((q_all.shape[0], n_hard, q.shape[1]), **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, n, groups, scale, q2q, d2q, d2d = inputs
-    ctx.save_for_backward(q, d, n, groups, scale, output)  # O(N * D): inputs and [A, N] statistics
-    ctx.flags = (q2q, d2q, d2d)
+    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d = inputs
+    ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A, n] statistics
+    ctx.flags = (offset, q2q, d2q, d2d)
 
 
 def _backward(ctx, grad_lse):
-    q, d, n, groups, scale, lse = ctx.saved_tensors
-    dq, dd, dn = row_lse_backward_op(grad_lse.contiguous(), lse, q, d, n, groups, scale, *ctx.flags)
+    q, d, q_all, d_all, n_all, groups, scale, lse = ctx.saved_tensors
+    grads = row_lse_backward_op(grad_lse.contiguous(), lse, q, d, q_all, d_all, n_all, groups, scale,
+                                *ctx.flags)
+    inputs = (q, d, q_all, d_all, n_all)
     dscale = None
-    if ctx.needs_input_grad[4]:
-        # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale).
-        dots = (q.float() * dq).sum() + (d.float() * dd).sum()
-        if n is not None:
-            dots = dots + (n.float() * dn).sum()
+    if ctx.needs_input_grad[6]:
+        # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input
+        # in every role it plays (anchor and candidate).
+        dots = sum((x.float() * g).sum() for x, g in zip(inputs, grads) if x is not None)
         dscale = (dots / (2 * scale)).to(scale.dtype)
-    return (dq.to(q.dtype), dd.to(d.dtype), None if n is None else dn.to(n.dtype), None, dscale,
-            None, None, None)
+    dq, dd, dq_all, dd_all, dn_all = (None if x is None else g.to(x.dtype) for x, g in zip(inputs, grads))
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None
 
 
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def row_lse_triton(q: torch.Tensor, d: torch.Tensor, hard_negatives: torch.Tensor | None,
-                   scale: float | torch.Tensor, group_ids: torch.Tensor | None,
-                   options: LossOptions) -> torch.Tensor:
-    """Fused counterpart of ``row_lse_torch``: [A, N] float32 log-partitions of the anchors.
+def row_lse_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
+                   n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
+                   offset: int, options: LossOptions) -> torch.Tensor:
+    """Fused counterpart of ``row_lse_torch`` (same arguments): [A, n] float32 log-partitions.
 
-    ``q``, ``d`` [N, D] and ``hard_negatives`` [N, H, D] are read in their own dtype and strides;
-    ``scale`` (1 / temperature) may be a float or a 0-dim tensor (its gradient is returned).
+    Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
+    a 0-dim tensor (its gradient is returned).
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)
-    return row_lse_op(q, d, hard_negatives, group_ids, scale.float(), options.q2q, options.d2q, options.d2d)
+    return row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
+                      options.q2q, options.d2q, options.d2d)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature
 from ._torch_impl import row_lse_torch
+from .distributed import gather_batch
 
 
 def triton_available() -> bool:
@@ -83,6 +84,8 @@ def fused_samtone_loss(
     normalize: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    gather_across_devices: bool = False,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -117,6 +120,16 @@ def fused_samtone_loss(
     backend : {"auto", "torch", "triton"}, default "auto"
         "auto" runs the fused Triton kernel on CUDA tensors when triton is installed (and the dtype
         is not float64), else the eager torch implementation.
+    gather_across_devices : bool, default False
+        Use every rank's queries, documents and hard negatives as candidates (torch.distributed;
+        see ``samtone_kernels.distributed``). Each rank passes its local pairs, which are its anchors;
+        group ids are global. The reduced loss is scaled so that DDP's average of the ranks'
+        gradients equals single-process training on the concatenated batch of N pairs: "mean" is
+        ``W / N * sum of the local l_i`` (the local mean when every rank holds N / W pairs), "sum"
+        is ``W * sum of the local l_i``; "none" returns the local l_i. Without an initialised
+        process group the loss is the single-process one (with a warning, once).
+    process_group : ProcessGroup, optional
+        The group to gather over (default: the world).
 
     Returns
     -------
@@ -135,6 +148,8 @@ def fused_samtone_loss(
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
+    if not isinstance(gather_across_devices, bool):
+        raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
     backend = _resolve_backend(options.backend, queries)
     if hard_negatives is not None and hard_negatives.shape[1] == 0:
         hard_negatives = None
@@ -148,26 +163,40 @@ def fused_samtone_loss(
         prepared = [x.to(compute_dtype) for x in embeddings]
         if normalize:
             prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
-        q, d, n = prepared + [None] * (3 - len(prepared))
-        lse = row_lse_torch(q, d, n, scale, group_ids, options)
     else:
-        from ._triton import row_lse_triton
-
         # The kernel reads the input dtype (tensor cores) and accumulates in float32.
         prepared = embeddings
         if normalize:
             prepared = [F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype) for x in embeddings]
-        q, d, n = prepared + [None] * (3 - len(prepared))
-        lse = row_lse_triton(q, d, n, scale, group_ids, options)
+    q, d, n = prepared + [None] * (3 - len(prepared))
+
+    if gather_across_devices:
+        batch = gather_batch(q, d, n, group_ids, process_group)
+        q_all, d_all, n_all, group_ids = batch.queries, batch.docs, batch.hard_negatives, batch.group_ids
+        offset, world, total = batch.offset, batch.world_size, batch.total
+    else:
+        q_all, d_all, n_all, offset, world, total = q, d, n, 0, 1, q.shape[0]
+
+    if backend == "torch":
+        lse = row_lse_torch(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
+    else:
+        from ._triton import row_lse_triton
+
+        lse = row_lse_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
 
     pos = (q.to(compute_dtype) * d.to(compute_dtype)).sum(-1) * scale
     losses = _assemble(lse, pos, options)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
-    # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync).
-    finite = torch.stack([torch.isfinite(x).all() for x in embeddings]).all()
+    # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync). Every
+    # candidate counts, another rank's too.
+    candidates = [q_all, d_all] + ([] if n_all is None else [n_all])
+    finite = torch.stack([torch.isfinite(x).all() for x in candidates]).all()
     losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
 
     if reduction == "none":
         return losses
-    return losses.mean() if reduction == "mean" else losses.sum()
+    if world == 1:
+        return losses.mean() if reduction == "mean" else losses.sum()
+    # DDP averages gradients over the W ranks: scale so that average is the single-process gradient.
+    return losses.sum() * (world / total if reduction == "mean" else world)

@@ -21,7 +21,8 @@ class SamToNeLoss(nn.Module):
         The temperature, or its initial value when ``learnable_temperature=True``.
     learnable_temperature : bool, default False
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
-    directions, partition, doc_anchor_weight, normalize, reduction, backend
+    directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
+    process_group
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -41,6 +42,8 @@ class SamToNeLoss(nn.Module):
         normalize: bool = False,
         reduction: str = "mean",
         backend: str = "auto",
+        gather_across_devices: bool = False,
+        process_group: "torch.distributed.ProcessGroup | None" = None,
     ) -> None:
         super().__init__()
         options = check_options(
@@ -56,6 +59,10 @@ class SamToNeLoss(nn.Module):
         self.normalize = options.normalize
         self.reduction = options.reduction
         self.backend = options.backend
+        if not isinstance(gather_across_devices, bool):
+            raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
+        self.gather_across_devices = gather_across_devices
+        self.process_group = process_group
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
         else:
@@ -82,6 +89,7 @@ class SamToNeLoss(nn.Module):
             temperature=self.temperature, directions=self.directions, partition=self.partition,
             doc_anchor_weight=self.doc_anchor_weight, group_ids=group_ids, normalize=self.normalize,
             reduction=self.reduction, backend=self.backend,
+            gather_across_devices=self.gather_across_devices, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -89,5 +97,6 @@ class SamToNeLoss(nn.Module):
         return (
             f"temperature={tau}, directions={self.directions}, partition={self.partition!r}, "
             f"doc_anchor_weight={self.doc_anchor_weight:g}, normalize={self.normalize}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, "
+            f"gather_across_devices={self.gather_across_devices}"
         )

@@ -195,8 +195,31 @@ def test_custom_op_opcheck():
     q, d, n = _inputs(11, 9, 1)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
-    torch.library.opcheck(_triton.row_lse_op, (q, d, n, groups, scale, True, True, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for args in [(q, d, q, d, n, groups, scale, 0), (q[2:7], d[2:7], q, d, None, None, scale, 2)]:
+        torch.library.opcheck(_triton.row_lse_op, (*args, True, True, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("directions", [("q2d",), ALL_FOUR, ("q2d", "d2q")], ids="-".join)
+def test_anchor_slice_with_offset_matches_torch(directions):
+    """Anchors that are pairs offset .. offset + n - 1 of the candidates (one rank's slice of a
+    gathered batch): kernel and torch implementation agree on the statistics and every gradient."""
+    from samtone_kernels._options import check_options
+    from samtone_kernels._torch_impl import row_lse_torch
+
+    options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
+                            normalize=False, reduction="mean", backend="auto")
+    groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
+    results = []
+    for row_lse in (_triton.row_lse_triton, row_lse_torch):
+        q, d, n = _inputs(19, 13, 2, seed=3)
+        scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+        lse = row_lse(q[5:16], d[5:16], q, d, n, scale, groups, 5, options)
+        weights = torch.linspace(0.5, 1.5, lse.numel(), device=DEVICE).view_as(lse)
+        grads = torch.autograd.grad((lse * weights).sum(), [q, d, n, scale])
+        results.append([lse.detach().float(), *grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
