@@ -15,7 +15,7 @@ $(PY):
 # fall back to the registry's default build.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[test,st,bench]"
+	$(PY) -m pip install -q -e ".[test,st,bench,quality]"
 	touch $@
 
 test: $(STAMP)
