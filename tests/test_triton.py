@@ -225,11 +225,8 @@ def test_anchor_slice_with_offset_matches_torch(directions):
 # --------------------------------------------------------------------------------------------------
 # GPU only
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("n_pairs,dim", [(4096, 768), (16384, 256)])
-def test_gpu_large_batches_match_torch_float32(dtype, n_pairs, dim):
-    """Large N against the eager implementation in float32, both fed the same unit vectors (rounded
+def compare_with_torch_float32(n_pairs: int, dim: int, dtype: torch.dtype) -> None:
+    """The kernel against the eager implementation in float32, both fed the same unit vectors (rounded
     to ``dtype``), so the comparison measures the kernel's arithmetic alone."""
     units = [torch.nn.functional.normalize(x.detach().float(), dim=-1).to(dtype)
              for x in _inputs(n_pairs, dim, 1, dtype=torch.float32)]
@@ -246,6 +243,35 @@ def test_gpu_large_batches_match_torch_float32(dtype, n_pairs, dim):
         assert err <= tol * max(b.abs().max().item(), 1e-6), (name, err)
 
 
+def compare_row_statistics(n_pairs: int, dim: int, dtype: torch.dtype, stride: int) -> None:
+    """log Zq of every ``stride``-th anchor against a float32 evaluation on the same rounded unit
+    vectors, computed for those rows only (no N x N matrix even at large N)."""
+    q, d, n = (x.detach() for x in _inputs(n_pairs, dim, 1, dtype=dtype))
+    qb, db, nb = (torch.nn.functional.normalize(x.float(), dim=-1).to(dtype) for x in (q, d, n))
+    qn, dn_, nn_ = qb.float(), db.float(), nb.float()
+    cols = torch.cat([dn_, nn_[:, 0]])
+    rows = torch.arange(0, n_pairs, stride, device=DEVICE)
+    s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
+    s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
+    expected = torch.logsumexp(s, dim=1)
+    ours = _triton.row_lse_op(qb, db, qb, db, nb, None, torch.tensor(20.0, device=DEVICE), 0, True, True, True)
+    torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_batch_checks_at_small_size(dtype):
+    """The GPU-only checks below, at a size the interpreter runs (so their code is exercised in CI)."""
+    compare_with_torch_float32(45, 24, dtype)
+    compare_row_statistics(45, 24, dtype, stride=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n_pairs,dim", [(4096, 768), (16384, 256)])
+def test_gpu_large_batches_match_torch_float32(dtype, n_pairs, dim):
+    compare_with_torch_float32(n_pairs, dim, dtype)
+
+
 @pytest.mark.gpu
 def test_gpu_n_65536_forward_and_memory():
     """N = 65536 runs (the eager path would hold ~17 GB per N x N float32 block) with O(N D) memory."""
@@ -260,17 +286,7 @@ def test_gpu_n_65536_forward_and_memory():
     peak = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss)
     assert peak < 64 * n_pairs * dim * 4  # a few float32 copies of the embeddings, nothing N x N
-    # Row statistics of a slice of anchors against float32 on the same bfloat16 unit vectors.
-    qb, db, nb = (torch.nn.functional.normalize(x.detach().float(), dim=-1).to(torch.bfloat16)
-                  for x in (q, d, n))
-    qn, dn_, nn_ = qb.float(), db.float(), nb.float()
-    cols = torch.cat([dn_, nn_[:, 0]])
-    rows = torch.arange(0, n_pairs, 4099, device=DEVICE)
-    s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
-    s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
-    expected = torch.logsumexp(s, dim=1)
-    ours = _triton.row_lse_op(qb, db, nb, None, torch.tensor(20.0, device=DEVICE), True, True, True)
-    torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
+    compare_row_statistics(n_pairs, dim, torch.bfloat16, stride=4099)
 
 
 @pytest.mark.gpu
