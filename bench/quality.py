@@ -28,7 +28,6 @@ import ast
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re

@@ -294,14 +294,13 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
             out_of_memory = {}  # impl -> N at which it ran out
             for n_pairs in sizes:
                 q, d, n = make_inputs(w, n_pairs, device, dtype)
-                inputs = [x for x in (q, d, n) if x is not None]
                 key = (min(n_pairs, 16384), w.dim)
                 if key not in matmul_cache:
                     matmul_cache[key] = matmul_tflops(*key, device, repeats)
                 mm_rate, _ = matmul_cache[key]
                 ours = our_loss(w, q, d, n, device)
                 for name in impls:
-                    factory, _peer = IMPLEMENTATIONS[name]
+                    factory = IMPLEMENTATIONS[name][0]
                     row = dict(workload=w.name, n=n_pairs, d=w.dim, h=w.n_hard,
                                dtype=str(dtype).replace("torch.", ""), impl=name, matmul_tflops=mm_rate)
                     fn = factory(w, device)
@@ -311,26 +310,7 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                         rows.append(emit({**row, "status": f"OOM (skipped: OOM at N={out_of_memory[name]})"}))
                         continue
                     try:
-                        value = float(fn(q, d, n).detach())
-                        row.update(loss=value, ours_loss=ours)
-                        if ours is not None and not agrees(value, ours, dtype):
-                            rows.append(emit({**row, "status": f"WRONG: loss {value:.6g} vs ours {ours:.6g}"}))
-                            continue
-
-                        def fwd(fn=fn):
-                            return fn(q, d, n)
-
-                        def fwd_bwd(fn=fn):
-                            return torch.autograd.grad(fn(q, d, n), inputs)
-
-                        row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, repeats)
-                        with torch.no_grad():
-                            row["fwd_ms"] = time_ms(fwd, device, repeats)
-                        mem = peak_memory_bytes(fwd_bwd, device)
-                        row["peak_mem_mb"] = None if mem is None else mem / 2**20
-                        row["tflops"] = flop_count(w, n_pairs) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-                        row["efficiency"] = row["tflops"] / mm_rate
-                        row["status"] = "ok" if ours is not None else "ok (unchecked: ours ran out of memory)"
+                        row.update(measure(fn, (q, d, n), ours, dtype, device, repeats))
                     except Exception as exc:  # noqa: BLE001 - a peer's failure is a result, not a crash
                         if not is_oom(exc):
                             raise
@@ -338,9 +318,33 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                         row["status"] = "OOM"
                         if device == "cuda":
                             torch.cuda.empty_cache()
+                    if "fwd_bwd_ms" in row:
+                        row["tflops"] = flop_count(w, n_pairs) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                        row["efficiency"] = row["tflops"] / mm_rate
                     rows.append(emit(row))
-                del q, d, n, inputs
+                del q, d, n  # free this size's inputs before the next, larger one
     return rows
+
+
+def measure(fn, embeddings, ours: float | None, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    """One implementation on one input: its loss checked against ours, then (only if it agrees) its
+    forward+backward and forward times and peak memory. OOM propagates to the caller."""
+    value = float(fn(*embeddings).detach())
+    result = dict(loss=value, ours_loss=ours)
+    if ours is not None and not agrees(value, ours, dtype):
+        return dict(result, status=f"WRONG: loss {value:.6g} vs ours {ours:.6g}")
+    inputs = [x for x in embeddings if x is not None]
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*embeddings), inputs)
+
+    result["fwd_bwd_ms"] = time_ms(fwd_bwd, device, repeats)
+    with torch.no_grad():
+        result["fwd_ms"] = time_ms(lambda: fn(*embeddings), device, repeats)
+    mem = peak_memory_bytes(fwd_bwd, device)
+    result["peak_mem_mb"] = None if mem is None else mem / 2**20
+    result["status"] = "ok" if ours is not None else "ok (unchecked: ours ran out of memory)"
+    return result
 
 
 def write_results(rows: list[dict], lines: list[str], out_dir: str, stem: str, plot: bool) -> list[str]:
