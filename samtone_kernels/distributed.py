@@ -43,8 +43,11 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[: x.shape[0]] = x
+        if x.shape[0] == max(sizes):
+            padded = x.contiguous()  # equal sizes, the usual case: no padding copy
+        else:
+            padded = x.new_zeros((max(sizes), *x.shape[1:]))
+            padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=group)
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
@@ -53,7 +56,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Every rank holds d(its loss)/d(all rows); the owner of a row gets the sum over ranks.
-        total = grad.contiguous().clone()
+        total = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
         return total[start : start + ctx.sizes[ctx.rank]], None, None, None
