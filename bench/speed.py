@@ -19,6 +19,7 @@ are printed as rows complete and written to bench/results/ as CSV, JSON and a PN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -192,17 +193,47 @@ def time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
-    """Peak allocated bytes above what was allocated before (GPU); None on the CPU, whose allocator
-    keeps no peak counter."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's native start/stop lines on stderr (fn ran once already, unprofiled)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated before it, its outputs included.
+
+    GPU: the caching allocator's peak counter. CPU: the CPU allocator keeps no such counter, so the
+    profiler records every allocation and free made through torch's allocator, and the peak of
+    their running sum is taken. Both count tensors (and torch's own temporaries), not the memory
+    that the allocator caches or that NumPy allocates (the Triton interpreter's scratch).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def matmul_tflops(n_pairs: int, dim: int, device: str, repeats: int) -> tuple[float, str]:

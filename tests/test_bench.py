@@ -102,3 +102,18 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert status[("torch.compile", 32)] == "OOM"
     assert status[("torch.compile", 48)].startswith("OOM (skipped")
     assert all(status[("ours-eager", n)] == "ok" for n in (16, 32, 48))
+
+
+def test_cpu_peak_memory_counts_allocations_and_frees():
+    """The CPU figure: the peak of torch's live allocations inside fn, outputs included."""
+    n = 1 << 18  # 1 MiB of float32
+
+    def fn():
+        a = torch.ones(n)
+        b = torch.ones(n)  # peak: a and b
+        del a, b
+        return torch.ones(n // 2)  # kept: half a block
+
+    peak = speed.peak_memory_bytes(fn, "cpu")
+    assert 2 * 4 * n <= peak < 2 * 4 * n + 4096
+    assert speed.peak_memory_bytes(lambda: torch.ones(n // 4).sum(), "cpu") < 4 * n // 2
