@@ -8,7 +8,8 @@ Layers, bottom to top:
 2. Kernels: ``_lse_fwd_kernel`` (one program per block of anchor rows), ``_anchor_grad_kernel`` (per
    block of anchor rows) and ``_candidate_grad_kernel`` (per block of candidate rows).
 3. Launchers and two ``torch.library.custom_op``s (forward, backward) with fake implementations and
-   an autograd formula, so ``torch.compile`` traces around them.
+   an autograd formula, so ``torch.compile`` traces around them. The forward op also returns the
+   positive logits ``p_i = scale * q_i . d_i``, so that their gradient lands in the same buffers.
 
 Candidates come in *segments* of N rows: the queries, the positive documents, and each block
 ``hard_negatives[:, k]``. An anchor kind walks the segments of its partition:
@@ -32,14 +33,20 @@ upstream gradient and lse_{a,i} = log sum_{x kept} exp(s_x), s_x = scale * (x_an
     dF/dy_x      = scale * sum_{a,i} (w P)_{a,i,x} x_{a,i}          (``_candidate_grad_kernel``)
 
 A query takes part as an anchor (q2d, q2q) *and* as a candidate (q2q, d2q); a document as an anchor
-(d2q, d2d) *and* as a candidate (q2d, d2d): its gradient is the sum of both kernels' outputs. For the
-temperature, F is homogeneous: F(c X, scale) = F(X, c^2 scale) for every embedding X, so
-d/dc at c = 1 gives  sum_X <X, dF/dX> = 2 scale dF/dscale : the scale's gradient costs one dot
-product of the embedding gradients, no kernel work.
+(d2q, d2d) *and* as a candidate (q2d, d2d): its gradient is the sum of both kernels' outputs. When the
+candidates are the anchors themselves (no gathered batch) both kernels accumulate into one float32
+buffer per tensor. The positive logits add w_p,i * scale * d_i to dF/dq_i and w_p,i * scale * q_i to
+dF/dd_i. For the temperature, F is homogeneous: F(c X, scale) = F(X, c^2 scale) for every embedding
+X (the positive logits included), so d/dc at c = 1 gives  sum_X <X, dF/dX> = 2 scale dF/dscale : the
+scale's gradient costs one dot product of the embedding gradients, no kernel work.
+
+Memory: the backward allocates one float32 buffer at a time, casts it to the input's dtype and frees
+it before the next; the saved tensors are the inputs and O(N) statistics.
 
 Determinism: every output element is owned by one program, which accumulates it in a fixed order
-(read-modify-write of a float32 buffer, no atomics); the first tile stores instead of adding, so the
-buffers need no zeroing (and tests poison them with NaN).
+(read-modify-write of a float32 buffer, no atomics; the candidate kernel runs after the anchor kernel
+when they share a buffer); the first tile stores instead of adding, so the buffers need no zeroing
+(and tests poison them with NaN).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import triton
 import triton.language as tl
 
 from ._options import LossOptions
+from ._rows import row_chunks
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -265,10 +273,13 @@ def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, N
 def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, D, sdn, sdd, G, SCALE,
                            LSE_Q, COEF_Q, LSE_D, COEF_D, n_anchor, n_cand, row_offset, dim, n_hard,
                            USE_QA: tl.constexpr, QA_EXCL: tl.constexpr, USE_DA: tl.constexpr,
-                           DA_EXCL: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                           DA_EXCL: tl.constexpr, GROUP: tl.constexpr, ACCUMULATE: tl.constexpr,
+                           PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DY[cols] = sum over the query anchors and document anchors that see these candidates of
-    (w P)^T x (unscaled). Axis 1 of the grid walks the segments of a [N, K, D] candidate tensor."""
+    """DY[cols] (+)= sum over the query anchors and document anchors that see these candidates of
+    (w P)^T x (unscaled): stored, or added to DY's contents with ACCUMULATE (the anchor-side
+    gradient of the same tensor, written by ``_anchor_grad_kernel`` before this launch). Axis 1 of
+    the grid walks the segments of a [N, K, D] candidate tensor."""
     tl.static_assert(USE_QA or USE_DA)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cand
@@ -278,11 +289,11 @@ def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, 
     scale = tl.load(SCALE)
     if USE_QA:
         _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, Q, sqn, sqd, LSE_Q, COEF_Q, G,
-                                n_anchor, row_offset, dim, scale, True, QA_EXCL, GROUP,
+                                n_anchor, row_offset, dim, scale, not ACCUMULATE, QA_EXCL, GROUP,
                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_DA:
         _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, D, sdn, sdd, LSE_D, COEF_D, G,
-                                n_anchor, row_offset, dim, scale, not USE_QA, DA_EXCL, GROUP,
+                                n_anchor, row_offset, dim, scale, not (USE_QA or ACCUMULATE), DA_EXCL, GROUP,
                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
@@ -326,122 +337,196 @@ def _groups_arg(groups, q):
 
 
 @torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
-def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
+def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_all: torch.Tensor | None,
                n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
                q2q: bool, d2q: bool, d2d: bool) -> torch.Tensor:
-    """[A, n] float32: log Zq (row 0) and, with d2q, log Zd (row 1) of the anchors q, d [n, D], which
-    are pairs ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]."""
+    """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
+    ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
+    0), with d2q log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
+    ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch)."""
+    q_all, d_all = (q, d) if q_all is None else (q_all, d_all)
     (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
     seg_args, n_hard = _segments(q_all, d_all, n_all)
     g, has_groups = _groups_arg(groups, q)
-    lse = _empty((2 if d2q else 1, n_anchor), q)
+    n_rows = 2 if d2q else 1
+    stats = _empty((n_rows + 1, n_anchor), q)
     for a, x in enumerate([q, d] if d2q else [q]):
         _lse_fwd_kernel[_grid_rows(n_anchor)](
-            x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], n_anchor, n_cand, offset, dim, n_hard,
+            x, x.stride(0), x.stride(1), *seg_args, g, scale, stats[a], n_anchor, n_cand, offset, dim, n_hard,
             **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=_precision(q.dtype),
         )
-    return lse
+    for c in row_chunks(q):  # float32 products in bounded chunks (no float32 copy of q or d)
+        stats[n_rows, c] = (q[c].float() * d[c].float()).sum(-1) * scale
+    return stats
 
 
 @row_lse_op.register_fake
 def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d):
-    return q.new_empty((2 if d2q else 1, q.shape[0]), dtype=torch.float32)
+    return q.new_empty((3 if d2q else 2, q.shape[0]), dtype=torch.float32)
+
+
+def _dot_sum(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum(a * x) in float32 for a float32 and x of any float dtype, in bounded row chunks."""
+    total = a.new_zeros(())
+    for c in row_chunks(x):
+        total += (a[c] * x[c]).sum()
+    return total
 
 
 @torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
-def row_lse_backward_op(grad_lse: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
-                        q_all: torch.Tensor, d_all: torch.Tensor, n_all: torch.Tensor | None,
+def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                        q_all: torch.Tensor | None, d_all: torch.Tensor | None, n_all: torch.Tensor | None,
                         groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
-                        d2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 gradients of sum(grad_lse * lse): anchor side for q, d [n, D]; candidate side for
-    q_all, d_all [N, D] and n_all [N, H, D] ([N, 0, D] when there are none)."""
+                        d2d: bool, want_dots: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
+
+    Returns ``(dq, dd, dq_all, dd_all, dn_all, dots)``: dq, dd [n, D] the anchor side (plus the
+    candidate side when ``q_all`` is None: the candidates are the anchors, and one buffer takes both
+    roles); dq_all, dd_all [N, D] and dn_all [N, H, D] the candidate side. A tensor with no role in
+    the selected directions comes back with 0 rows (dn_all: H = 0). ``dots`` [] float32 is the sum
+    over every input and role of <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0.
+
+    Memory: each gradient is accumulated in a float32 buffer that is scaled, dotted and cast before
+    the next is allocated, so at most one float32 buffer is alive beside the outputs.
+    """
+    shared = q_all is None
+    q_all, d_all = (q, d) if shared else (q_all, d_all)
     (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
     seg_args, n_hard = _segments(q_all, d_all, n_all)
     g, has_groups = _groups_arg(groups, q)
     precision = _precision(q.dtype)
+    n_rows = 2 if d2q else 1
+    grad_lse, lse = grad_stats[:n_rows], stats[:n_rows].contiguous()
+    # The positive logit p_i = scale * q_i . d_i: dF/dq_i += c_i d_i and dF/dd_i += c_i q_i, with
+    # c_i = scale * grad_p_i, added to the anchor-side buffers in finish.
+    pos_coef = (grad_stats[n_rows].float() * scale)[:, None]
     # Upstream weights are rescaled to max |w| = 1 before the kernels multiply them into P and cast to
-    # the input dtype (float16 would flush 1/N-sized products to zero); the factor comes back below.
+    # the input dtype (float16 would flush 1/N-sized products to zero); the factor comes back in finish.
     w_max = grad_lse.abs().amax()
     coef = (grad_lse * torch.where(w_max > 0, 1.0 / w_max, torch.zeros_like(w_max))).float().contiguous()
-    lse = lse.contiguous()
     lse_d, coef_d = (lse[1], coef[1]) if d2q else (lse[0], coef[0])
     factor = (scale * w_max).float()
+    dots = torch.zeros((), dtype=torch.float32, device=q.device)
 
-    # Anchor side: d/dq from q2d (+ q2q); d/dd from d2q (+ d2d).
-    anchor = [_empty((n_anchor, dim), q) for _ in range(2 if d2q else 1)]
-    for a, (x, dx) in enumerate(zip([q, d], anchor)):
+    def anchor(a, x):
+        """Anchor side of x (a = 0: query anchors over q2d (+ q2q); a = 1: documents, d2q (+ d2d))."""
+        dx = _empty((n_anchor, dim), q)
         _anchor_grad_kernel[_grid_rows(n_anchor)](
             dx, dx.stride(0), dx.stride(1), x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], coef[a],
             n_anchor, n_cand, offset, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups,
             PRECISION=precision,
         )
-    dq = anchor[0] * factor
-    dd = anchor[1] * factor if d2q else torch.zeros_like(anchor[0])
+        return dx
 
-    # Candidate side: each segment from the anchor kinds that see it.
-    def candidates(y, k, use_qa, qa_excl, use_da, da_excl, group):
-        # y and its gradient viewed as [N, K, D]: axis 1 of the grid walks the K segments.
-        dy = _empty((n_cand, k, dim), q)
+    def candidate(y, use_qa, qa_excl, use_da, da_excl, group, into=None):
+        """Candidate side of y [N, D] or [N, K, D] (axis 1 of the grid walks the K segments): a new
+        buffer shaped like y, or added to ``into`` (the same tensor's anchor side)."""
+        dy = into if into is not None else _empty(y.shape, q)
+        y3, dy3 = (y, dy) if y.dim() == 3 else (y.unsqueeze(1), dy.unsqueeze(1))
+        k = y3.shape[1]
         _candidate_grad_kernel[lambda meta: (triton.cdiv(n_cand, meta["BLOCK_N"]), k)](
-            dy, dy.stride(0), dy.stride(2), dy.stride(1), y, y.stride(0), y.stride(2), y.stride(1),
+            dy3, dy3.stride(0), dy3.stride(2), dy3.stride(1), y3, y3.stride(0), y3.stride(2), y3.stride(1),
             q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1), g, scale,
             lse[0], coef[0], lse_d, coef_d, n_anchor, n_cand, offset, dim, n_hard,
-            USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da, DA_EXCL=da_excl, GROUP=group, PRECISION=precision,
+            USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da, DA_EXCL=da_excl, GROUP=group,
+            ACCUMULATE=into is not None, PRECISION=precision,
         )
-        return dy * factor
+        return dy
 
-    if q2q or d2q:  # queries as candidates: q2q (minus self) and d2q
-        dq_all = candidates(q_all.unsqueeze(1), 1, q2q, True, d2q, False, has_groups)[:, 0]
+    def finish(buf, x, partner=None):
+        """Apply the factor, add the positive logit's term (x is an anchor whose pair is ``partner``),
+        add <x, grad> to dots, and cast to x's dtype (buf itself for float32)."""
+        nonlocal dots
+        buf.mul_(factor)
+        if partner is not None:
+            for c in row_chunks(buf):
+                buf[c] += pos_coef[c] * partner[c]
+        if want_dots:
+            dots = dots + _dot_sum(buf, x)
+        return buf.to(x.dtype)
+
+    def none_like(x):
+        return x.new_empty((0, *x.shape[1:]))
+
+    # Roles. Queries as candidates: q2q (minus self) and d2q. Positives as candidates: q2d and d2d
+    # (minus the anchor's own pair). Hard negatives: q2d and d2d (minus own pair), never group-masked.
+    q_cand = dict(use_qa=q2q, qa_excl=True, use_da=d2q, da_excl=False, group=has_groups)
+    d_cand = dict(use_qa=True, qa_excl=False, use_da=d2d, da_excl=True, group=has_groups)
+    if shared:
+        dq = anchor(0, q)
+        if q2q or d2q:
+            candidate(q, **q_cand, into=dq)
+        dq = finish(dq, q, partner=d)
+        dd = candidate(d, **d_cand, into=anchor(1, d) if d2q else None)
+        dd = finish(dd, d, partner=q)
+        dq_all, dd_all = none_like(q), none_like(d)
     else:
-        dq_all = q_all.new_zeros(q_all.shape, dtype=torch.float32)
-    # Positives as candidates: q2d and d2d (minus the anchor's own pair).
-    dd_all = candidates(d_all.unsqueeze(1), 1, True, False, d2d, True, has_groups)[:, 0]
-    # Hard negatives: q2d and d2d (minus own pair), never group-masked.
-    dn_all = candidates(n_all, n_hard, True, False, d2d, True, False) if n_hard else _empty((n_cand, 0, dim), q)
-    return dq, dd, dq_all, dd_all, dn_all
+        dq = finish(anchor(0, q), q, partner=d)
+        # Without d2q the local documents are anchors of the positive logit only.
+        dd = finish(anchor(1, d) if d2q else torch.zeros(d.shape, dtype=torch.float32, device=d.device),
+                    d, partner=q)
+        dq_all = finish(candidate(q_all, **q_cand), q_all) if q2q or d2q else none_like(q_all)
+        dd_all = finish(candidate(d_all, **d_cand), d_all)
+    if n_hard:
+        dn_all = finish(candidate(n_all, True, False, d2d, True, False), n_all)
+    else:
+        dn_all = q.new_empty((n_cand, 0, dim))
+    return dq, dd, dq_all, dd_all, dn_all, dots
 
 
 @row_lse_backward_op.register_fake
-def _(grad_lse, lse, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d):
+def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, want_dots):
+    shared = q_all is None
+    q_all, d_all = (q, d) if shared else (q_all, d_all)
     n_hard = 0 if n_all is None else n_all.shape[1]
-    f32 = dict(dtype=torch.float32)
-    return (q.new_empty(q.shape, **f32), d.new_empty(d.shape, **f32), q_all.new_empty(q_all.shape, **f32),
-            d_all.new_empty(d_all.shape, **f32), q.new_empty((q_all.shape[0], n_hard, q.shape[1]), **f32))
+
+    def rows(x, present):
+        return x.new_empty(x.shape if present else (0, *x.shape[1:]))
+
+    dn_all = n_all.new_empty(n_all.shape) if n_hard else q.new_empty((q_all.shape[0], 0, q.shape[1]))
+    return (rows(q, True), rows(d, True), rows(q_all, not shared and (q2q or d2q)),
+            rows(d_all, not shared), dn_all, q.new_empty((), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
     q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d = inputs
-    ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A, n] statistics
+    ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
     ctx.flags = (offset, q2q, d2q, d2d)
 
 
-def _backward(ctx, grad_lse):
-    q, d, q_all, d_all, n_all, groups, scale, lse = ctx.saved_tensors
-    grads = row_lse_backward_op(grad_lse.contiguous(), lse, q, d, q_all, d_all, n_all, groups, scale,
-                                *ctx.flags)
-    inputs = (q, d, q_all, d_all, n_all)
-    dscale = None
-    if ctx.needs_input_grad[6]:
-        # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input
-        # in every role it plays (anchor and candidate).
-        dots = sum((x.float() * g).sum() for x, g in zip(inputs, grads) if x is not None)
-        dscale = (dots / (2 * scale)).to(scale.dtype)
-    dq, dd, dq_all, dd_all, dn_all = (None if x is None else g.to(x.dtype) for x, g in zip(inputs, grads))
+def _backward(ctx, grad_stats):
+    q, d, q_all, d_all, n_all, groups, scale, stats = ctx.saved_tensors
+    want_dots = ctx.needs_input_grad[6]
+    *grads, dots = row_lse_backward_op(grad_stats.contiguous(), stats, q, d, q_all, d_all, n_all, groups,
+                                       scale, *ctx.flags, want_dots)
+    # A tensor with no role in the selected directions gets no gradient (it came back with 0 rows).
+    dq, dd, dq_all, dd_all, dn_all = (None if x is None or gx.shape != x.shape else gx
+                                      for x, gx in zip((q, d, q_all, d_all, n_all), grads))
+    # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input in
+    # every role it plays (anchor and candidate); the op summed the dots before casting.
+    dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
     return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None
 
 
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def row_lse_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
-                   n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
-                   offset: int, options: LossOptions) -> torch.Tensor:
-    """Fused counterpart of ``row_lse_torch`` (same arguments): [A, n] float32 log-partitions.
+def row_stats_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
+                     n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
+                     offset: int, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused counterpart of ``row_lse_torch`` (same arguments): the [A, n] float32 log-partitions, and
+    the [n] float32 positive logits ``scale * q_i . d_i`` (one op, so their gradients share buffers).
 
     Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
-    a 0-dim tensor (its gradient is returned).
+    a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
+    (``q_all is q and d_all is d``), each tensor's two roles share one gradient buffer.
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)
-    return row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
-                      options.q2q, options.d2q, options.d2d)
+    if q_all is q and d_all is d:
+        q_all = d_all = None
+    stats = row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
+                       options.q2q, options.d2q, options.d2d)
+    return stats[:-1], stats[-1]

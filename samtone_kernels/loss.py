@@ -1,8 +1,9 @@
 """Public entry point: ``fused_samtone_loss``.
 
-Every backend computes one thing, the per-anchor log-partitions ``lse`` [A, N]; the positive logits,
-the temperature, the partition and the reduction are assembled here once, in torch, so all backends
-share those semantics exactly.
+Every backend computes the per-anchor log-partitions ``lse`` [A, N] and the positive logits [N] (the
+fused backend in one op, so that their gradients share its buffers); the partition, the non-finite
+check and the reduction are assembled here once, in torch, so all backends share those semantics
+exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature
+from ._rows import normalize_rows
 from ._torch_impl import row_lse_torch
 from .distributed import gather_batch
 
@@ -164,10 +166,9 @@ def fused_samtone_loss(
         if normalize:
             prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
     else:
-        # The kernel reads the input dtype (tensor cores) and accumulates in float32.
-        prepared = embeddings
-        if normalize:
-            prepared = [F.normalize(x.float(), dim=-1, eps=NORM_EPS).to(x.dtype) for x in embeddings]
+        # The kernel reads the input dtype (tensor cores) and accumulates in float32; normalising
+        # (in float32, row chunk by row chunk) keeps no float32 copy of the embeddings for backward.
+        prepared = [normalize_rows(x) for x in embeddings] if normalize else embeddings
     q, d, n = prepared + [None] * (3 - len(prepared))
 
     if gather_across_devices:
@@ -179,12 +180,11 @@ def fused_samtone_loss(
 
     if backend == "torch":
         lse = row_lse_torch(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
+        pos = (q * d).sum(-1) * scale
     else:
-        from ._triton import row_lse_triton
+        from ._triton import row_stats_triton
 
-        lse = row_lse_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
-
-    pos = (q.to(compute_dtype) * d.to(compute_dtype)).sum(-1) * scale
+        lse, pos = row_stats_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
     losses = _assemble(lse, pos, options)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the

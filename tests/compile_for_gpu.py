@@ -53,15 +53,15 @@ def variants():
         flags = dict(K._anchor_flags(doc_anchor, q2q, d2d), HAS_GROUPS=groups)
         yield K._lse_fwd_kernel.fn, flags
         yield K._anchor_grad_kernel.fn, flags
-    for use_qa, use_da, qa_excl, da_excl, group in [
+    for (use_qa, use_da, qa_excl, da_excl, group), accumulate in itertools.product([
         (True, True, True, False, True),    # queries as candidates: q2q and d2q
         (False, True, True, False, False),  # queries as candidates: d2q only
         (True, False, True, False, True),   # queries as candidates: q2q only
         (True, True, False, True, True),    # positives: q2d and d2d
         (True, False, False, True, False),  # hard negatives: q2d only
-    ]:
+    ], [False, True]):  # a new buffer, or added to the anchor side's (candidates are the anchors)
         yield K._candidate_grad_kernel.fn, dict(USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da,
-                                                DA_EXCL=da_excl, GROUP=group)
+                                                DA_EXCL=da_excl, GROUP=group, ACCUMULATE=accumulate)
 
 
 def main() -> int:

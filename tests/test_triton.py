@@ -124,6 +124,56 @@ def test_saved_tensors_are_linear_in_n():
     assert saved_bytes("torch") >= 4 * n_pairs * n_pairs  # the check can fail: eager holds N x N blocks
 
 
+def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch):
+    """Forward + backward with normalisation at N = 128, D = 32 in float16 (N^2 = 4 N D): the fused
+    path's peak allocation is a few copies of the embeddings, the eager path's holds N x N blocks.
+
+    Measured with torch's allocator events (bench/speed.py). Row chunks are made small, as they are
+    relative to the embeddings at large N. Under the interpreter a launch's tensors are released
+    only at the next launch, which adds up to one float32 buffer: the bound is an upper bound.
+    """
+    from samtone_kernels import _rows
+    from test_bench import speed
+
+    n_pairs, dim = 128, 32
+    monkeypatch.setattr(_rows, "CHUNK_ELEMENTS", n_pairs * dim // 16)
+    copy = n_pairs * dim * 2  # one float16 [N, D]
+    q, d, n = _inputs(n_pairs, dim, 1, dtype=torch.float16)
+    for directions, inputs in [(("q2d", "q2q"), [q, d]), (ALL_FOUR, [q, d, n])]:
+        peaks = {}
+        for backend in ("triton", "torch"):
+            def step():
+                loss = fused_samtone_loss(*inputs, directions=directions, normalize=True, backend=backend)
+                return torch.autograd.grad(loss, inputs)
+            step()
+            peaks[backend] = speed.peak_memory_bytes(step, DEVICE.type)
+        # Outputs (the gradients, one copy per input), the unit vectors and one float32 buffer, plus
+        # the interpreter's late release; before these changes the fused path took 22 copies.
+        assert peaks["triton"] <= (4 * len(inputs) + 1) * copy, (directions, peaks["triton"] / copy)
+        assert peaks["torch"] >= 5 * peaks["triton"], (directions, peaks)
+
+
+def test_shared_candidates_match_separate_ones():
+    """Anchors that are the candidates (one buffer per tensor for both roles) give the same
+    statistics and gradients as the same values passed as separate candidate tensors."""
+    from samtone_kernels._options import check_options
+
+    options = check_options(directions=ALL_FOUR, partition="per_anchor", doc_anchor_weight=1.0,
+                            normalize=False, reduction="mean", backend="auto")
+    groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
+    q, d, n = _inputs(19, 13, 2, seed=4)
+    results = []
+    for shared in (True, False):
+        scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+        q_all, d_all = (q, d) if shared else (q * 1, d * 1)
+        lse, pos = _triton.row_stats_triton(q, d, q_all, d_all, n, scale, groups, 0, options)
+        stats = torch.cat([lse, pos[None]])
+        weights = torch.linspace(-0.5, 1.5, stats.numel(), device=DEVICE).view_as(stats)
+        results.append([stats.detach(), *torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_only_needed_tensors_are_saved():
     q, d, n = (x.detach() for x in _inputs())
     saved = []
@@ -158,8 +208,8 @@ def test_nan_propagates_through_the_kernel():
 
 def test_auto_backend_uses_the_kernel_only_on_cuda(monkeypatch):
     calls = []
-    real = _triton.row_lse_triton
-    monkeypatch.setattr(_triton, "row_lse_triton", lambda *args: calls.append(1) or real(*args))
+    real = _triton.row_stats_triton
+    monkeypatch.setattr(_triton, "row_stats_triton", lambda *args: calls.append(1) or real(*args))
     q, d, n = (x.detach() for x in _inputs())
     fused_samtone_loss(q, d, n)
     assert calls == ([1] if DEVICE.type == "cuda" else [])
@@ -195,7 +245,8 @@ def test_custom_op_opcheck():
     q, d, n = _inputs(11, 9, 1)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
-    for args in [(q, d, q, d, n, groups, scale, 0), (q[2:7], d[2:7], q, d, None, None, scale, 2)]:
+    for args in [(q, d, None, None, n, groups, scale, 0), (q, d, q, d, n, groups, scale, 0),
+                 (q[2:7], d[2:7], q, d, None, None, scale, 2)]:
         torch.library.opcheck(_triton.row_lse_op, (*args, True, True, True),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -203,21 +254,27 @@ def test_custom_op_opcheck():
 @pytest.mark.parametrize("directions", [("q2d",), ALL_FOUR, ("q2d", "d2q")], ids="-".join)
 def test_anchor_slice_with_offset_matches_torch(directions):
     """Anchors that are pairs offset .. offset + n - 1 of the candidates (one rank's slice of a
-    gathered batch): kernel and torch implementation agree on the statistics and every gradient."""
+    gathered batch): kernel and torch implementation agree on the statistics (log-partitions and
+    positive logits) and every gradient."""
     from samtone_kernels._options import check_options
     from samtone_kernels._torch_impl import row_lse_torch
+
+    def torch_stats(q, d, *args):
+        scale = args[3]
+        return row_lse_torch(q, d, *args), (q * d).sum(-1) * scale
 
     options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
                             normalize=False, reduction="mean", backend="auto")
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     results = []
-    for row_lse in (_triton.row_lse_triton, row_lse_torch):
+    for row_stats in (_triton.row_stats_triton, torch_stats):
         q, d, n = _inputs(19, 13, 2, seed=3)
         scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
-        lse = row_lse(q[5:16], d[5:16], q, d, n, scale, groups, 5, options)
-        weights = torch.linspace(0.5, 1.5, lse.numel(), device=DEVICE).view_as(lse)
-        grads = torch.autograd.grad((lse * weights).sum(), [q, d, n, scale])
-        results.append([lse.detach().float(), *grads])
+        lse, pos = row_stats(q[5:16], d[5:16], q, d, n, scale, groups, 5, options)
+        stats = torch.cat([lse, pos[None]])
+        weights = torch.linspace(-0.5, 1.5, stats.numel(), device=DEVICE).view_as(stats)
+        grads = torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])
+        results.append([stats.detach().float(), *grads])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -254,7 +311,7 @@ def compare_row_statistics(n_pairs: int, dim: int, dtype: torch.dtype, stride: i
     s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
     s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
     expected = torch.logsumexp(s, dim=1)
-    ours = _triton.row_lse_op(qb, db, qb, db, nb, None, torch.tensor(20.0, device=DEVICE), 0, True, True, True)
+    ours = _triton.row_lse_op(qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0, True, True, True)
     torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
 
 

@@ -1,0 +1,67 @@
+"""Row-wise normalisation for the fused path, written to keep memory at the size of the inputs.
+
+Autograd through ``F.normalize(x.float()).to(x.dtype)`` would hold a float32 copy of every embedding
+until the backward. ``normalize_rows`` saves only its input (which the graph holds anyway) and one
+float32 per row, and does its float32 arithmetic in row chunks of bounded size, so no full-size
+float32 temporary exists. ``row_chunks`` is shared with the kernels' launchers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._options import NORM_EPS
+
+# Elements of one float32 temporary (16 MiB): large enough that chunking costs nothing measurable.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def row_chunks(x: torch.Tensor) -> list[slice]:
+    """Slices of dim 0 such that each chunk holds about ``CHUNK_ELEMENTS`` elements."""
+    per_row = max(1, x[:1].numel())
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [slice(i, i + step) for i in range(0, x.shape[0], step)]
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _NormalizeRows(torch.autograd.Function):
+    """y = x / max(|x|, eps) along the last dim, returned in x's dtype (computed in float32)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        acc = _accumulate_dtype(x)
+        norm = x.new_empty((*x.shape[:-1], 1), dtype=acc)
+        y = torch.empty_like(x)
+        for c in row_chunks(x):
+            xc = x[c].to(acc)
+            norm[c] = torch.linalg.vector_norm(xc, dim=-1, keepdim=True)
+            y[c] = xc / norm[c].clamp_min(NORM_EPS)
+        inv = 1.0 / norm.clamp_min(NORM_EPS)
+        ctx.save_for_backward(x, inv, norm > NORM_EPS)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        # With r = 1 / |x| (|x| > eps): dy = r (I - y y^T) dx, so dL/dx = r g - r^3 (g . x) x.
+        # Below eps the divisor is the constant eps: dL/dx = g / eps.
+        x, inv, above = ctx.saved_tensors
+        acc = inv.dtype
+        dx = torch.empty_like(x)
+        for c in row_chunks(x):
+            xc, gc, r = x[c].to(acc), g[c].to(acc), inv[c]
+            gx = (gc * xc).sum(-1, keepdim=True)
+            dx[c] = r * gc - torch.where(above[c], r**3 * gx, 0.0) * xc
+        return dx
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows ``x / max(|x|, 1e-12)`` of x [..., D] in x's dtype, saving only x and [...] norms.
+
+    The same float32 arithmetic as ``F.normalize(x.float(), dim=-1).to(x.dtype)``.
+    """
+    return _NormalizeRows.apply(x)
