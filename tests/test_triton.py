@@ -120,7 +120,7 @@ def test_saved_tensors_are_linear_in_n():
         return sum(storages.values())
 
     embeddings = 4 * n_pairs * dim * 3  # q, d, n in float32
-    assert saved_bytes("triton") <= 3 * embeddings + 64 * n_pairs  # inputs, unit vectors, row statistics
+    assert saved_bytes("triton") <= 2 * embeddings + 64 * n_pairs  # inputs, unit vectors, row statistics
     assert saved_bytes("torch") >= 4 * n_pairs * n_pairs  # the check can fail: eager holds N x N blocks
 
 
