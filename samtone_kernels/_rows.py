@@ -1,9 +1,11 @@
-"""Row-wise normalisation for the fused path, written to keep memory at the size of the inputs.
+"""Row-wise helpers of the fused path, written to keep memory at the size of the inputs.
 
-Autograd through ``F.normalize(x.float()).to(x.dtype)`` would hold a float32 copy of every embedding
-until the backward. ``normalize_rows`` saves only its input (which the graph holds anyway) and one
-float32 per row, and does its float32 arithmetic in row chunks of bounded size, so no full-size
-float32 temporary exists. ``row_chunks`` is shared with the kernels' launchers.
+The kernels normalise rows as they load them (``inverse_norms`` gives them one float32 per row). A
+batch gathered across devices is normalised before the gather, by ``normalize_rows``: autograd
+through ``F.normalize(x.float()).to(x.dtype)`` would hold a float32 copy of every embedding until
+the backward, while it saves only its input (which the graph holds anyway) and one float32 per row.
+Everything works in row chunks of bounded size (``row_chunks``), so no full-size float32 temporary
+exists.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ def row_chunks(x: torch.Tensor) -> list[slice]:
 
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(|x|, 1e-12) over the last dim of x [..., D]: [...] in float32 (float64 for float64)."""
+    acc = _accumulate_dtype(x)
+    out = x.new_empty(x.shape[:-1], dtype=acc)
+    for c in row_chunks(x):
+        out[c] = 1.0 / torch.linalg.vector_norm(x[c].to(acc), dim=-1).clamp_min(NORM_EPS)
+    return out
 
 
 class _NormalizeRows(torch.autograd.Function):

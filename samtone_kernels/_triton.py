@@ -4,7 +4,9 @@ in O(N * D) memory (no N x M buffer of any kind).
 Layers, bottom to top:
 
 1. ``@triton.jit`` helpers: one logit tile (a K-loop over D chunks), its keep-mask, and the three
-   per-segment loops (online log-sum-exp; anchor-side gradient; candidate-side gradient).
+   per-segment loops (online log-sum-exp; anchor-side gradient; candidate-side gradient). With
+   ``normalize=True`` (NORMED) every embedding tile is scaled by its rows' inverse norms as it is
+   loaded: the kernels see the unit vectors and no normalised copy exists.
 2. Kernels: ``_lse_fwd_kernel`` (one program per block of anchor rows), ``_anchor_grad_kernel`` (per
    block of anchor rows) and ``_candidate_grad_kernel`` (per block of candidate rows).
 3. Launchers and two ``torch.library.custom_op``s (forward, backward) with fake implementations and
@@ -40,6 +42,9 @@ dF/dd_i. For the temperature, F is homogeneous: F(c X, scale) = F(X, c^2 scale) 
 X (the positive logits included), so d/dc at c = 1 gives  sum_X <X, dF/dX> = 2 scale dF/dscale : the
 scale's gradient costs one dot product of the embedding gradients, no kernel work.
 
+Normalisation (NORMED): with y = r x, r = 1 / max(|x|, eps), the kernels give dF/dy; the launcher
+takes it back to x in the backward's epilogue, dF/dx = r g - r^3 (g . x) x (r g at or below eps).
+
 Memory: the backward allocates one float32 buffer at a time, casts it to the input's dtype and frees
 it before the next; the saved tensors are the inputs and O(N) statistics.
 
@@ -57,8 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._options import LossOptions
-from ._rows import row_chunks
+from ._options import NORM_EPS, LossOptions
+from ._rows import inverse_norms, row_chunks
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -70,9 +75,29 @@ POISON_OUTPUTS = False
 # 1. jit helpers
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+def _inv_norms(R, idx, ok, BLOCK: tl.constexpr, NORMED: tl.constexpr):
+    """Inverse norms [BLOCK] of rows ``idx`` (ones without NORMED; R is then never read)."""
+    r = tl.full((BLOCK,), 1.0, dtype=tl.float32)
+    if NORMED:
+        r = tl.load(R + idx, mask=ok, other=1.0)
+    return r
+
+
+@triton.jit
+def _load_rows(ptrs, mask, r, NORMED: tl.constexpr):
+    """A tile of embedding rows; with NORMED each row times its inverse norm r, rounded back to the
+    input dtype: the unit vectors, as if they had been normalised in memory."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if NORMED:
+        x = (x.to(tl.float32) * r[:, None]).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, scale, NORMED: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Logit tile [BLOCK_M, BLOCK_N] = scale * X[rows] @ Y[cols]^T, float32 accumulation over D chunks."""
+    """Logit tile [BLOCK_M, BLOCK_N] = scale * X[rows] @ Y[cols]^T (of the unit vectors with NORMED,
+    rx and ry the rows' inverse norms), float32 accumulation over D chunks."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_D)
     x_rows = X + rows.to(tl.int64)[:, None] * sxn
@@ -80,8 +105,8 @@ def _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
         k_ok = ks[None, :] < dim
-        x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
-        y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
+        x = _load_rows(x_rows + ks[None, :] * sxd, row_ok[:, None] & k_ok, rx, NORMED)
+        y = _load_rows(y_rows + ks[None, :] * syd, col_ok[:, None] & k_ok, ry, NORMED)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc * scale
 
@@ -102,14 +127,15 @@ def _keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF: tl.constexpr, GROUP: tl.co
 
 
 @triton.jit
-def _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, Y, syn, syd, G, n_cand, dim, scale,
-                 EXCL_SELF: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _lse_segment(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Y, syn, syd, RY, G, n_cand, dim, scale,
+                 EXCL_SELF: tl.constexpr, GROUP: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one candidate segment into the running (max m, sum l) of each anchor row."""
     for c0 in range(0, n_cand, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cand
-        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+        ry = _inv_norms(RY, cols, col_ok, BLOCK_N, NORMED)
+        s = _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, scale, NORMED,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         s = tl.where(_keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF, GROUP), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -121,17 +147,18 @@ def _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, Y, syn, syd, G, n_cand
 
 
 @triton.jit
-def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, Y, syn, syd, G,
-                         n_cand, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
-                         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, lse, coef, Y, syn, syd, RY,
+                         G, n_cand, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
+                         GROUP: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DX[rows] (+)= sum over this segment's columns of (w P) y, in float32 (scale applied later)."""
     offs_k = tl.arange(0, BLOCK_D)
     dx_rows = DX + rows.to(tl.int64)[:, None] * sdxn
     for c0 in range(0, n_cand, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cand
-        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+        ry = _inv_norms(RY, cols, col_ok, BLOCK_N, NORMED)
+        s = _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, scale, NORMED,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         keep = _keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         wp = tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None]
@@ -143,7 +170,7 @@ def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse,
         for k0 in range(0, dim, BLOCK_D):
             ks = k0 + offs_k
             k_ok = ks[None, :] < dim
-            y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
+            y = _load_rows(y_rows + ks[None, :] * syd, col_ok[:, None] & k_ok, ry, NORMED)
             upd = tl.dot(wp.to(y.dtype), y, input_precision=PRECISION)
             ptrs = dx_rows + ks[None, :] * sdxd
             out_ok = row_ok[:, None] & k_ok
@@ -152,17 +179,18 @@ def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse,
 
 
 @triton.jit
-def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, X, sxn, sxd, LSE, COEF, G,
+def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, ry, cols, col_ok, X, sxn, sxd, RX, LSE, COEF, G,
                             n_anchor, row_offset, dim, scale, FIRST: tl.constexpr, EXCL_SELF: tl.constexpr,
-                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                            GROUP: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """DY[cols] (+)= sum over one anchor kind's rows of (w P)^T x, in float32 (scale applied later)."""
     offs_k = tl.arange(0, BLOCK_D)
     dy_rows = DY + cols.to(tl.int64)[:, None] * sdyn
     for r0 in range(0, n_anchor, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_anchor
-        s = _scores(X, sxn, sxd, rows, row_ok, Y, syn, syd, cols, col_ok, dim, scale,
+        rx = _inv_norms(RX, rows, row_ok, BLOCK_M, NORMED)
+        s = _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, scale, NORMED,
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         keep = _keep(rows + row_offset, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -176,7 +204,7 @@ def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, X, sxn, s
         for k0 in range(0, dim, BLOCK_D):
             ks = k0 + offs_k
             k_ok = ks[None, :] < dim
-            x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
+            x = _load_rows(x_rows + ks[None, :] * sxd, row_ok[:, None] & k_ok, rx, NORMED)
             upd = tl.dot(wp_t.to(x.dtype), x, input_precision=PRECISION)
             ptrs = dy_rows + ks[None, :] * sdyd
             out_ok = col_ok[:, None] & k_ok
@@ -212,10 +240,10 @@ _AUTOTUNE = dict(configs=_configs(), key=["n_anchor", "n_cand", "dim", "n_hard"]
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _lse_fwd_kernel(X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd, G, SCALE, LSE,
+def _lse_fwd_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh, snd, RNEG, G, SCALE, LSE,
                     n_anchor, n_cand, row_offset, dim, n_hard,
                     USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr, C_EXCL: tl.constexpr,
-                    HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_GROUPS: tl.constexpr, NORMED: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y). Anchor row i is
     candidate pair ``row_offset + i`` (the self and group masks compare those indices)."""
@@ -224,27 +252,30 @@ def _lse_fwd_kernel(X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd, G
     rows_g = rows + row_offset
     row_ok = rows < n_anchor
     scale = tl.load(SCALE)
+    rx = _inv_norms(RX, rows, row_ok, BLOCK_M, NORMED)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if USE_Q:
-        m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, Q, sqn, sqd, G, n_cand, dim, scale,
-                            Q_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        m, l = _lse_segment(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, G, n_cand, dim,
+                            scale, Q_EXCL, HAS_GROUPS, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_C:
-        m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, D, sdn, sdd, G, n_cand, dim, scale,
-                            C_EXCL, HAS_GROUPS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        m, l = _lse_segment(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, D, sdn, sdd, RD, G, n_cand, dim,
+                            scale, C_EXCL, HAS_GROUPS, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         for k in range(0, n_hard):  # hard negatives: never masked by groups
-            m, l = _lse_segment(m, l, X, sxn, sxd, rows, rows_g, row_ok, NEG + k * snh, snn, snd, G,
-                                n_cand, dim, scale, C_EXCL, False, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            m, l = _lse_segment(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, NEG + k * snh, snn, snd,
+                                RNEG + k * n_cand, G, n_cand, dim, scale, C_EXCL, False, NORMED,
+                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     # Rows past N never reach the store; give them l = 1 so log() sees no zero.
     tl.store(LSE + rows, m + tl.log(tl.where(row_ok, l, 1.0)), mask=row_ok)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, NEG, snn, snh, snd,
-                        G, SCALE, LSE, COEF, n_anchor, n_cand, row_offset, dim, n_hard,
+def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD,
+                        NEG, snn, snh, snd, RNEG, G, SCALE, LSE, COEF, n_anchor, n_cand, row_offset, dim, n_hard,
                         USE_Q: tl.constexpr, Q_EXCL: tl.constexpr, USE_C: tl.constexpr,
-                        C_EXCL: tl.constexpr, HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
+                        C_EXCL: tl.constexpr, HAS_GROUPS: tl.constexpr, NORMED: tl.constexpr,
+                        PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX[rows] = sum over the anchor's kept candidates of (w P) y (unscaled; see the module doc)."""
     tl.static_assert(USE_Q or USE_C)
@@ -254,32 +285,33 @@ def _anchor_grad_kernel(DX, sdxn, sdxd, X, sxn, sxd, Q, sqn, sqd, D, sdn, sdd, N
     scale = tl.load(SCALE)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+    rx = _inv_norms(RX, rows, row_ok, BLOCK_M, NORMED)
     if USE_Q:
-        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, Q, sqn, sqd, G,
-                             n_cand, dim, scale, True, Q_EXCL, HAS_GROUPS,
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, lse, coef, Q, sqn, sqd,
+                             RQ, G, n_cand, dim, scale, True, Q_EXCL, HAS_GROUPS, NORMED,
                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_C:
-        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef, D, sdn, sdd, G,
-                             n_cand, dim, scale, not USE_Q, C_EXCL, HAS_GROUPS,
+        _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, lse, coef, D, sdn, sdd,
+                             RD, G, n_cand, dim, scale, not USE_Q, C_EXCL, HAS_GROUPS, NORMED,
                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         for k in range(0, n_hard):
-            _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rows, rows_g, row_ok, lse, coef,
-                                 NEG + k * snh, snn, snd, G, n_cand, dim, scale, False, C_EXCL, False,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, lse, coef,
+                                 NEG + k * snh, snn, snd, RNEG + k * n_cand, G, n_cand, dim, scale, False,
+                                 C_EXCL, False, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
-def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, D, sdn, sdd, G, SCALE,
-                           LSE_Q, COEF_Q, LSE_D, COEF_D, n_anchor, n_cand, row_offset, dim, n_hard,
+def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, RY, Q, sqn, sqd, RQ, D, sdn, sdd, RD,
+                           G, SCALE, LSE_Q, COEF_Q, LSE_D, COEF_D, n_anchor, n_cand, row_offset, dim, n_hard,
                            USE_QA: tl.constexpr, QA_EXCL: tl.constexpr, USE_DA: tl.constexpr,
                            DA_EXCL: tl.constexpr, GROUP: tl.constexpr, ACCUMULATE: tl.constexpr,
-                           PRECISION: tl.constexpr,
+                           NORMED: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """DY[cols] (+)= sum over the query anchors and document anchors that see these candidates of
     (w P)^T x (unscaled): stored, or added to DY's contents with ACCUMULATE (the anchor-side
     gradient of the same tensor, written by ``_anchor_grad_kernel`` before this launch). Axis 1 of
-    the grid walks the segments of a [N, K, D] candidate tensor."""
+    the grid walks the segments of a [N, K, D] candidate tensor (inverse norms RY [K, N])."""
     tl.static_assert(USE_QA or USE_DA)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cand
@@ -287,14 +319,15 @@ def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, Q, sqn, sqd, 
     Y = Y + seg * syk
     DY = DY + seg * sdyk
     scale = tl.load(SCALE)
+    ry = _inv_norms(RY + seg * n_cand, cols, col_ok, BLOCK_N, NORMED)
     if USE_QA:
-        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, Q, sqn, sqd, LSE_Q, COEF_Q, G,
-                                n_anchor, row_offset, dim, scale, not ACCUMULATE, QA_EXCL, GROUP,
+        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, ry, cols, col_ok, Q, sqn, sqd, RQ, LSE_Q, COEF_Q,
+                                G, n_anchor, row_offset, dim, scale, not ACCUMULATE, QA_EXCL, GROUP, NORMED,
                                 BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if USE_DA:
-        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, cols, col_ok, D, sdn, sdd, LSE_D, COEF_D, G,
-                                n_anchor, row_offset, dim, scale, not (USE_QA or ACCUMULATE), DA_EXCL, GROUP,
-                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, ry, cols, col_ok, D, sdn, sdd, RD, LSE_D, COEF_D,
+                                G, n_anchor, row_offset, dim, scale, not (USE_QA or ACCUMULATE), DA_EXCL, GROUP,
+                                NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,11 +347,34 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _segments(q, d, n):
-    """Kernel arguments of the candidate segments: (Q, strides), (D, strides), (NEG, strides), n_hard."""
+class _Norms:
+    """Inverse norms (float32) of every embedding tensor when the kernels normalise on load, else a
+    float32 placeholder pointer that the kernels never read (NORMED=False).
+
+    ``q, d`` [n], ``q_all, d_all`` [N] and ``n_all`` [N, H] (row-major as the embeddings, for the
+    torch-side epilogue); ``n_all_t`` [H, N] is what the kernels index (segment k at k * N).
+    """
+
+    def __init__(self, normalize, placeholder, q, d, q_all, d_all, n_all, shared):
+        self.on = normalize
+        if not normalize:
+            self.q = self.d = self.q_all = self.d_all = self.n_all = self.n_all_t = placeholder
+            return
+        self.q, self.d = inverse_norms(q), inverse_norms(d)
+        self.q_all, self.d_all = (self.q, self.d) if shared else (inverse_norms(q_all), inverse_norms(d_all))
+        self.n_all = None if n_all is None else inverse_norms(n_all)
+        self.n_all_t = placeholder if n_all is None else self.n_all.t().contiguous()
+
+    def unit(self, x, r, c):
+        """Rows c of x as the kernels see them: unit vectors rounded to x's dtype (x itself unnormalised)."""
+        return (x[c].float() * r[c].unsqueeze(-1)).to(x.dtype) if self.on else x[c]
+
+
+def _segments(q, d, n, norms):
+    """Kernel arguments of the candidate segments, each (pointer, strides, inverse norms), and n_hard."""
     neg = d.unsqueeze(1) if n is None else n  # a valid pointer when there are no hard negatives
-    return (q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1),
-            neg, neg.stride(0), neg.stride(1), neg.stride(2)), (0 if n is None else n.shape[1])
+    return (q, q.stride(0), q.stride(1), norms.q_all, d, d.stride(0), d.stride(1), norms.d_all,
+            neg, neg.stride(0), neg.stride(1), neg.stride(2), norms.n_all_t), (0 if n is None else n.shape[1])
 
 
 def _anchor_flags(doc_anchor: bool, q2q: bool, d2d: bool) -> dict:
@@ -339,45 +395,42 @@ def _groups_arg(groups, q):
 @torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
 def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_all: torch.Tensor | None,
                n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
-               q2q: bool, d2q: bool, d2d: bool) -> torch.Tensor:
+               q2q: bool, d2q: bool, d2d: bool, normalize: bool) -> torch.Tensor:
     """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
     ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
     0), with d2q log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
-    ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch)."""
-    q_all, d_all = (q, d) if q_all is None else (q_all, d_all)
+    ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
+    ``normalize``: every embedding is used as its unit vector, normalised as the kernels load it."""
+    shared = q_all is None
+    q_all, d_all = (q, d) if shared else (q_all, d_all)
     (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
-    seg_args, n_hard = _segments(q_all, d_all, n_all)
+    norms = _Norms(normalize, scale, q, d, q_all, d_all, n_all, shared)
+    seg_args, n_hard = _segments(q_all, d_all, n_all, norms)
     g, has_groups = _groups_arg(groups, q)
     n_rows = 2 if d2q else 1
     stats = _empty((n_rows + 1, n_anchor), q)
-    for a, x in enumerate([q, d] if d2q else [q]):
+    for a, (x, rx) in enumerate([(q, norms.q), (d, norms.d)] if d2q else [(q, norms.q)]):
         _lse_fwd_kernel[_grid_rows(n_anchor)](
-            x, x.stride(0), x.stride(1), *seg_args, g, scale, stats[a], n_anchor, n_cand, offset, dim, n_hard,
-            **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, PRECISION=_precision(q.dtype),
+            x, x.stride(0), x.stride(1), rx, *seg_args, g, scale, stats[a], n_anchor, n_cand, offset, dim,
+            n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups, NORMED=normalize,
+            PRECISION=_precision(q.dtype),
         )
     for c in row_chunks(q):  # float32 products in bounded chunks (no float32 copy of q or d)
-        stats[n_rows, c] = (q[c].float() * d[c].float()).sum(-1) * scale
+        qc, dc = norms.unit(q, norms.q, c), norms.unit(d, norms.d, c)
+        stats[n_rows, c] = (qc.float() * dc.float()).sum(-1) * scale
     return stats
 
 
 @row_lse_op.register_fake
-def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d):
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize):
     return q.new_empty((3 if d2q else 2, q.shape[0]), dtype=torch.float32)
-
-
-def _dot_sum(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum(a * x) in float32 for a float32 and x of any float dtype, in bounded row chunks."""
-    total = a.new_zeros(())
-    for c in row_chunks(x):
-        total += (a[c] * x[c]).sum()
-    return total
 
 
 @torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
 def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
                         q_all: torch.Tensor | None, d_all: torch.Tensor | None, n_all: torch.Tensor | None,
                         groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
-                        d2d: bool, want_dots: bool
+                        d2d: bool, normalize: bool, want_dots: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
@@ -386,7 +439,9 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     candidate side when ``q_all`` is None: the candidates are the anchors, and one buffer takes both
     roles); dq_all, dd_all [N, D] and dn_all [N, H, D] the candidate side. A tensor with no role in
     the selected directions comes back with 0 rows (dn_all: H = 0). ``dots`` [] float32 is the sum
-    over every input and role of <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0.
+    over every input and role of <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0;
+    with ``normalize``, X are the unit vectors and the gradients are taken back through the
+    normalisation (the projection, in finish).
 
     Memory: each gradient is accumulated in a float32 buffer that is scaled, dotted and cast before
     the next is allocated, so at most one float32 buffer is alive beside the outputs.
@@ -394,7 +449,8 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     shared = q_all is None
     q_all, d_all = (q, d) if shared else (q_all, d_all)
     (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
-    seg_args, n_hard = _segments(q_all, d_all, n_all)
+    norms = _Norms(normalize, scale, q, d, q_all, d_all, n_all, shared)  # recomputed: O(N D) reads
+    seg_args, n_hard = _segments(q_all, d_all, n_all, norms)
     g, has_groups = _groups_arg(groups, q)
     precision = _precision(q.dtype)
     n_rows = 2 if d2q else 1
@@ -414,37 +470,47 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
         """Anchor side of x (a = 0: query anchors over q2d (+ q2q); a = 1: documents, d2q (+ d2d))."""
         dx = _empty((n_anchor, dim), q)
         _anchor_grad_kernel[_grid_rows(n_anchor)](
-            dx, dx.stride(0), dx.stride(1), x, x.stride(0), x.stride(1), *seg_args, g, scale, lse[a], coef[a],
-            n_anchor, n_cand, offset, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d), HAS_GROUPS=has_groups,
-            PRECISION=precision,
+            dx, dx.stride(0), dx.stride(1), x, x.stride(0), x.stride(1), norms.d if a else norms.q, *seg_args,
+            g, scale, lse[a], coef[a], n_anchor, n_cand, offset, dim, n_hard, **_anchor_flags(a == 1, q2q, d2d),
+            HAS_GROUPS=has_groups, NORMED=normalize, PRECISION=precision,
         )
         return dx
 
-    def candidate(y, use_qa, qa_excl, use_da, da_excl, group, into=None):
-        """Candidate side of y [N, D] or [N, K, D] (axis 1 of the grid walks the K segments): a new
-        buffer shaped like y, or added to ``into`` (the same tensor's anchor side)."""
+    def candidate(y, r_y, use_qa, qa_excl, use_da, da_excl, group, into=None):
+        """Candidate side of y [N, D] or [N, K, D] (axis 1 of the grid walks the K segments; r_y its
+        inverse norms, [K, N]): a new buffer shaped like y, or added to ``into`` (the same tensor's
+        anchor side)."""
         dy = into if into is not None else _empty(y.shape, q)
         y3, dy3 = (y, dy) if y.dim() == 3 else (y.unsqueeze(1), dy.unsqueeze(1))
         k = y3.shape[1]
         _candidate_grad_kernel[lambda meta: (triton.cdiv(n_cand, meta["BLOCK_N"]), k)](
-            dy3, dy3.stride(0), dy3.stride(2), dy3.stride(1), y3, y3.stride(0), y3.stride(2), y3.stride(1),
-            q, q.stride(0), q.stride(1), d, d.stride(0), d.stride(1), g, scale,
+            dy3, dy3.stride(0), dy3.stride(2), dy3.stride(1), y3, y3.stride(0), y3.stride(2), y3.stride(1), r_y,
+            q, q.stride(0), q.stride(1), norms.q, d, d.stride(0), d.stride(1), norms.d, g, scale,
             lse[0], coef[0], lse_d, coef_d, n_anchor, n_cand, offset, dim, n_hard,
             USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da, DA_EXCL=da_excl, GROUP=group,
-            ACCUMULATE=into is not None, PRECISION=precision,
+            ACCUMULATE=into is not None, NORMED=normalize, PRECISION=precision,
         )
         return dy
 
-    def finish(buf, x, partner=None):
-        """Apply the factor, add the positive logit's term (x is an anchor whose pair is ``partner``),
-        add <x, grad> to dots, and cast to x's dtype (buf itself for float32)."""
+    def finish(buf, x, r, partner=None, r_partner=None):
+        """Apply the factor; add the positive logit's term (x is an anchor whose pair is ``partner``);
+        add <x, grad> to dots; with ``normalize`` take the gradient from the unit vector y = r x back
+        to x; cast to x's dtype (buf itself for float32). Row chunk by row chunk."""
         nonlocal dots
         buf.mul_(factor)
-        if partner is not None:
-            for c in row_chunks(buf):
-                buf[c] += pos_coef[c] * partner[c]
-        if want_dots:
-            dots = dots + _dot_sum(buf, x)
+        for c in row_chunks(buf):
+            g_c = buf[c]
+            if partner is not None:
+                g_c += pos_coef[c] * norms.unit(partner, r_partner, c).float()
+            if want_dots:
+                dots = dots + (g_c * norms.unit(x, r, c).float()).sum()
+            if normalize:
+                # y = x / max(|x|, eps), r = 1 / max(|x|, eps): above eps dy = r (I - y y^T) dx, so
+                # dL/dx = r g - r^3 (g . x) x; at or below eps the divisor is constant: dL/dx = r g.
+                x_c, r_c = x[c].float(), r[c].unsqueeze(-1)
+                gx = (g_c * x_c).sum(-1, keepdim=True)
+                above = torch.linalg.vector_norm(x_c, dim=-1, keepdim=True) > NORM_EPS
+                g_c.copy_(r_c * g_c - torch.where(above, r_c**3 * gx, 0.0) * x_c)
         return buf.to(x.dtype)
 
     def none_like(x):
@@ -457,27 +523,30 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     if shared:
         dq = anchor(0, q)
         if q2q or d2q:
-            candidate(q, **q_cand, into=dq)
-        dq = finish(dq, q, partner=d)
-        dd = candidate(d, **d_cand, into=anchor(1, d) if d2q else None)
-        dd = finish(dd, d, partner=q)
+            candidate(q, norms.q, **q_cand, into=dq)
+        dq = finish(dq, q, norms.q, partner=d, r_partner=norms.d)
+        dd = candidate(d, norms.d, **d_cand, into=anchor(1, d) if d2q else None)
+        dd = finish(dd, d, norms.d, partner=q, r_partner=norms.q)
         dq_all, dd_all = none_like(q), none_like(d)
     else:
-        dq = finish(anchor(0, q), q, partner=d)
+        dq = finish(anchor(0, q), q, norms.q, partner=d, r_partner=norms.d)
         # Without d2q the local documents are anchors of the positive logit only.
         dd = finish(anchor(1, d) if d2q else torch.zeros(d.shape, dtype=torch.float32, device=d.device),
-                    d, partner=q)
-        dq_all = finish(candidate(q_all, **q_cand), q_all) if q2q or d2q else none_like(q_all)
-        dd_all = finish(candidate(d_all, **d_cand), d_all)
+                    d, norms.d, partner=q, r_partner=norms.q)
+        if q2q or d2q:
+            dq_all = finish(candidate(q_all, norms.q_all, **q_cand), q_all, norms.q_all)
+        else:
+            dq_all = none_like(q_all)
+        dd_all = finish(candidate(d_all, norms.d_all, **d_cand), d_all, norms.d_all)
     if n_hard:
-        dn_all = finish(candidate(n_all, True, False, d2d, True, False), n_all)
+        dn_all = finish(candidate(n_all, norms.n_all_t, True, False, d2d, True, False), n_all, norms.n_all)
     else:
         dn_all = q.new_empty((n_cand, 0, dim))
     return dq, dd, dq_all, dd_all, dn_all, dots
 
 
 @row_lse_backward_op.register_fake
-def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, want_dots):
+def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, want_dots):
     shared = q_all is None
     q_all, d_all = (q, d) if shared else (q_all, d_all)
     n_hard = 0 if n_all is None else n_all.shape[1]
@@ -491,9 +560,9 @@ def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d = inputs
+    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize = inputs
     ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
-    ctx.flags = (offset, q2q, d2q, d2d)
+    ctx.flags = (offset, q2q, d2q, d2d, normalize)
 
 
 def _backward(ctx, grad_stats):
@@ -507,7 +576,7 @@ def _backward(ctx, grad_stats):
     # Homogeneity (module docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input in
     # every role it plays (anchor and candidate); the op summed the dots before casting.
     dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
-    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None
 
 
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -515,18 +584,20 @@ row_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 def row_stats_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
                      n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
-                     offset: int, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+                     offset: int, options: LossOptions, normalize: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused counterpart of ``row_lse_torch`` (same arguments): the [A, n] float32 log-partitions, and
     the [n] float32 positive logits ``scale * q_i . d_i`` (one op, so their gradients share buffers).
 
     Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
     a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
-    (``q_all is q and d_all is d``), each tensor's two roles share one gradient buffer.
+    (``q_all is q and d_all is d``), each tensor's two roles share one gradient buffer. ``normalize``:
+    the kernels use each embedding's unit vector, normalising rows as they load them (no copy).
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)
     if q_all is q and d_all is d:
         q_all = d_all = None
     stats = row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
-                       options.q2q, options.d2q, options.d2d)
+                       options.q2q, options.d2q, options.d2d, normalize)
     return stats[:-1], stats[-1]

@@ -166,9 +166,12 @@ def fused_samtone_loss(
         if normalize:
             prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
     else:
-        # The kernel reads the input dtype (tensor cores) and accumulates in float32; normalising
-        # (in float32, row chunk by row chunk) keeps no float32 copy of the embeddings for backward.
-        prepared = [normalize_rows(x) for x in embeddings] if normalize else embeddings
+        # The kernels read the input dtype (tensor cores) and accumulate in float32. They normalise
+        # rows as they load them, except for a gathered batch, whose unit vectors are gathered:
+        # normalize_rows keeps no float32 copy for backward (it works in row chunks).
+        prepared = embeddings
+        if normalize and gather_across_devices:
+            prepared = [normalize_rows(x) for x in embeddings]
     q, d, n = prepared + [None] * (3 - len(prepared))
 
     if gather_across_devices:
@@ -184,7 +187,8 @@ def fused_samtone_loss(
     else:
         from ._triton import row_stats_triton
 
-        lse, pos = row_stats_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
+        lse, pos = row_stats_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options,
+                                    normalize=normalize and not gather_across_devices)
     losses = _assemble(lse, pos, options)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the

@@ -22,8 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from samtone_kernels import _triton as K  # noqa: E402
 
-POINTERS = {"X", "Q", "D", "NEG", "Y", "LSE", "G", "SCALE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D", "COEF_D"}
-FP32_POINTERS = {"SCALE", "LSE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D", "COEF_D"}
+NORMS = {"RX", "RQ", "RD", "RNEG", "RY"}  # inverse norms of the rows (float32)
+POINTERS = {"X", "Q", "D", "NEG", "Y", "LSE", "G", "SCALE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D",
+            "COEF_D"} | NORMS
+FP32_POINTERS = {"SCALE", "LSE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D", "COEF_D"} | NORMS
 TILES = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)]
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -46,11 +48,12 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def variants():
-    """(kernel, flags) for every launch the launchers make (see _anchor_flags and the backward op)."""
+    """(kernel, flags) for every launch the launchers make (see _anchor_flags and the backward op).
+    NORMED (normalise rows on load) follows another flag, so that each kernel compiles with both."""
     for doc_anchor, q2q, d2d, groups in itertools.product([False, True], repeat=4):
         if not doc_anchor and d2d or doc_anchor and q2q:
             continue  # flags that do not change this anchor kind's launch
-        flags = dict(K._anchor_flags(doc_anchor, q2q, d2d), HAS_GROUPS=groups)
+        flags = dict(K._anchor_flags(doc_anchor, q2q, d2d), HAS_GROUPS=groups, NORMED=groups)
         yield K._lse_fwd_kernel.fn, flags
         yield K._anchor_grad_kernel.fn, flags
     for (use_qa, use_da, qa_excl, da_excl, group), accumulate in itertools.product([
@@ -61,7 +64,8 @@ def variants():
         (True, False, False, True, False),  # hard negatives: q2d only
     ], [False, True]):  # a new buffer, or added to the anchor side's (candidates are the anchors)
         yield K._candidate_grad_kernel.fn, dict(USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da,
-                                                DA_EXCL=da_excl, GROUP=group, ACCUMULATE=accumulate)
+                                                DA_EXCL=da_excl, GROUP=group, ACCUMULATE=accumulate,
+                                                NORMED=accumulate)
 
 
 def main() -> int:

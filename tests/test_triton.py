@@ -87,9 +87,10 @@ def test_deterministic_bits():
             assert torch.equal(a, b)
 
 
-def test_strided_inputs_match_contiguous():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_strided_inputs_match_contiguous(normalize):
     q, d, n = _inputs()
-    base = _loss_and_grads(q, d, n, directions=ALL_FOUR)
+    base = _loss_and_grads(q, d, n, directions=ALL_FOUR, normalize=normalize)
     # Views with non-unit strides everywhere: a column slice, a transposed buffer, a permuted [N, H, D].
     wide = torch.randn(q.shape[0], 3 * q.shape[1], device=DEVICE)
     wide[:, ::3] = q.detach()
@@ -97,7 +98,7 @@ def test_strided_inputs_match_contiguous():
     ds = d.detach().t().contiguous().t().requires_grad_()
     ns = n.detach().permute(1, 0, 2).contiguous().permute(1, 0, 2).requires_grad_()
     assert not qs.is_contiguous() and not ds.is_contiguous() and not ns.is_contiguous()
-    strided = _loss_and_grads(qs, ds, ns, directions=ALL_FOUR)
+    strided = _loss_and_grads(qs, ds, ns, directions=ALL_FOUR, normalize=normalize)
     for a, b in zip(base, strided):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -147,9 +148,10 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch):
                 return torch.autograd.grad(loss, inputs)
             step()
             peaks[backend] = speed.peak_memory_bytes(step, DEVICE.type)
-        # Outputs (the gradients, one copy per input), the unit vectors and one float32 buffer, plus
-        # the interpreter's late release; before these changes the fused path took 22 copies.
-        assert peaks["triton"] <= (4 * len(inputs) + 1) * copy, (directions, peaks["triton"] / copy)
+        # The gradients (one copy per input) and one float32 buffer (2), plus the interpreter's late
+        # release of a buffer (2). Measured: 5.5 and 6.75 (22.4 and 28.8 with F.normalize and
+        # autograd's positive logits).
+        assert peaks["triton"] <= (len(inputs) + 4) * copy, (directions, peaks["triton"] / copy)
         assert peaks["torch"] >= 5 * peaks["triton"], (directions, peaks)
 
 
@@ -245,9 +247,10 @@ def test_custom_op_opcheck():
     q, d, n = _inputs(11, 9, 1)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
-    for args in [(q, d, None, None, n, groups, scale, 0), (q, d, q, d, n, groups, scale, 0),
-                 (q[2:7], d[2:7], q, d, None, None, scale, 2)]:
-        torch.library.opcheck(_triton.row_lse_op, (*args, True, True, True),
+    for args in [(q, d, None, None, n, groups, scale, 0, True, True, True, True),
+                 (q, d, q, d, n, groups, scale, 0, True, True, True, False),
+                 (q[2:7], d[2:7], q, d, None, None, scale, 2, True, False, False, True)]:
+        torch.library.opcheck(_triton.row_lse_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -311,7 +314,8 @@ def compare_row_statistics(n_pairs: int, dim: int, dtype: torch.dtype, stride: i
     s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
     s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
     expected = torch.logsumexp(s, dim=1)
-    ours = _triton.row_lse_op(qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0, True, True, True)
+    ours = _triton.row_lse_op(qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0,
+                              True, True, True, False)
     torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
 
 
