@@ -5,8 +5,9 @@ Layers, bottom to top:
 
 1. ``@triton.jit`` helpers: one logit tile (a K-loop over D chunks), its keep-mask, and the three
    per-segment loops (online log-sum-exp; anchor-side gradient; candidate-side gradient). With
-   ``normalize=True`` (NORMED) every embedding tile is scaled by its rows' inverse norms as it is
-   loaded: the kernels see the unit vectors and no normalised copy exists.
+   ``normalize=True`` (NORMED) the kernels read the raw embeddings and scale each logit tile by its
+   rows' inverse norms (and each probability tile by the other side's before its gradient dot): the
+   logits of the unit vectors, with no normalised copy and nothing added inside the K-loop.
 2. Kernels: ``_lse_fwd_kernel`` (one program per block of anchor rows), ``_anchor_grad_kernel`` (per
    block of anchor rows) and ``_candidate_grad_kernel`` (per block of candidate rows).
 3. Launchers and two ``torch.library.custom_op``s (forward, backward) with fake implementations and
@@ -84,20 +85,11 @@ def _inv_norms(R, idx, ok, BLOCK: tl.constexpr, NORMED: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptrs, mask, r, NORMED: tl.constexpr):
-    """A tile of embedding rows; with NORMED each row times its inverse norm r, rounded back to the
-    input dtype: the unit vectors, as if they had been normalised in memory."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if NORMED:
-        x = (x.to(tl.float32) * r[:, None]).to(x.dtype)
-    return x
-
-
-@triton.jit
 def _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, scale, NORMED: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Logit tile [BLOCK_M, BLOCK_N] = scale * X[rows] @ Y[cols]^T (of the unit vectors with NORMED,
-    rx and ry the rows' inverse norms), float32 accumulation over D chunks."""
+    """Logit tile [BLOCK_M, BLOCK_N] = scale * X[rows] @ Y[cols]^T, float32 accumulation over D chunks;
+    with NORMED, of the unit vectors: the tile is scaled by the rows' inverse norms rx, ry once, after
+    the K-loop (the tiles go from memory to the dot untouched)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_D)
     x_rows = X + rows.to(tl.int64)[:, None] * sxn
@@ -105,9 +97,11 @@ def _scores(X, sxn, sxd, rx, rows, row_ok, Y, syn, syd, ry, cols, col_ok, dim, s
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
         k_ok = ks[None, :] < dim
-        x = _load_rows(x_rows + ks[None, :] * sxd, row_ok[:, None] & k_ok, rx, NORMED)
-        y = _load_rows(y_rows + ks[None, :] * syd, col_ok[:, None] & k_ok, ry, NORMED)
+        x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
+        y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    if NORMED:
+        return acc * (scale * rx[:, None] * ry[None, :])
     return acc * scale
 
 
@@ -162,6 +156,8 @@ def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, 
                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         keep = _keep(rows_g, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         wp = tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None]
+        if NORMED:
+            wp = wp * ry[None, :]  # sum_j (w P)_j r_j y_j = sum_j (w P)_j (unit y_j), with raw y below
         if FIRST:
             started = c0 > 0
         else:
@@ -170,7 +166,7 @@ def _anchor_grad_segment(DX, sdxn, sdxd, X, sxn, sxd, rx, rows, rows_g, row_ok, 
         for k0 in range(0, dim, BLOCK_D):
             ks = k0 + offs_k
             k_ok = ks[None, :] < dim
-            y = _load_rows(y_rows + ks[None, :] * syd, col_ok[:, None] & k_ok, ry, NORMED)
+            y = tl.load(y_rows + ks[None, :] * syd, mask=col_ok[:, None] & k_ok, other=0.0)
             upd = tl.dot(wp.to(y.dtype), y, input_precision=PRECISION)
             ptrs = dx_rows + ks[None, :] * sdxd
             out_ok = row_ok[:, None] & k_ok
@@ -195,7 +191,10 @@ def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, ry, cols, col_ok, X, sx
         keep = _keep(rows + row_offset, row_ok, cols, col_ok, G, EXCL_SELF, GROUP)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
-        wp_t = tl.trans(tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None])
+        wp = tl.exp(tl.where(keep, s - lse[:, None], float("-inf"))) * coef[:, None]
+        if NORMED:
+            wp = wp * rx[:, None]  # the anchors' unit vectors, with raw x below
+        wp_t = tl.trans(wp)
         if FIRST:
             started = r0 > 0
         else:
@@ -204,7 +203,7 @@ def _candidate_grad_segment(DY, sdyn, sdyd, Y, syn, syd, ry, cols, col_ok, X, sx
         for k0 in range(0, dim, BLOCK_D):
             ks = k0 + offs_k
             k_ok = ks[None, :] < dim
-            x = _load_rows(x_rows + ks[None, :] * sxd, row_ok[:, None] & k_ok, rx, NORMED)
+            x = tl.load(x_rows + ks[None, :] * sxd, mask=row_ok[:, None] & k_ok, other=0.0)
             upd = tl.dot(wp_t.to(x.dtype), x, input_precision=PRECISION)
             ptrs = dy_rows + ks[None, :] * sdyd
             out_ok = col_ok[:, None] & k_ok
@@ -366,8 +365,8 @@ class _Norms:
         self.n_all_t = placeholder if n_all is None else self.n_all.t().contiguous()
 
     def unit(self, x, r, c):
-        """Rows c of x as the kernels see them: unit vectors rounded to x's dtype (x itself unnormalised)."""
-        return (x[c].float() * r[c].unsqueeze(-1)).to(x.dtype) if self.on else x[c]
+        """Rows c of x as the kernels see them, in float32: the unit vectors (x itself unnormalised)."""
+        return x[c].float() * r[c].unsqueeze(-1) if self.on else x[c].float()
 
 
 def _segments(q, d, n, norms):
@@ -400,7 +399,7 @@ def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_a
     ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
     0), with d2q log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
     ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
-    ``normalize``: every embedding is used as its unit vector, normalised as the kernels load it."""
+    ``normalize``: every embedding is used as its unit vector (the kernels scale logit tiles)."""
     shared = q_all is None
     q_all, d_all = (q, d) if shared else (q_all, d_all)
     (n_anchor, dim), n_cand = q.shape, q_all.shape[0]
@@ -416,8 +415,7 @@ def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_a
             PRECISION=_precision(q.dtype),
         )
     for c in row_chunks(q):  # float32 products in bounded chunks (no float32 copy of q or d)
-        qc, dc = norms.unit(q, norms.q, c), norms.unit(d, norms.d, c)
-        stats[n_rows, c] = (qc.float() * dc.float()).sum(-1) * scale
+        stats[n_rows, c] = (norms.unit(q, norms.q, c) * norms.unit(d, norms.d, c)).sum(-1) * scale
     return stats
 
 
@@ -501,9 +499,9 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
         for c in row_chunks(buf):
             g_c = buf[c]
             if partner is not None:
-                g_c += pos_coef[c] * norms.unit(partner, r_partner, c).float()
+                g_c += pos_coef[c] * norms.unit(partner, r_partner, c)
             if want_dots:
-                dots = dots + (g_c * norms.unit(x, r, c).float()).sum()
+                dots = dots + (g_c * norms.unit(x, r, c)).sum()
             if normalize:
                 # y = x / max(|x|, eps), r = 1 / max(|x|, eps): above eps dy = r (I - y y^T) dx, so
                 # dL/dx = r g - r^3 (g . x) x; at or below eps the divisor is constant: dL/dx = r g.
@@ -592,7 +590,9 @@ def row_stats_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_al
     Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
     a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
     (``q_all is q and d_all is d``), each tensor's two roles share one gradient buffer. ``normalize``:
-    the kernels use each embedding's unit vector, normalising rows as they load them (no copy).
+    the kernels use each embedding's unit vector, scaling logit tiles by inverse norms (no copy);
+    float16 inputs must not use it (products of probabilities and inverse norms, cast to float16 in
+    the backward, could leave its range), the caller normalises them into a copy instead.
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)

@@ -167,10 +167,12 @@ def fused_samtone_loss(
             prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
     else:
         # The kernels read the input dtype (tensor cores) and accumulate in float32. They normalise
-        # rows as they load them, except for a gathered batch, whose unit vectors are gathered:
-        # normalize_rows keeps no float32 copy for backward (it works in row chunks).
+        # by scaling logit tiles with inverse norms, except for a gathered batch (its unit vectors
+        # are gathered) and float16 (whose backward products w P / |y| could leave its range): those
+        # are normalised into a copy by normalize_rows, which saves no float32 copy for backward.
+        in_kernel_norm = normalize and not gather_across_devices and queries.dtype != torch.float16
         prepared = embeddings
-        if normalize and gather_across_devices:
+        if normalize and not in_kernel_norm:
             prepared = [normalize_rows(x) for x in embeddings]
     q, d, n = prepared + [None] * (3 - len(prepared))
 
@@ -188,7 +190,7 @@ def fused_samtone_loss(
         from ._triton import row_stats_triton
 
         lse, pos = row_stats_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options,
-                                    normalize=normalize and not gather_across_devices)
+                                    normalize=in_kernel_norm)
     losses = _assemble(lse, pos, options)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
