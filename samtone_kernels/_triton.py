@@ -347,8 +347,8 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 class _Norms:
-    """Inverse norms (float32) of every embedding tensor when the kernels normalise on load, else a
-    float32 placeholder pointer that the kernels never read (NORMED=False).
+    """Inverse norms (float32) of every embedding tensor when the kernels normalise (NORMED: logit and
+    probability tiles scaled by them), else a float32 placeholder pointer that they never read.
 
     ``q, d`` [n], ``q_all, d_all`` [N] and ``n_all`` [N, H] (row-major as the embeddings, for the
     torch-side epilogue); ``n_all_t`` [H, N] is what the kernels index (segment k at k * N).
