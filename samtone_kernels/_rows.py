@@ -1,9 +1,10 @@
 """Row-wise helpers of the fused path, written to keep memory at the size of the inputs.
 
-The kernels normalise rows as they load them (``inverse_norms`` gives them one float32 per row). A
-batch gathered across devices is normalised before the gather, by ``normalize_rows``: autograd
-through ``F.normalize(x.float()).to(x.dtype)`` would hold a float32 copy of every embedding until
-the backward, while it saves only its input (which the graph holds anyway) and one float32 per row.
+The kernels normalise by scaling logit tiles with one float32 inverse norm per row
+(``inverse_norms``). A batch gathered across devices, and float16 inputs, are normalised into a copy
+by ``normalize_rows``: autograd through ``F.normalize(x.float()).to(x.dtype)`` would hold a float32
+copy of every embedding until the backward, while it saves only its input (which the graph holds
+anyway) and one float32 per row.
 Everything works in row chunks of bounded size (``row_chunks``), so no full-size float32 temporary
 exists.
 """
@@ -59,7 +60,7 @@ class _NormalizeRows(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         # With r = 1 / |x| (|x| > eps): dy = r (I - y y^T) dx, so dL/dx = r g - r^3 (g . x) x.
-        # Below eps the divisor is the constant eps: dL/dx = g / eps.
+        # At or below eps the divisor is the constant eps: dL/dx = g / eps.
         x, inv, above = ctx.saved_tensors
         acc = inv.dtype
         dx = torch.empty_like(x)

@@ -49,7 +49,7 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 def variants():
     """(kernel, flags) for every launch the launchers make (see _anchor_flags and the backward op).
-    NORMED (normalise rows on load) follows another flag, so that each kernel compiles with both."""
+    NORMED (tiles scaled by inverse norms) follows another flag, so each kernel compiles with both."""
     for doc_anchor, q2q, d2d, groups in itertools.product([False, True], repeat=4):
         if not doc_anchor and d2d or doc_anchor and q2q:
             continue  # flags that do not change this anchor kind's launch
