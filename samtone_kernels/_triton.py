@@ -67,6 +67,7 @@ from ._options import NORM_EPS, LossOptions
 from ._rows import inverse_norms, row_chunks
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_EPS = tl.constexpr(NORM_EPS)
 
 # Set by tests: fill every buffer the kernels must write with NaN before launching them.
 POISON_OUTPUTS = False
@@ -329,9 +330,59 @@ def _candidate_grad_kernel(DY, sdyn, sdyd, sdyk, Y, syn, syd, syk, RY, Q, sqn, s
                                 NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
 
 
+@triton.jit
+def _epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, P, spn, spd, RP, POS, FACTOR,
+                     DOTS, n_rows, n_seg, dim, HAS_PARTNER: tl.constexpr, NORMED: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT (input dtype) = the gradient of x [n_rows, n_seg, D] from its float32 buffer, g = factor * BUF
+    (+ POS_i * unit(P_i) for an anchor of the positive logit), taken back through the normalisation
+    with NORMED (OUT = r g - r^3 (g . x) x where |x| > eps, else r g); DOTS = <unit(x), g> per row.
+    Two passes over D per block of rows (one for the row sums, one to write): no temporaries."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows * n_seg
+    i, k = (rows // n_seg).to(tl.int64), (rows % n_seg).to(tl.int64)
+    factor = tl.load(FACTOR)
+    r = _inv_norms(RX, rows, ok, BLOCK_R, NORMED)  # RX [n_rows, n_seg], row-major
+    pos_r = tl.zeros((BLOCK_R,), tl.float32)  # the positive logit's coefficient times r of the partner
+    if HAS_PARTNER:
+        pos_r = tl.load(POS + i, mask=ok, other=0.0) * _inv_norms(RP, i, ok, BLOCK_R, NORMED)
+    offs = tl.arange(0, BLOCK_D)
+    gx = tl.zeros((BLOCK_R,), tl.float32)
+    xx = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, dim, BLOCK_D):  # pass 1: g . x and |x|^2 of each row
+        cols = d0 + offs
+        m = ok[:, None] & (cols < dim)[None, :]
+        g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
+        if HAS_PARTNER:
+            p = tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
+            g += pos_r[:, None] * p
+        x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        gx += tl.sum(g * x, 1)
+        xx += tl.sum(x * x, 1)
+    tl.store(DOTS + rows, r * gx, mask=ok)  # <unit(x), g> = r (g . x)
+    # Derivation: y = r x with r = 1 / max(|x|, eps); above eps dy = r (I - y y^T) dx, so
+    # dL/dx = r g - r^3 (g . x) x; at or below eps r is constant and dL/dx = r g.
+    c = tl.where(tl.sqrt(xx) > _EPS, r * r * r * gx, 0.0)
+    for d0 in range(0, dim, BLOCK_D):  # pass 2: write the gradient
+        cols = d0 + offs
+        m = ok[:, None] & (cols < dim)[None, :]
+        g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
+        if HAS_PARTNER:
+            p = tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
+            g += pos_r[:, None] * p
+        if NORMED:
+            x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            g = r[:, None] * g - c[:, None] * x
+        tl.store(OUT + (i * son + k * sok)[:, None] + cols[None, :] * sod, g.to(OUT.dtype.element_ty), mask=m)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Launchers and custom ops
 # --------------------------------------------------------------------------------------------------
+# The epilogue is memory-bound: fixed tiles, no autotuning.
+EPILOGUE = dict(BLOCK_R=16, BLOCK_D=16) if INTERPRETING else dict(BLOCK_R=16, BLOCK_D=128, num_warps=4)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """float32 dots follow torch's matmul setting (TF32 only if the user allowed it)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -339,8 +390,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for 16-bit inputs
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.float32, device=like.device)
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=like.device)
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
     return out
@@ -351,7 +402,7 @@ class _Norms:
     probability tiles scaled by them), else a float32 placeholder pointer that they never read.
 
     ``q, d`` [n], ``q_all, d_all`` [N] and ``n_all`` [N, H] (row-major as the embeddings, for the
-    torch-side epilogue); ``n_all_t`` [H, N] is what the kernels index (segment k at k * N).
+    epilogue); ``n_all_t`` [H, N] is what the other kernels index (segment k at k * N).
     """
 
     def __init__(self, normalize, placeholder, q, d, q_all, d_all, n_all, shared):
@@ -455,13 +506,13 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     grad_lse, lse = grad_stats[:n_rows], stats[:n_rows].contiguous()
     # The positive logit p_i = scale * q_i . d_i: dF/dq_i += c_i d_i and dF/dd_i += c_i q_i, with
     # c_i = scale * grad_p_i, added to the anchor-side buffers in finish.
-    pos_coef = (grad_stats[n_rows].float() * scale)[:, None]
+    pos_coef = (grad_stats[n_rows].float() * scale).contiguous()
     # Upstream weights are rescaled to max |w| = 1 before the kernels multiply them into P and cast to
     # the input dtype (float16 would flush 1/N-sized products to zero); the factor comes back in finish.
     w_max = grad_lse.abs().amax()
     coef = (grad_lse * torch.where(w_max > 0, 1.0 / w_max, torch.zeros_like(w_max))).float().contiguous()
     lse_d, coef_d = (lse[1], coef[1]) if d2q else (lse[0], coef[0])
-    factor = (scale * w_max).float()
+    factor = (scale * w_max).float().reshape(1)
     dots = torch.zeros((), dtype=torch.float32, device=q.device)
 
     def anchor(a, x):
@@ -491,25 +542,24 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
         return dy
 
     def finish(buf, x, r, partner=None, r_partner=None):
-        """Apply the factor; add the positive logit's term (x is an anchor whose pair is ``partner``);
-        add <x, grad> to dots; with ``normalize`` take the gradient from the unit vector y = r x back
-        to x; cast to x's dtype (buf itself for float32). Row chunk by row chunk."""
+        """x's gradient in its dtype from its float32 buffer (``_epilogue_kernel``: the factor, the
+        positive logit's term when x is an anchor whose pair is ``partner``, the normalisation), written
+        over the buffer for float32; <unit(x), grad> is added to dots."""
         nonlocal dots
-        buf.mul_(factor)
-        for c in row_chunks(buf):
-            g_c = buf[c]
-            if partner is not None:
-                g_c += pos_coef[c] * norms.unit(partner, r_partner, c)
-            if want_dots:
-                dots = dots + (g_c * norms.unit(x, r, c)).sum()
-            if normalize:
-                # y = x / max(|x|, eps), r = 1 / max(|x|, eps): above eps dy = r (I - y y^T) dx, so
-                # dL/dx = r g - r^3 (g . x) x; at or below eps the divisor is constant: dL/dx = r g.
-                x_c, r_c = x[c].float(), r[c].unsqueeze(-1)
-                gx = (g_c * x_c).sum(-1, keepdim=True)
-                above = torch.linalg.vector_norm(x_c, dim=-1, keepdim=True) > NORM_EPS
-                g_c.copy_(r_c * g_c - torch.where(above, r_c**3 * gx, 0.0) * x_c)
-        return buf.to(x.dtype)
+        out = buf if x.dtype == torch.float32 else _empty(x.shape, q, x.dtype)
+        x3, buf3, out3 = (t if t.dim() == 3 else t.unsqueeze(1) for t in (x, buf, out))
+        n_x, k = x3.shape[0], x3.shape[1]
+        row_dots = _empty((n_x * k,), q)
+        p = partner if partner is not None else x3  # a valid pointer, never read without HAS_PARTNER
+        _epilogue_kernel[(triton.cdiv(n_x * k, EPILOGUE["BLOCK_R"]),)](
+            out3, out3.stride(0), out3.stride(1), out3.stride(2), buf3, buf3.stride(0), buf3.stride(1), buf3.stride(2),
+            x3, x3.stride(0), x3.stride(1), x3.stride(2), r, p, p.stride(0), p.stride(-1),
+            norms.q if r_partner is None else r_partner, pos_coef, factor, row_dots, n_x, k, dim,
+            HAS_PARTNER=partner is not None, NORMED=normalize, **EPILOGUE,
+        )
+        if want_dots:
+            dots = dots + row_dots.sum()
+        return out
 
     def none_like(x):
         return x.new_empty((0, *x.shape[1:]))

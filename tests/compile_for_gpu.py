@@ -22,10 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from samtone_kernels import _triton as K  # noqa: E402
 
-NORMS = {"RX", "RQ", "RD", "RNEG", "RY"}  # inverse norms of the rows (float32)
-POINTERS = {"X", "Q", "D", "NEG", "Y", "LSE", "G", "SCALE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D",
-            "COEF_D"} | NORMS
-FP32_POINTERS = {"SCALE", "LSE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D", "COEF_D"} | NORMS
+NORMS = {"RX", "RQ", "RD", "RNEG", "RY", "RP"}  # inverse norms of the rows (float32)
+FP32_POINTERS = {"SCALE", "LSE", "COEF", "DX", "DY", "LSE_Q", "COEF_Q", "LSE_D", "COEF_D", "BUF", "POS", "FACTOR",
+                 "DOTS"} | NORMS
+POINTERS = {"X", "Q", "D", "NEG", "Y", "G", "OUT", "P"} | FP32_POINTERS
 TILES = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)]
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -66,6 +66,8 @@ def variants():
         yield K._candidate_grad_kernel.fn, dict(USE_QA=use_qa, QA_EXCL=qa_excl, USE_DA=use_da,
                                                 DA_EXCL=da_excl, GROUP=group, ACCUMULATE=accumulate,
                                                 NORMED=accumulate)
+    for has_partner, normed in itertools.product([False, True], repeat=2):
+        yield K._epilogue_kernel, dict(HAS_PARTNER=has_partner, NORMED=normed, BLOCK_R=16, BLOCK_D=128)
 
 
 def main() -> int:
@@ -79,7 +81,8 @@ def main() -> int:
             if not everything and j != i % len(pairs):
                 continue
             meta = {k: v for k, v in tile.items() if k.startswith("BLOCK")}
-            constexprs = dict(flags, PRECISION="tf32" if dtype == "fp32" else "ieee", **meta)
+            constexprs = {k: v for k, v in {"PRECISION": "tf32" if dtype == "fp32" else "ieee", **meta,
+                                            **flags}.items() if k in kernel.arg_names}
             src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
             for arch in (90, 80):
                 if not everything and arch != (80 if i % 4 == 3 else 90):

@@ -131,15 +131,27 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch, dtype)
     allocation is a few copies of the embeddings, the eager path's holds N x N blocks.
 
     Measured with torch's allocation events (bench/speed.py), in [N, D] copies of the input dtype.
-    Row chunks are made small, as they are relative to the embeddings at large N. Under the
-    interpreter a launch's tensors are released only at the next launch, which can add one float32
-    buffer: the bounds include it.
+    Row chunks are made small, as they are relative to the embeddings at large N. The interpreter
+    leaves reference cycles that hold a launch's tensors until Python's cycle collector runs, so on
+    CPU every launch is followed by a collection (on the GPU no interpreter is involved).
     """
     from samtone_kernels import _rows
     from test_bench import speed
 
     n_pairs, dim = 128, 32
     monkeypatch.setattr(_rows, "CHUNK_ELEMENTS", n_pairs * dim // 16)
+    if DEVICE.type == "cpu":
+        import gc
+
+        from triton.runtime import interpreter
+
+        launch = interpreter.GridExecutor.__call__
+
+        def launch_and_collect(self, *args, **kwargs):
+            launch(self, *args, **kwargs)
+            gc.collect()
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch_and_collect)
     copy = n_pairs * dim * dtype.itemsize
     buffer = n_pairs * dim * 4 // copy  # copies in one float32 buffer
     q, d, n = _inputs(n_pairs, dim, 1, dtype=dtype)
@@ -151,11 +163,13 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch, dtype)
                 return torch.autograd.grad(loss, inputs)
             step()
             peaks[backend] = speed.peak_memory_bytes(step, DEVICE.type)
-        # float32 normalises inside the kernels: the gradients (which are the float32 buffers), plus
-        # one late-released buffer. float16 normalises into a copy (one per input), then the
-        # gradients and one float32 buffer, plus the late one.
-        expected = len(inputs) + buffer if dtype == torch.float32 else 2 * len(inputs) + 2 * buffer
-        assert peaks["triton"] <= (expected + 0.5) * copy, (directions, peaks["triton"] / copy)
+        # By construction: float32 normalises inside the kernels, so the peak is the gradients (which
+        # are the float32 buffers); float16 normalises into a copy (one per input), then holds the
+        # gradients and one float32 buffer. Beyond that, O(N) vectors (statistics, norms, per-row
+        # dots: each 1/16 of a float16 copy at D = 32). Measured: float32 2.3 and 3.4, float16 6.6
+        # and 8.9.
+        expected = len(inputs) if dtype == torch.float32 else 2 * len(inputs) + buffer
+        assert peaks["triton"] <= (expected + 1.25) * copy, (directions, peaks["triton"] / copy)
         assert peaks["torch"] >= 5 * peaks["triton"], (directions, peaks)
 
 
