@@ -18,6 +18,7 @@ from samtone_kernels import fused_samtone_loss
 triton = pytest.importorskip("triton")
 from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch in conftest)
 
+from test_bench import speed  # noqa: E402  (bench/speed.py's peak-memory measurement)
 from test_torch_impl import run_and_compare  # noqa: E402
 
 # The interpreter computes bfloat16 tl.dot wrongly; bfloat16 is checked on the GPU only.
@@ -136,7 +137,6 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch, dtype)
     CPU every launch is followed by a collection (on the GPU no interpreter is involved).
     """
     from samtone_kernels import _rows
-    from test_bench import speed
 
     n_pairs, dim = 128, 32
     monkeypatch.setattr(_rows, "CHUNK_ELEMENTS", n_pairs * dim // 16)
@@ -355,15 +355,6 @@ def test_gpu_large_batches_match_torch_float32(dtype, n_pairs, dim, normalize):
     compare_with_torch_float32(n_pairs, dim, dtype, normalize)
 
 
-def _gpu_peak_bytes(step) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @pytest.mark.gpu
 def test_gpu_samtone_peak_is_the_gradients_and_one_float32_buffer():
     """SamToNe, bfloat16, N = 16384, D = 768, normalize=True: by construction the peak is the two
@@ -371,8 +362,8 @@ def test_gpu_samtone_peak_is_the_gradients_and_one_float32_buffer():
     n_pairs, dim = 16384, 768
     q, d = _inputs(n_pairs, dim, 1, dtype=torch.bfloat16)[:2]
     fused_samtone_loss(q, d, normalize=True, backend="triton").backward()  # autotune outside the count
-    peak = _gpu_peak_bytes(lambda: torch.autograd.grad(
-        fused_samtone_loss(q, d, normalize=True, backend="triton"), [q, d]))
+    peak = speed.peak_memory_bytes(lambda: torch.autograd.grad(
+        fused_samtone_loss(q, d, normalize=True, backend="triton"), [q, d]), "cuda")
     assert peak <= 4.25 * n_pairs * dim * 2, peak / (n_pairs * dim * 2)
 
 
@@ -388,7 +379,7 @@ def test_gpu_n_65536_forward_and_memory():
         return torch.autograd.grad(losses[-1], [q, d, n])
 
     step()  # autotuning (which allocates for its timing) outside the count
-    peak = _gpu_peak_bytes(step)
+    peak = speed.peak_memory_bytes(step, "cuda")
     assert torch.isfinite(losses[-1])
     # By construction: the gradients of q and d (2 copies) and of n with its float32 buffer (1 + 2),
     # plus O(N); nothing N x N (one N x N float32 block would be 128 copies here).
