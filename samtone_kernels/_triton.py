@@ -9,7 +9,8 @@ Layers, bottom to top:
    rows' inverse norms (and each probability tile by the other side's before its gradient dot): the
    logits of the unit vectors, with no normalised copy and nothing added inside the K-loop.
 2. Kernels: ``_lse_fwd_kernel`` (one program per block of anchor rows), ``_anchor_grad_kernel`` (per
-   block of anchor rows) and ``_candidate_grad_kernel`` (per block of candidate rows).
+   block of anchor rows), ``_candidate_grad_kernel`` (per block of candidate rows) and
+   ``_epilogue_kernel`` (turns a float32 gradient buffer into the gradient in the input dtype).
 3. Launchers and two ``torch.library.custom_op``s (forward, backward) with fake implementations and
    an autograd formula, so ``torch.compile`` traces around them. The forward op also returns the
    positive logits ``p_i = scale * q_i . d_i``, so that their gradient lands in the same buffers.
@@ -43,11 +44,12 @@ dF/dd_i. For the temperature, F is homogeneous: F(c X, scale) = F(X, c^2 scale) 
 X (the positive logits included), so d/dc at c = 1 gives  sum_X <X, dF/dX> = 2 scale dF/dscale : the
 scale's gradient costs one dot product of the embedding gradients, no kernel work.
 
-Normalisation (NORMED): with y = r x, r = 1 / max(|x|, eps), the kernels give dF/dy; the launcher
-takes it back to x in the backward's epilogue, dF/dx = r g - r^3 (g . x) x (r g at or below eps).
+Normalisation (NORMED): with y = r x, r = 1 / max(|x|, eps), the kernels give dF/dy; the epilogue
+kernel takes it back to x, dF/dx = r g - r^3 (g . x) x (r g at or below eps).
 
-Memory: the backward allocates one float32 buffer at a time, casts it to the input's dtype and frees
-it before the next; the saved tensors are the inputs and O(N) statistics.
+Memory: the backward allocates one float32 buffer at a time, which the epilogue turns into the
+gradient in the input's dtype (in place for float32) before the next; the saved tensors are the
+inputs and O(N) statistics.
 
 Determinism: every output element is owned by one program, which accumulates it in a fixed order
 (read-modify-write of a float32 buffer, no atomics; the candidate kernel runs after the anchor kernel
