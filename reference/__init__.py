@@ -10,6 +10,7 @@ for clarity, never for speed, and depends on NumPy only.
 >>> grads = reference.samtone_grad(q, d, directions=("q2d", "q2q"))
 """
 
-from .samtone import ALL_DIRECTIONS, Blocks, build_blocks, samtone_grad, samtone_loss
+from .samtone import ALL_DIRECTIONS, HARDNESS_MODES, Blocks, build_blocks, hardness_mask, samtone_grad, samtone_loss
 
-__all__ = ["ALL_DIRECTIONS", "Blocks", "build_blocks", "samtone_grad", "samtone_loss"]
+__all__ = ["ALL_DIRECTIONS", "HARDNESS_MODES", "Blocks", "build_blocks", "hardness_mask", "samtone_grad",
+           "samtone_loss"]

@@ -20,11 +20,19 @@ Notation (shapes in brackets):
   ====  ==========  =========  =====================================================================
 
 * ``Zq_i`` sums ``exp`` over the kept q2d (+ q2q) entries of row i, ``Zd_i`` over the kept d2q
-  (+ d2d) entries (only when "d2q" is selected), and ``pos_i = s(q_i, d_i)``.
+  and d2d entries (when either is selected; "d2d" without "d2q" only with the joint partition), and
+  ``pos_i = s(q_i, d_i)``.
 
   - ``partition="per_anchor"``: ``l_i = [(log Zq_i - pos_i) + w (log Zd_i - pos_i)] / (1 + w)``
     with the doc group, else ``log Zq_i - pos_i``.
   - ``partition="joint"``: ``l_i = log(Zq_i + Zd_i) - pos_i``.
+
+* Hardness weighting (sentence-transformers' ``hardness_mode``, Lan et al. 2025): inside the q2d
+  softmax only, a negative entry's logit becomes ``s + alpha * stop_grad(x . y)`` (the raw similarity,
+  cosine with ``normalize=True``, not divided by tau), for the entries the mode selects:
+  "in_batch_negatives" every column of the other pairs, "hard_negatives" the query's own hard
+  negatives, "all_negatives" every column but the query's own positive. The positive logit is
+  never changed; the stop-gradient changes the softmax weights, not the gradient path.
 """
 
 from __future__ import annotations
@@ -40,17 +48,25 @@ NORM_EPS = 1e-12
 # --------------------------------------------------------------------------------------------------
 # Options
 # --------------------------------------------------------------------------------------------------
-def _check_options(directions, partition, doc_anchor_weight, reduction, temperature):
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+def _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode=None,
+                   hardness_strength=0.0):
     directions = tuple(directions)
     unknown = set(directions) - set(ALL_DIRECTIONS)
     if unknown:
         raise ValueError(f"directions: unknown {sorted(unknown)}, expected a subset of {ALL_DIRECTIONS}")
     if "q2d" not in directions:
         raise ValueError("directions: 'q2d' is required (it holds the positive pair)")
-    if "d2d" in directions and "d2q" not in directions:
-        raise ValueError("directions: 'd2d' requires 'd2q'")
     if partition not in ("per_anchor", "joint"):
         raise ValueError(f"partition: expected 'per_anchor' or 'joint', got {partition!r}")
+    if "d2d" in directions and "d2q" not in directions and partition != "joint":
+        raise ValueError("directions: 'd2d' without 'd2q' needs partition='joint'")
+    if hardness_mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode: expected one of {HARDNESS_MODES}")
+    if not (np.isfinite(hardness_strength) and hardness_strength >= 0):
+        raise ValueError("hardness_strength: expected a finite value >= 0")
     if doc_anchor_weight < 0:
         raise ValueError("doc_anchor_weight: expected >= 0")
     if partition == "joint" and doc_anchor_weight != 1.0:
@@ -112,6 +128,19 @@ class Blocks:
         return self.s_qd[np.arange(n), np.arange(n)]
 
 
+def hardness_mask(n_pairs: int, n_blocks: int, mode) -> np.ndarray:
+    """[N, M] True where the q2d logit gets the hardness penalty (see the module docstring)."""
+    own = np.tile(np.eye(n_pairs, dtype=bool), (1, n_blocks))  # the columns (i, k) of pair i
+    block = np.repeat(np.arange(n_blocks), n_pairs)[None, :]  # the block k of each column
+    if mode == "in_batch_negatives":
+        return ~own
+    if mode == "hard_negatives":
+        return own & (block >= 1)
+    if mode == "all_negatives":
+        return ~(own & (block == 0))
+    return np.zeros((n_pairs, n_pairs * n_blocks), dtype=bool)
+
+
 def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None, normalize=False) -> Blocks:
     """Build the logit blocks and keep-masks (see the module docstring for the rules)."""
     q = np.asarray(q, dtype=np.float64)
@@ -160,21 +189,26 @@ def _masked_logsumexp(blocks: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray
 # --------------------------------------------------------------------------------------------------
 # Loss and gradients
 # --------------------------------------------------------------------------------------------------
-def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float):
+def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float, hardness_mode=None, hardness_strength=0.0):
     """Per-row log-partitions and the coefficient of each block in dl_i/ds.
 
-    Returns (row_losses [N], {block: (logits, keep, lse [N], coef)}) where
-    dl_i / ds_x = coef * exp(s_x - lse_i) for each kept entry x of row i's block, and
-    dl_i / dpos_i = -1 in every configuration.
+    Returns (row_losses [N], {block: (softmax logits, keep, lse [N], coef)}) where
+    dl_i / ds_x = coef * exp(s'_x - lse_i) for each kept entry x of row i's block (s' = s plus the
+    hardness penalty, a constant), and dl_i / dpos_i = -1 in every configuration.
     """
-    q_blocks = {"qd": (b.s_qd, b.keep_qd)}
+    s_qd = b.s_qd
+    if hardness_mode is not None and hardness_strength > 0:
+        # s' = s + alpha * stop_grad(x . y), with x . y = s * tau the raw similarity.
+        n_blocks = b.columns.shape[0] // b.q.shape[0]
+        s_qd = s_qd + hardness_strength * (s_qd * b.temperature) * hardness_mask(b.q.shape[0], n_blocks, hardness_mode)
+    q_blocks = {"qd": (s_qd, b.keep_qd)}
     if "q2q" in dirs:
         q_blocks["qq"] = (b.s_qq, b.keep_qq)
     d_blocks = {}
     if "d2q" in dirs:
         d_blocks["dq"] = (b.s_dq, b.keep_dq)
-        if "d2d" in dirs:
-            d_blocks["dd"] = (b.s_dd, b.keep_dd)
+    if "d2d" in dirs:
+        d_blocks["dd"] = (b.s_dd, b.keep_dd)
 
     terms = {}
     if partition == "joint":
@@ -200,15 +234,16 @@ def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float):
 
 def samtone_loss(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
                  partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
-                 reduction="mean"):
+                 reduction="mean", hardness_mode=None, hardness_strength=0.0):
     """The loss, as a float (or an [N] array for ``reduction="none"``).
 
     Parameters are those of ``samtone_kernels.fused_samtone_loss`` without ``backend``; arrays are
     NumPy (any float dtype, computed in float64).
     """
-    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature)
+    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode,
+                          hardness_strength)
     b = build_blocks(q, d, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
-    losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight))
+    losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     if reduction == "none":
         return losses
     return float(losses.mean() if reduction == "mean" else losses.sum())
@@ -216,7 +251,7 @@ def samtone_loss(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2
 
 def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
                  partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
-                 reduction="mean"):
+                 reduction="mean", hardness_mode=None, hardness_strength=0.0):
     """Analytic gradients of the reduced loss (of its sum for ``reduction="none"``).
 
     Returns a dict with "queries" [N, D], "docs" [N, D], "hard_negatives" [N, H, D] (when given) and
@@ -236,13 +271,17 @@ def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2
         dtau = -(sum_X sum(G_X * S_X) - sum_i c_i pos_i) / tau
 
     and, with ``normalize=True``, the chain rule through x / max(|x|, eps) (``_normalize_backward``).
+    The hardness penalty is a constant (stop-gradient): it enters G through the softmax weights
+    only, and dtau sums G against the logits s without it.
     """
-    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature)
+    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode,
+                          hardness_strength)
     q_raw = np.asarray(q, dtype=np.float64)
     d_raw = np.asarray(d, dtype=np.float64)
     b = build_blocks(q_raw, d_raw, hard_negatives, temperature=temperature, group_ids=group_ids,
                      normalize=normalize)
-    _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight))
+    _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
+    logits = {"qd": b.s_qd, "qq": b.s_qq, "dq": b.s_dq, "dd": b.s_dd}  # without the penalty
     n_pairs, dim = b.q.shape
     tau = b.temperature
     c = np.full(n_pairs, 1.0 / n_pairs if reduction == "mean" else 1.0)
@@ -254,7 +293,7 @@ def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2
         # G = c_i * coef * softmax entry, zero where masked (exp of a kept entry minus its row's LSE).
         g = c[:, None] * coef * np.exp(np.where(keep, s - lse[:, None], -np.inf))
         grads[name] = g
-        dtau_logits += (g * np.where(keep, s, 0.0)).sum()
+        dtau_logits += (g * np.where(keep, logits[name], 0.0)).sum()
 
     g_qd, g_qq, g_dq, g_dd = grads["qd"], grads["qq"], grads["dq"], grads["dd"]
     cols, qh, dh = b.columns, b.q, b.d

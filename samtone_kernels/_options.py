@@ -11,6 +11,7 @@ import torch
 
 ALL_DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
 PARTITIONS = ("per_anchor", "joint")
+HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,6 +28,8 @@ class LossOptions:
     normalize: bool
     reduction: str
     backend: str
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
 
     @property
     def q2q(self) -> bool:
@@ -34,15 +37,25 @@ class LossOptions:
 
     @property
     def d2q(self) -> bool:
-        """True when the document-anchored group (d2q, optionally d2d) is present."""
         return "d2q" in self.directions
 
     @property
     def d2d(self) -> bool:
         return "d2d" in self.directions
 
+    @property
+    def doc_anchor(self) -> bool:
+        """True when documents are anchors (d2q, d2d or both): there is a log Zd row."""
+        return self.d2q or self.d2d
 
-def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, backend) -> LossOptions:
+    @property
+    def hardness(self) -> float:
+        """The hardness penalty's strength alpha (0 when no mode is set)."""
+        return self.hardness_strength if self.hardness_mode is not None else 0.0
+
+
+def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, backend, hardness_mode=None,
+                  hardness_strength=0.0) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument."""
     if isinstance(directions, str) or not isinstance(directions, Sequence | set | frozenset):
         raise TypeError(
@@ -54,12 +67,15 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
             raise ValueError(f"directions: unknown direction {name!r}, expected names from {ALL_DIRECTIONS}")
     if "q2d" not in directions:
         raise ValueError("directions: 'q2d' is required (it holds the positive pair)")
-    if "d2d" in directions and "d2q" not in directions:
-        raise ValueError("directions: 'd2d' requires 'd2q' (doc-doc negatives join the doc-anchored softmax)")
     canonical = tuple(name for name in ALL_DIRECTIONS if name in directions)
 
     if partition not in PARTITIONS:
         raise ValueError(f"partition: expected one of {PARTITIONS}, got {partition!r}")
+    if "d2d" in directions and "d2q" not in directions and partition != "joint":
+        raise ValueError(
+            "directions: 'd2d' without 'd2q' needs partition='joint' (a document's own softmax holds its "
+            "positive only through 'd2q')"
+        )
     if isinstance(doc_anchor_weight, bool) or not isinstance(doc_anchor_weight, numbers.Real):
         raise TypeError(f"doc_anchor_weight: expected a real number, got {type(doc_anchor_weight).__name__}")
     weight = float(doc_anchor_weight)
@@ -75,7 +91,14 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    return LossOptions(canonical, partition, weight, normalize, reduction, backend)
+    if hardness_mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode: expected one of {HARDNESS_MODES}, got {hardness_mode!r}")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, numbers.Real):
+        raise TypeError(f"hardness_strength: expected a real number, got {type(hardness_strength).__name__}")
+    strength = float(hardness_strength)
+    if not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
+    return LossOptions(canonical, partition, weight, normalize, reduction, backend, hardness_mode, strength)
 
 
 def check_temperature(temperature) -> float | torch.Tensor:

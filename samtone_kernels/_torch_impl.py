@@ -65,24 +65,44 @@ def row_lse_torch(
 
     Returns
     -------
-    [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when "d2q" is selected, A = 2) log Zd
-    (d2q + d2d).
+    [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
+    A = 2) log Zd (d2q + d2d).
     """
     n_anchor, n_cand = q.shape[0], q_all.shape[0]
     cols = document_columns(d_all, n_all)
-    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(
-        n_anchor, n_cand, cols.shape[0] // n_cand, offset, group_ids, q.device)
+    n_blocks = cols.shape[0] // n_cand
+    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(n_anchor, n_cand, n_blocks, offset, group_ids, q.device)
 
     def masked(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return s.masked_fill(~keep, float("-inf"))
 
-    q_parts = [masked(q @ cols.T * scale, keep_qd)]
+    raw_qd = q @ cols.T
+    s_qd = raw_qd * scale
+    if options.hardness:
+        # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives.
+        pen = hardness_mask(n_anchor, n_cand, n_blocks, offset, options.hardness_mode, q.device)
+        s_qd = s_qd + options.hardness * raw_qd.detach() * pen
+    q_parts = [masked(s_qd, keep_qd)]
+    del raw_qd, s_qd  # N x M blocks: not held past their use
     if options.q2q:
         q_parts.append(masked(q @ q_all.T * scale, keep_qq))
     rows = [torch.logsumexp(torch.cat(q_parts, dim=1), dim=1)]
+    d_parts = []
     if options.d2q:
-        d_parts = [masked(d @ q_all.T * scale, keep_dq)]
-        if options.d2d:
-            d_parts.append(masked(d @ cols.T * scale, keep_dd))
+        d_parts.append(masked(d @ q_all.T * scale, keep_dq))
+    if options.d2d:
+        d_parts.append(masked(d @ cols.T * scale, keep_dd))
+    if d_parts:
         rows.append(torch.logsumexp(torch.cat(d_parts, dim=1), dim=1))
     return torch.stack(rows)
+
+
+def hardness_mask(n_anchor: int, n_cand: int, n_blocks: int, offset: int, mode: str, device) -> torch.Tensor:
+    """[n, M] float mask of the q2d entries that take the hardness penalty: "in_batch_negatives" the
+    columns of other pairs, "hard_negatives" the anchor's own hard negatives, "all_negatives" every
+    column but the anchor's own positive (column (j, k) at k * N + j; anchor i is pair offset + i)."""
+    rows = torch.arange(n_anchor, device=device)[:, None] + offset
+    own = (rows == torch.arange(n_cand, device=device)[None, :]).repeat(1, n_blocks)
+    hard = (torch.arange(n_cand * n_blocks, device=device) >= n_cand)[None, :]
+    chosen = {"in_batch_negatives": ~own, "hard_negatives": own & hard, "all_negatives": ~own | hard}[mode]
+    return chosen.float()

@@ -65,7 +65,7 @@ def _temperature_scale(temperature: float | torch.Tensor, dtype: torch.dtype, de
 
 def _assemble(lse: torch.Tensor, pos: torch.Tensor, options: LossOptions) -> torch.Tensor:
     """Per-pair losses [N] from the log-partitions [A, N] and the positive logits [N]."""
-    if not options.d2q:
+    if not options.doc_anchor:
         return lse[0] - pos
     if options.partition == "joint":
         return torch.logaddexp(lse[0], lse[1]) - pos
@@ -88,6 +88,8 @@ def fused_samtone_loss(
     backend: str = "auto",
     gather_across_devices: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -105,7 +107,8 @@ def fused_samtone_loss(
     directions : sequence of {"q2d", "q2q", "d2q", "d2d"}, default ("q2d", "q2q")
         "q2d": query i against every document column; "q2q": against every other query (SamToNe);
         "d2q": document i against every query (DANCE); "d2d": document i against every document
-        column except those of pair i. "q2d" is required; "d2d" requires "d2q".
+        column except those of pair i. "q2d" is required; "d2d" without "d2q" needs
+        ``partition="joint"`` (a document's own softmax holds its positive only through "d2q").
     partition : {"per_anchor", "joint"}, default "per_anchor"
         "per_anchor": ``l_i = [(log Zq_i - pos_i) + w (log Zd_i - pos_i)] / (1 + w)`` (just
         ``log Zq_i - pos_i`` without "d2q"); "joint": ``l_i = log(Zq_i + Zd_i) - pos_i`` (GTE).
@@ -132,6 +135,15 @@ def fused_samtone_loss(
         process group the loss is the single-process one (with a warning, once).
     process_group : ProcessGroup, optional
         The group to gather over (default: the world).
+    hardness_mode : {None, "in_batch_negatives", "hard_negatives", "all_negatives"}, default None
+        Hardness weighting as in sentence-transformers' MultipleNegativesRankingLoss: inside the
+        q2d softmax, ``hardness_strength * stop_grad(x . y)`` (the raw similarity, cosine with
+        ``normalize=True``, not divided by the temperature) is added to the logits of the other
+        pairs' columns ("in_batch_negatives"), of the query's own hard negatives
+        ("hard_negatives"), or of every column but its positive ("all_negatives"). It changes the
+        softmax weights, not the gradient path. Other directions are unchanged.
+    hardness_strength : float, default 0.0
+        The penalty's alpha (>= 0); ignored without ``hardness_mode``.
 
     Returns
     -------
@@ -146,7 +158,8 @@ def fused_samtone_loss(
     """
     options = check_options(
         directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-        normalize=normalize, reduction=reduction, backend=backend,
+        normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)

@@ -22,7 +22,7 @@ class SamToNeLoss(nn.Module):
     learnable_temperature : bool, default False
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
     directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
-    process_group
+    process_group, hardness_mode, hardness_strength
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -44,11 +44,14 @@ class SamToNeLoss(nn.Module):
         backend: str = "auto",
         gather_across_devices: bool = False,
         process_group: "torch.distributed.ProcessGroup | None" = None,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         super().__init__()
         options = check_options(
             directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-            normalize=normalize, reduction=reduction, backend=backend,
+            normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -59,6 +62,8 @@ class SamToNeLoss(nn.Module):
         self.normalize = options.normalize
         self.reduction = options.reduction
         self.backend = options.backend
+        self.hardness_mode = options.hardness_mode
+        self.hardness_strength = options.hardness_strength
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
         self.gather_across_devices = gather_across_devices
@@ -90,6 +95,7 @@ class SamToNeLoss(nn.Module):
             doc_anchor_weight=self.doc_anchor_weight, group_ids=group_ids, normalize=self.normalize,
             reduction=self.reduction, backend=self.backend,
             gather_across_devices=self.gather_across_devices, process_group=self.process_group,
+            hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
         )
 
     def extra_repr(self) -> str:
@@ -99,4 +105,6 @@ class SamToNeLoss(nn.Module):
             f"doc_anchor_weight={self.doc_anchor_weight:g}, normalize={self.normalize}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}, "
             f"gather_across_devices={self.gather_across_devices}"
+            + (f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength:g}"
+               if self.hardness_mode else "")
         )

@@ -20,15 +20,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from samtone_kernels import fused_samtone_loss  # noqa: E402
 
 DIRECTION_SETS = [("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
-                  ("q2d", "q2q", "d2q", "d2d")]
+                  ("q2d", "q2q", "d2q", "d2d"), ("q2d", "d2d"), ("q2d", "q2q", "d2d")]
+HARDNESS_MODES = [None, "in_batch_negatives", "hard_negatives", "all_negatives"]
 
 
 def configurations(count: int, seed: int):
     rng = np.random.default_rng(seed)
     for k in range(count):
-        partition = ["per_anchor", "joint"][k % 2]
+        directions = DIRECTION_SETS[(k * 5 + seed) % len(DIRECTION_SETS)]
+        joint_only = "d2d" in directions and "d2q" not in directions
+        partition = "joint" if joint_only else ["per_anchor", "joint"][k % 2]
         yield dict(
-            directions=DIRECTION_SETS[(k * 5 + seed) % len(DIRECTION_SETS)],
+            directions=directions,
+            hardness_mode=HARDNESS_MODES[(k + seed) % len(HARDNESS_MODES)],
             partition=partition,
             doc_anchor_weight=1.0 if partition == "joint" else float(rng.choice([1.0, 0.1, 2.0])),
             normalize=bool(k % 3 == 0),
@@ -52,6 +56,8 @@ def check(rank: int, world: int, sizes: list[int], backend: str, cfg: dict) -> N
         full.append(torch.randn(total, cfg["n_hard"], cfg["dim"], generator=g, dtype=dtype))
     groups = torch.randint(0, 3, (total,), generator=g) if cfg["groups"] else None  # ties across ranks
     options = {k: cfg[k] for k in ("directions", "partition", "doc_anchor_weight", "normalize", "reduction")}
+    if cfg["hardness_mode"]:
+        options.update(hardness_mode=cfg["hardness_mode"], hardness_strength=3.0)
 
     def run(tensors, group_ids, gather):
         leaves = [x.clone().requires_grad_() for x in tensors]

@@ -23,6 +23,9 @@ DIRECTION_SETS = [
     ("q2d", "d2q", "d2d"),
     ("q2d", "q2q", "d2q", "d2d"),
 ]
+# Document anchors without d2q: only one joint softmax holds their positive (partition="joint").
+JOINT_ONLY_SETS = [("q2d", "d2d"), ("q2d", "q2q", "d2d")]
+HARDNESS_MODES = ["in_batch_negatives", "hard_negatives", "all_negatives"]
 
 # Unit roundoff of each dtype; every tolerance below is built from these, in this one place.
 EPS = {
@@ -89,11 +92,13 @@ class Case:
         return np.concatenate([np.linalg.norm(x, axis=-1) for x in xs])
 
     def logit_bound(self) -> float:
-        """max |s| over all logits: (max norm)^2 / tau, or 1 / tau after normalisation."""
+        """max |s| over all logits: (max norm)^2 / tau, or 1 / tau after normalisation; with the
+        hardness penalty, plus alpha times the raw similarity (tau times that)."""
         tau = float(self.options["temperature"])
-        if self.options.get("normalize"):
-            return 1.0 / tau
-        return float(self._norms().max()) ** 2 / tau
+        bound = 1.0 / tau if self.options.get("normalize") else float(self._norms().max()) ** 2 / tau
+        if self.options.get("hardness_mode"):
+            bound *= 1.0 + self.options.get("hardness_strength", 0.0) * tau
+        return bound
 
     def upstream(self) -> tuple[float, float]:
         """(max c_i, sum c_i) of the reduction's weights."""
@@ -159,8 +164,10 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     n_pairs = draw(st.integers(1, max_n))
     dim = draw(st.integers(1, max_d))
     n_hard = draw(st.integers(0, max_h))
-    dirs = draw(st.sampled_from(DIRECTION_SETS)) if directions is None else directions
-    partition = draw(st.sampled_from(["per_anchor", "joint"]))
+    dirs = draw(st.sampled_from(DIRECTION_SETS + JOINT_ONLY_SETS)) if directions is None else directions
+    partition = "joint" if dirs in JOINT_ONLY_SETS else draw(st.sampled_from(["per_anchor", "joint"]))
+    hardness_mode = draw(st.sampled_from([None, None, None] + HARDNESS_MODES))
+    hardness_strength = draw(st.sampled_from([0.5, 5.0])) if hardness_mode else 0.0
     weight = 1.0 if partition == "joint" else draw(st.sampled_from([1.0, 0.1, 0.0, 3.0]))
     if group_ids is None:
         groups = draw(st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=n_pairs, max_size=n_pairs)))
@@ -185,4 +192,6 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
         x *= np.where(norms < 0.1 * norm_scale, 0.1 * norm_scale / np.maximum(norms, 1e-30), 1.0)
     options = dict(temperature=temperature, directions=dirs, partition=partition,
                    doc_anchor_weight=weight, normalize=normalize, reduction=reduction)
+    if hardness_mode:
+        options.update(hardness_mode=hardness_mode, hardness_strength=hardness_strength)
     return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)

@@ -32,9 +32,12 @@ def autograd_of_reference_formula(case: Case):
 
     qd, qq = block(qh, cols, blocks.keep_qd), block(qh, qh, blocks.keep_qq)
     dq, dd = block(dh, qh, blocks.keep_dq), block(dh, cols, blocks.keep_dd)
+    if opts.get("hardness_mode"):  # + alpha * stop_grad(raw similarity) on the mode's q2d entries
+        mask = reference.hardness_mask(len(case.q), cols.shape[0] // len(case.q), opts["hardness_mode"])
+        qd = qd + opts["hardness_strength"] * (qh @ cols.T).detach() * torch.from_numpy(mask)
     dirs = set(opts["directions"])
     q_side = [qd] + ([qq] if "q2q" in dirs else [])
-    d_side = ([dq] + ([dd] if "d2d" in dirs else [])) if "d2q" in dirs else []
+    d_side = ([dq] if "d2q" in dirs else []) + ([dd] if "d2d" in dirs else [])
     pos = (qh * dh).sum(-1) / tau
     if opts["partition"] == "joint" or not d_side:
         losses = torch.logsumexp(torch.cat(q_side + d_side, 1), 1) - pos

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
-from helpers import DEVICE, Case, assert_grad_close, assert_loss_close, cases, require
+from helpers import (DEVICE, DIRECTION_SETS, HARDNESS_MODES, JOINT_ONLY_SETS, Case, assert_grad_close,
+                     assert_loss_close, cases, require)
 from samtone_kernels import SamToNeLoss, fused_samtone_loss
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -70,6 +71,9 @@ def test_infonce_is_cross_entropy(case):
         n = None if n is None else F.normalize(n, dim=-1)
     cols = d if n is None else torch.cat([d] + [n[:, k] for k in range(n.shape[1])])
     logits = q @ cols.T / case.options["temperature"]
+    if case.options.get("hardness_mode"):  # the penalised logits, as sentence-transformers writes them
+        mask = reference.hardness_mask(q.shape[0], cols.shape[0] // q.shape[0], case.options["hardness_mode"])
+        logits = logits + case.options["hardness_strength"] * (q @ cols.T) * torch.from_numpy(mask)
     expected = F.cross_entropy(logits, torch.arange(q.shape[0]), reduction=case.options["reduction"])
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
 
@@ -129,6 +133,8 @@ def test_scaling_embeddings_by_c_and_temperature_by_c2(case, c):
     kwargs["normalize"] = False
     base = fused_samtone_loss(q, d, n, backend="torch", **kwargs)
     kwargs["temperature"] = kwargs["temperature"] * c * c
+    if "hardness_strength" in kwargs:  # alpha * x . y: the raw similarity scales by c^2 too
+        kwargs["hardness_strength"] = kwargs["hardness_strength"] / (c * c)
     scaled = fused_samtone_loss(q * c, d * c, None if n is None else n * c, backend="torch", **kwargs)
     torch.testing.assert_close(scaled, base, rtol=1e-9, atol=1e-9 * case.logit_bound())
 
@@ -154,11 +160,36 @@ ST_NAMES = {"q2d": "query_to_doc", "q2q": "query_to_query", "d2q": "doc_to_query
 
 
 def _mnrl_configurations():
-    for dirs in [("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
-                 ("q2d", "q2q", "d2q", "d2d")]:
+    """Every direction set MNRL accepts: with "joint" any set holding q2d; "per_direction" refuses
+    q2q and d2d."""
+    for dirs in DIRECTION_SETS + JOINT_ONLY_SETS:
         yield dirs, "joint", "joint"
         if not {"q2q", "d2d"} & set(dirs):
             yield dirs, "per_direction", "per_anchor"
+
+
+@pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
+@pytest.mark.parametrize("hardness_mode", HARDNESS_MODES)
+@pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
+def test_hardness_weighting_equals_sentence_transformers_mnrl(dirs, st_mode, partition, hardness_mode, similarity):
+    """Values and gradients in float64 against MNRL itself, with hard negatives (and a batch of 1)."""
+    losses = require("sentence_transformers.sentence_transformer.losses")
+    util = require("sentence_transformers.util")
+    for n_pairs, n_hard in [(7, 2), (1, 1)]:
+        rng = np.random.default_rng(len(dirs) * 10 + n_pairs + len(hardness_mode))
+        columns = [torch.tensor(rng.standard_normal((n_pairs, 9)) / 3, requires_grad=True) for _ in range(2 + n_hard)]
+        scale = 20.0 if similarity == "cos_sim" else 2.0
+        mnrl = losses.MultipleNegativesRankingLoss(
+            model=None, scale=scale, similarity_fct=getattr(util, similarity), partition_mode=st_mode,
+            directions=tuple(ST_NAMES[x] for x in dirs), hardness_mode=hardness_mode, hardness_strength=5.0,
+        )
+        theirs = mnrl.compute_loss_from_embeddings(columns, labels=None)
+        ours = fused_samtone_loss(columns[0], columns[1], torch.stack(columns[2:], dim=1), temperature=1.0 / scale,
+                                  directions=dirs, partition=partition, normalize=similarity == "cos_sim",
+                                  hardness_mode=hardness_mode, hardness_strength=5.0, backend="torch")
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(ours, columns), torch.autograd.grad(theirs, columns)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))

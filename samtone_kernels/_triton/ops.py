@@ -1,0 +1,350 @@
+"""Launchers and the two ``torch.library.custom_op``s (forward, backward) with fake implementations
+and an autograd formula, so ``torch.compile`` traces around them.
+
+The launches come from ``plan``: ``forward_launches`` gives the statistics' rows, ``backward_launches``
+the gradients, one float32 buffer per tensor that the epilogue turns into the gradient in the
+input dtype. The fakes read the same plan, so they cannot disagree with what the launchers return.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .._options import LossOptions
+from .._rows import inverse_norms, row_chunks
+from . import plan
+from .kernels import EPILOGUE, bucket, epilogue_kernel, grad_kernel, lse_kernel
+
+# Set by tests: fill every buffer the kernels must write with NaN before launching them.
+POISON_OUTPUTS = False
+
+#: A gradient launch after the first holds its float32 buffer for a block of rows at most this many
+#: copies of the tensor in its own dtype (16-bit inputs: half the rows at a time), so that beside the
+#: gradients already made only one more copy is alive. The first launch has nothing beside it.
+LATER_BUFFER_COPIES = 1.0
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 dots follow torch's matmul setting (TF32 only if the user allowed it)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for 16-bit inputs
+
+
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=like.device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _directions(q2q: bool, d2q: bool, d2d: bool) -> tuple[str, ...]:
+    return ("q2d",) + ("q2q",) * q2q + ("d2q",) * d2q + ("d2d",) * d2d
+
+
+def _as3(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 3 else x.unsqueeze(1)
+
+
+class _Batch:
+    """The tensors of one call by their plan names, their inverse norms, and the kernels' arguments.
+
+    ``q, d`` [n, D] are the anchors, pairs ``offset ..`` of the candidates ``q_all, d_all`` [N, D]
+    and ``n_all`` [N, H, D] (the same tensors as the anchors when ``shared``). With ``normalize``
+    (NORMED) the kernels scale logit tiles by float32 inverse norms: ``norm(name)`` [K, rows]
+    (row-major [rows, K] for the epilogue: ``norm(name, rows_major=True)``); otherwise every norm
+    argument is a placeholder the kernels never read.
+    """
+
+    def __init__(self, q, d, q_all, d_all, n_all, groups, offset, normalize, hardness=0.0, hardness_mode=""):
+        self.shared = q_all is None
+        self.hardness = float(hardness) if hardness_mode else 0.0  # alpha of the hardness penalty
+        self.hardness_mode = hardness_mode or None
+        self.tensors = {"q": q, "d": d, "q_all": q if self.shared else q_all, "d_all": d if self.shared else d_all,
+                        "n_all": n_all}
+        self.tensors["n"] = n_all
+        self.n_anchor, self.dim = q.shape
+        self.n_cand = self.tensors["q_all"].shape[0]
+        self.n_hard = 0 if n_all is None else n_all.shape[1]
+        self.offset = offset
+        self.normalize = normalize
+        self.placeholder = torch.ones((), dtype=torch.float32, device=q.device)
+        self.groups, self.has_groups = (groups.contiguous(), True) if groups is not None else (q, False)
+        self._norms: dict[str, torch.Tensor] = {}
+        if normalize:
+            for name in ("q", "d") if self.shared else ("q", "d", "q_all", "d_all"):
+                self._norms[name] = inverse_norms(self.tensors[name])
+            if self.shared:
+                self._norms["q_all"], self._norms["d_all"] = self._norms["q"], self._norms["d"]
+            if n_all is not None:
+                self._norms["n_all"] = self._norms["n"] = inverse_norms(n_all)  # [N, H]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def norm(self, name: str, rows_major: bool = False) -> torch.Tensor:
+        if not self.normalize:
+            return self.placeholder
+        r = self._norms[name]
+        return r if rows_major or r.dim() == 1 else r.t().contiguous()
+
+    def segments(self, anchors: bool) -> dict:
+        """Kernel arguments of the Q, D and hard-negative segments: the candidates, or (``anchors``)
+        the local anchors, whose hard negatives are never walked (a valid pointer stands in)."""
+        q, d = (self.tensors["q"], self.tensors["d"]) if anchors else (self.tensors["q_all"], self.tensors["d_all"])
+        rq, rd = (self.norm("q"), self.norm("d")) if anchors else (self.norm("q_all"), self.norm("d_all"))
+        neg = self.tensors["n_all"]
+        if anchors or neg is None:
+            neg, rneg = d.unsqueeze(1), self.placeholder
+        else:
+            rneg = self.norm("n_all")
+        return dict(Q=q, sqn=q.stride(0), sqd=q.stride(1), RQ=rq, D=d, sdn=d.stride(0), sdd=d.stride(1), RD=rd,
+                    NEG=neg, snn=neg.stride(0), snh=neg.stride(1), snd=neg.stride(2), RNEG=rneg)
+
+    def flags(self, launch: plan.Launch, kernel) -> dict:
+        names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names
+        flags = launch.flags(self.has_groups, self.hardness_mode if self.hardness else None)
+        return {k: v for k, v in flags.items() if k in names}
+
+
+def _grid(n_rows: int, blocks: int = 1):
+    return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), blocks)
+
+
+@torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
+def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_all: torch.Tensor | None,
+               n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
+               q2q: bool, d2q: bool, d2d: bool, normalize: bool, hardness: float = 0.0,
+               hardness_mode: str = "") -> torch.Tensor:
+    """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
+    ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
+    0), with d2q or d2d log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
+    ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
+    ``normalize``: every embedding is used as its unit vector (the kernels scale logit tiles).
+    ``hardness``, ``hardness_mode`` ("" for none): the q2d softmax's hardness penalty."""
+    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normalize, hardness, hardness_mode)
+    launches = plan.forward_launches(_directions(q2q, d2q, d2d))
+    stats = _empty((len(launches) + 1, batch.n_anchor), q)
+    segments = batch.segments(anchors=False)
+    for a, launch in enumerate(launches):
+        x = batch.tensor(launch.rows)
+        lse_kernel[_grid(batch.n_anchor)](
+            X=x, sxn=x.stride(0), sxd=x.stride(1), RX=batch.norm(launch.rows), **segments, G=batch.groups,
+            SCALE=scale, LSE=stats[a], n_rows=batch.n_anchor, n_cols=batch.n_cand, row_offset=offset,
+            dim=batch.dim, n_hard=batch.n_hard, rows_bucket=bucket(batch.n_anchor), cols_bucket=bucket(batch.n_cand),
+            hardness=batch.hardness, **batch.flags(launch, lse_kernel), NORMED=normalize,
+            PRECISION=_precision(q.dtype),
+        )
+    r_q, r_d = batch.norm("q"), batch.norm("d")
+    for c in row_chunks(q):  # float32 products in bounded chunks (no float32 copy of q or d)
+        qc, dc = q[c].float(), d[c].float()
+        if normalize:
+            qc, dc = qc * r_q[c].unsqueeze(-1), dc * r_d[c].unsqueeze(-1)
+        stats[-1, c] = (qc * dc).sum(-1) * scale
+    return stats
+
+
+@row_lse_op.register_fake
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness=0.0, hardness_mode=""):
+    return q.new_empty((3 if d2q or d2d else 2, q.shape[0]), dtype=torch.float32)
+
+
+class _Backward:
+    """The state of one backward call: upstream weights rescaled for the kernels, and one gradient
+    per launch (``run``), made by ``grad_kernel`` into a float32 buffer and finished by the epilogue."""
+
+    def __init__(self, batch: _Batch, grad_stats, stats, scale, n_stats: int, want_dots: bool):
+        self.batch = batch
+        lse, grad_lse = stats[:n_stats].contiguous(), grad_stats[:n_stats]
+        # The positive logit p_i = scale * q_i . d_i: dF/dq_i += c_i d_i and dF/dd_i += c_i q_i, with
+        # c_i = scale * grad_p_i, added by the epilogue of q's and d's gradients.
+        self.pos_coef = (grad_stats[n_stats].float() * scale).contiguous()
+        # Upstream weights are rescaled to max |w| = 1 before the kernels multiply them into P and cast
+        # to the input dtype (float16 would flush 1/N-sized products to zero); the factor comes back in
+        # the epilogue.
+        w_max = grad_lse.abs().amax()
+        w = (grad_lse * torch.where(w_max > 0, 1.0 / w_max, torch.zeros_like(w_max))).float().contiguous()
+        self.stats = {"q": (lse[0], w[0]), "d": (lse[n_stats - 1], w[n_stats - 1])}  # "d": read only with doc anchors
+        self.factor = (scale * w_max).float().reshape(1)
+        self.scale = scale
+        self.precision = _precision(batch.tensor("q").dtype)
+        self.want_dots = want_dots
+        self.dots = torch.zeros((), dtype=torch.float32, device=scale.device)
+        self.made = 0  # launches finished: the first one's buffer holds every row
+
+    def run(self, launch: plan.Launch) -> torch.Tensor:
+        """The gradient of ``launch.rows``, in its dtype. Rows go in blocks whose float32 buffer is at
+        most ``LATER_BUFFER_COPIES`` copies of the tensor, except for the first launch."""
+        b = self.batch
+        x = b.tensor(launch.rows)
+        x3 = _as3(x)
+        n_rows = x3.shape[0]
+        out = torch.empty_like(x) if x.dtype == torch.float32 else _empty(x.shape, x, x.dtype)
+        block = n_rows
+        if self.made and x.dtype != torch.float32:
+            block = max(1, math.floor(n_rows * LATER_BUFFER_COPIES * x.element_size() / 4))
+        for r0 in range(0, n_rows, block):
+            rows = slice(r0, min(n_rows, r0 + block))
+            buf = out[rows] if x.dtype == torch.float32 else None  # float32: the gradient is the buffer
+            buf = self._buffer(launch, x3[rows], r0, buf)
+            self._finish(launch, buf, x, out, rows)
+            del buf
+        self.made += 1
+        return out
+
+    def _buffer(self, launch: plan.Launch, x3: torch.Tensor, r0: int, buf: torch.Tensor | None) -> torch.Tensor:
+        """``grad_kernel`` over rows ``r0 ..`` of the launch's tensor, into a float32 buffer."""
+        b = self.batch
+        if buf is None or POISON_OUTPUTS:
+            buf = _empty(x3.shape, x3) if buf is None else buf.fill_(float("nan"))
+        if not launch.walks:  # the local documents of a gathered batch without d2q: the positive logit only
+            return buf.zero_()
+        buf3 = _as3(buf)
+        n_rows, blocks = x3.shape[0], x3.shape[1]
+        lse_r, w_r = self.stats[launch.anchor] if launch.anchor else self.stats["q"]  # read only with a row walk
+        lse_q, w_q = self.stats["q"]
+        lse_d, w_d = self.stats["d"]
+        rx = b.norm(launch.rows)
+        if b.normalize:
+            rx = (rx[:, r0:r0 + n_rows] if rx.dim() == 2 else rx[r0:r0 + n_rows]).contiguous()
+        row_offset = r0 + (b.offset if launch.rows in ("q", "d") else 0)
+        col_offset = b.offset if launch.candidates_are_anchors else 0
+        n_cols = b.n_anchor if launch.candidates_are_anchors else b.n_cand
+        grad_kernel[_grid(n_rows, blocks)](
+            OUT=buf3, son=buf3.stride(0), sok=buf3.stride(1), sod=buf3.stride(2),
+            X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
+            **b.segments(launch.candidates_are_anchors), G=b.groups, SCALE=self.scale,
+            LSE_R=lse_r[r0:] if launch.anchor else lse_r, W_R=w_r[r0:] if launch.anchor else w_r,
+            LSE_Q=lse_q, W_Q=w_q, LSE_D=lse_d, W_D=w_d,
+            n_rows=n_rows, n_cols=n_cols, row_offset=row_offset, col_offset=col_offset, dim=b.dim,
+            n_hard=b.n_hard, rows_bucket=bucket(n_rows), cols_bucket=bucket(n_cols), hardness=b.hardness,
+            **b.flags(launch, grad_kernel), NORMED=b.normalize, PRECISION=self.precision,
+        )
+        return buf
+
+    def _finish(self, launch: plan.Launch, buf: torch.Tensor, x: torch.Tensor, out: torch.Tensor, rows: slice):
+        """Rows ``rows`` of x's gradient from their float32 buffer (``epilogue_kernel``: the factor,
+        the positive logit's term for the anchors q and d, the normalisation), written over the
+        buffer for float32; <unit(x), grad> is added to the dots."""
+        b = self.batch
+        partner = {"q": "d", "d": "q"}.get(launch.rows)
+        x3, buf3, out3 = _as3(x[rows]), _as3(buf), _as3(out[rows])
+        n_x, k = x3.shape[0], x3.shape[1]
+        row_dots = _empty((n_x * k,), x) if self.want_dots else b.placeholder  # written only if wanted
+        p = b.tensor(partner)[rows] if partner else x3  # a valid pointer, never read without HAS_PARTNER
+        rx = b.norm(launch.rows, rows_major=True)
+        r_p = b.norm(partner) if partner else b.placeholder
+        if b.normalize:
+            rx, r_p = rx[rows].contiguous(), (r_p[rows] if partner else r_p)
+        epilogue_kernel[(triton.cdiv(n_x * k, EPILOGUE["BLOCK_R"]),)](
+            out3, out3.stride(0), out3.stride(1), out3.stride(2), buf3, buf3.stride(0), buf3.stride(1),
+            buf3.stride(2), x3, x3.stride(0), x3.stride(1), x3.stride(2), rx, p, p.stride(0), p.stride(-1),
+            r_p, self.pos_coef[rows], self.factor, row_dots, n_x, k, b.dim,
+            HAS_PARTNER=partner is not None, NORMED=b.normalize, DOTS_WANTED=self.want_dots, **EPILOGUE,
+        )
+        if self.want_dots:
+            self.dots = self.dots + row_dots.sum()
+
+
+def _outputs(shared: bool, directions) -> dict[str, bool]:
+    """Which of (dq, dd, dq_all, dd_all, dn_all) the backward returns with rows (the others come
+    back with 0 rows): the tensors some launch owns."""
+    owned = {launch.rows for launch in plan.backward_launches(directions, shared)}
+    if shared:
+        return {"q": True, "d": True, "q_all": False, "d_all": False, "n_all": "n" in owned}
+    return {"q": True, "d": True, "q_all": "q_all" in owned, "d_all": "d_all" in owned, "n_all": "n_all" in owned}
+
+
+@torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
+def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                        q_all: torch.Tensor | None, d_all: torch.Tensor | None, n_all: torch.Tensor | None,
+                        groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
+                        d2d: bool, normalize: bool, hardness: float, hardness_mode: str, want_dots: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
+
+    Returns ``(dq, dd, dq_all, dd_all, dn_all, dots)``: dq, dd [n, D] the anchors' (with the
+    candidates' part when ``q_all`` is None: the candidates are the anchors); dq_all, dd_all [N, D]
+    and dn_all [N, H, D] the candidates'. A tensor with no role in the selected directions comes
+    back with 0 rows (dn_all: H = 0). ``dots`` [] float32 is the sum over every input and role of
+    <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0; with ``normalize``, X are the
+    unit vectors and the gradients are taken back through the normalisation (the epilogue).
+    """
+    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normalize, hardness, hardness_mode)
+    directions = _directions(q2q, d2q, d2d)
+    backward = _Backward(batch, grad_stats, stats, scale, 2 if d2q or d2d else 1, want_dots)
+    grads = {launch.rows: backward.run(launch) for launch in plan.backward_launches(directions, batch.shared)
+             if batch.tensor(launch.rows) is not None}  # without hard negatives, no launch for them
+    grads["n_all"] = grads.get("n_all", grads.get("n"))
+    have = _outputs(batch.shared, directions)
+    none = {name: batch.tensor(name).new_empty((0, *batch.tensor(name).shape[1:]))
+            for name in ("q_all", "d_all") if not have[name]}
+    dn_all = grads["n_all"] if have["n_all"] else q.new_empty((batch.n_cand, 0, batch.dim))
+    return (grads["q"], grads["d"], grads.get("q_all", none.get("q_all")), grads.get("d_all", none.get("d_all")),
+            dn_all, backward.dots)
+
+
+@row_lse_backward_op.register_fake
+def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness,
+      hardness_mode, want_dots):
+    shared = q_all is None
+    q_all, d_all = (q, d) if shared else (q_all, d_all)
+    have = _outputs(shared, _directions(q2q, d2q, d2d))
+
+    def rows(x, present):
+        return x.new_empty(x.shape if present else (0, *x.shape[1:]))
+
+    dn_all = n_all.new_empty(n_all.shape) if n_all is not None and have["n_all"] else \
+        q.new_empty((q_all.shape[0], 0, q.shape[1]))
+    return (rows(q, True), rows(d, True), rows(q_all, have["q_all"]), rows(d_all, have["d_all"]), dn_all,
+            q.new_empty((), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness, hardness_mode = inputs
+    ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
+    ctx.flags = (offset, q2q, d2q, d2d, normalize, hardness, hardness_mode)
+
+
+def _backward(ctx, grad_stats):
+    q, d, q_all, d_all, n_all, groups, scale, stats = ctx.saved_tensors
+    want_dots = ctx.needs_input_grad[6]
+    *grads, dots = row_lse_backward_op(grad_stats.contiguous(), stats, q, d, q_all, d_all, n_all, groups,
+                                       scale, *ctx.flags, want_dots)
+    # A tensor with no role in the selected directions gets no gradient (it came back with 0 rows).
+    dq, dd, dq_all, dd_all, dn_all = (None if x is None or gx.shape != x.shape else gx
+                                      for x, gx in zip((q, d, q_all, d_all, n_all), grads))
+    # Homogeneity (package docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input in
+    # every role it plays (anchor and candidate); the op summed the dots before casting.
+    dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None, None, None
+
+
+row_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def row_stats_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
+                     n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
+                     offset: int, options: LossOptions, normalize: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused counterpart of ``row_lse_torch`` (same arguments): the [A, n] float32 log-partitions, and
+    the [n] float32 positive logits ``scale * q_i . d_i`` (one op, so their gradients share buffers).
+
+    Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
+    a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
+    (``q_all is q and d_all is d``), each tensor's whole gradient comes from one launch. ``normalize``:
+    the kernels use each embedding's unit vector, scaling logit tiles by inverse norms (no copy);
+    float16 inputs must not use it (products of probabilities and inverse norms, cast to float16 in
+    the backward, could leave its range), the caller normalises them into a copy instead.
+    """
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.full((), scale, dtype=torch.float32, device=q.device)
+    if q_all is q and d_all is d:
+        q_all = d_all = None
+    stats = row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
+                       options.q2q, options.d2q, options.d2d, normalize, options.hardness, options.hardness_mode or "")
+    return stats[:-1], stats[-1]

@@ -1,0 +1,98 @@
+"""The kernels survive the autotuner: the first call of a shape, which benchmarks every config by
+launching it several times on the live buffers, gives the same values and gradients as a later call
+that uses the cached choice.
+
+Under the interpreter the kernels have one config and the autotuner never benchmarks. Here every
+autotuned kernel gets two configs and a stand-in for ``do_bench`` that launches each config twice
+(the GPU benchmark launches it many times), so a kernel that reads what an earlier launch wrote
+(adding into its output) gives a different first answer. Every flag of the launch plan takes each
+of its values: each direction set, groups, hard negatives, normalisation, hardness weighting, and a
+gathered batch's anchor and candidate launches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from helpers import DEVICE, DIRECTION_SETS, HARDNESS_MODES, JOINT_ONLY_SETS
+from samtone_kernels import _triton, fused_samtone_loss
+from samtone_kernels._options import check_options
+
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's autotuner path (GPU: the real one)")
+
+
+@pytest.fixture
+def benchmarked(monkeypatch):
+    """Two configs per kernel, a fresh tuning cache, and a do_bench that launches each config twice.
+    Returns the list of benchmark calls, so a test can check tuning did happen."""
+    calls = []
+
+    def do_bench(kernel_call, quantiles=None):
+        for _ in range(2):
+            kernel_call()
+        calls.append(1)
+        return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
+
+    for kernel in _triton.AUTOTUNED:  # tiles the interpreter runs at any size; the tuner sees two configs
+        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=w, num_stages=1)
+                   for w in (4, 8)]
+        monkeypatch.setattr(kernel, "configs", configs)
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", do_bench)  # over the cached_property (no driver here)
+    monkeypatch.setattr(_triton.ops, "POISON_OUTPUTS", True)
+    return calls
+
+
+def _step(inputs, **kwargs):
+    tau = torch.tensor(0.2, requires_grad=True)
+    loss = fused_samtone_loss(*inputs, temperature=tau, backend="triton", reduction="sum", **kwargs)
+    return [loss.detach(), *torch.autograd.grad(loss, [*inputs, tau])]
+
+
+# Every flag of the plan takes each value somewhere: direction sets (joint-only ones too), groups,
+# hard negatives, normalisation, hardness weighting.
+VARIANTS = [(dirs, i % 2 == 1, HARDNESS_MODES[i % 3] if i % 2 == 0 else None)
+            for i, dirs in enumerate(DIRECTION_SETS + JOINT_ONLY_SETS)]
+
+
+@pytest.mark.parametrize("directions,normalize,hardness_mode", VARIANTS, ids=str)
+def test_first_call_equals_cached_call(benchmarked, directions, normalize, hardness_mode):
+    g = torch.Generator().manual_seed(len(directions))
+    n_pairs, dim = 17, 9  # two row tiles
+    groups = torch.randint(0, 9, (n_pairs,), generator=g)
+    inputs = [torch.randn(*shape, generator=g).requires_grad_()
+              for shape in [(n_pairs, dim), (n_pairs, dim), (n_pairs, 1, dim)]]
+    kwargs = dict(directions=directions, group_ids=groups if normalize else None, normalize=normalize,
+                  partition="joint" if directions in JOINT_ONLY_SETS else "per_anchor")
+    if hardness_mode:
+        kwargs.update(hardness_mode=hardness_mode, hardness_strength=3.0)
+    first = _step(inputs, **kwargs)
+    assert benchmarked, "the autotuner did not benchmark"
+    tuned = len(benchmarked)
+    cached = _step(inputs, **kwargs)
+    assert len(benchmarked) == tuned, "the second call re-tuned"
+    for a, b in zip(first, cached):
+        assert torch.equal(a, b), (directions, normalize, (a - b).abs().max())
+
+
+def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
+    """Anchors that are pairs 5..21 of the candidates: the anchor and candidate launches of a
+    gathered batch."""
+    options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
+                            normalize=False, reduction="mean", backend="triton")
+    g = torch.Generator().manual_seed(7)
+    q, d = (torch.randn(29, 9, generator=g).requires_grad_() for _ in range(2))
+    n = torch.randn(29, 1, 9, generator=g).requires_grad_()
+    groups = torch.randint(0, 5, (29,), generator=g)
+    results = []
+    for _ in range(2):
+        scale = torch.tensor(3.0, requires_grad=True)
+        lse, pos = _triton.row_stats_triton(q[5:22], d[5:22], q, d, n, scale, groups, 5, options)
+        stats = torch.cat([lse, pos[None]])
+        weights = torch.linspace(-0.5, 1.5, stats.numel()).view_as(stats)
+        results.append([stats.detach(), *torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])])
+    assert benchmarked
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,0 +1,85 @@
+"""The work the fused kernels execute, counted under the interpreter (``counting.py``): matmul FLOPs
+against the textbook count, and bytes of global loads and stores per textbook FLOP.
+
+Textbook: each logit block (anchor kind x candidate segment, N x N x D) costs 3 tile matmuls of
+2 N^2 D FLOPs: the forward S = X Y^T, the backward G Y and G^T X.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import triton
+
+from counting import count_kernel_work
+from helpers import DIRECTION_SETS
+from samtone_kernels import _triton, fused_samtone_loss
+from samtone_kernels._options import check_options
+from samtone_kernels._triton import plan
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts under the interpreter")
+
+# Executed / textbook FLOPs, deterministic default (the candidates are the anchors): issue targets.
+FLOP_CEILINGS = {("q2d",): 1.67, ("q2d", "q2q"): 1.34, ("q2d", "d2q"): 1.0, ("q2d", "q2q", "d2q", "d2d"): 1.0}
+
+
+def _textbook(directions, n_pairs: int, dim: int, n_hard: int) -> int:
+    return sum(3 * 2 * n_pairs * n_pairs * dim * (n_hard if b.segment == "n" else 1) for b in plan.selected(directions))
+
+
+def _count(directions, n_pairs, dim, n_hard, dtype=torch.float32, shared=True):
+    g = torch.Generator().manual_seed(0)
+    q, d = (torch.randn(n_pairs, dim, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    n = torch.randn(n_pairs, n_hard, dim, generator=g).to(dtype).requires_grad_() if n_hard else None
+    inputs = [q, d] + ([n] if n_hard else [])
+    with count_kernel_work() as counts:
+        if shared:
+            loss = fused_samtone_loss(*inputs, directions=directions, backend="triton")
+        else:  # the same pairs passed as a gathered batch: anchor and candidate launches apart
+            options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
+                                    normalize=False, reduction="mean", backend="triton")
+            lse, pos = _triton.row_stats_triton(q, d, q * 1, d * 1, n, 20.0, None, 0, options)
+            loss = lse.sum() - pos.sum()
+        torch.autograd.grad(loss, inputs)
+    return counts
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["single", "gathered"])
+@pytest.mark.parametrize("n_hard", [0, 1])
+@pytest.mark.parametrize("directions", DIRECTION_SETS, ids="-".join)
+def test_matmul_flops_match_the_plan(directions, n_hard, shared):
+    """N = 32, D = 16 (multiples of the interpreter's 16-wide tiles: no padded FLOPs)."""
+    n_pairs, dim = 32, 16
+    counts = _count(directions, n_pairs, dim, n_hard, shared=shared)
+    executed, textbook = plan.tile_units(directions, n_hard, shared)
+    assert counts.flops == executed * 2 * n_pairs * n_pairs * dim
+    assert textbook * 2 * n_pairs * n_pairs * dim == _textbook(directions, n_pairs, dim, n_hard)
+    ratio = executed / textbook
+    if shared and not n_hard and directions in FLOP_CEILINGS:
+        assert ratio <= FLOP_CEILINGS[directions], ratio
+    assert ratio <= 5 / 3 + 1e-9  # no block costs more than one without a partner
+
+
+# Bytes of loads + stores per textbook FLOP at float16, N = 256, D = 768, 128 x 128 x 64 tiles (no
+# cache), as counted on this design (bench/RESULTS.md): the ceilings hold it there so it cannot grow.
+# (The kernel issue's targets, 0.03 / 0.02 / 0.015, are not reached yet.)
+BYTE_CEILINGS = {("q2d",): 0.046, ("q2d", "q2q"): 0.036, ("q2d", "q2q", "d2q", "d2d"): 0.025}
+
+
+@pytest.mark.parametrize("directions,n_hard", [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "q2q", "d2q", "d2d"), 0)],
+                         ids=["infonce-1neg", "samtone", "bidirectional"])
+def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
+    for kernel in _triton.AUTOTUNED:
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64},
+                                                              num_warps=8, num_stages=2)])
+        monkeypatch.setattr(kernel, "cache", {})
+    n_pairs, dim = 256, 768
+    counts = _count(directions, n_pairs, dim, n_hard, dtype=torch.float16)
+    ratio = (counts.load_bytes + counts.store_bytes) / _textbook(directions, n_pairs, dim, n_hard)
+    per_kernel = {k: (v["load_bytes"] + v["store_bytes"]) / _textbook(directions, n_pairs, dim, n_hard)
+                  for k, v in counts.per_kernel.items()}
+    print(f"bytes per textbook FLOP {'-'.join(directions)} H={n_hard}: {ratio:.4f} "
+          + " ".join(f"{k} {v:.4f}" for k, v in per_kernel.items()))  # bench/RESULTS.md (pytest -s)
+    assert ratio <= BYTE_CEILINGS[directions], ratio
