@@ -98,7 +98,7 @@ def test_equals_mnrl(directions, partition_mode, n_neg, similarity):
 @pytest.mark.parametrize("n_neg", [0, 2])
 @pytest.mark.parametrize("directions,partition_mode", CONFIGS_WITHOUT_D2Q)
 def test_joint_direction_subsets_without_d2q(directions, partition_mode, n_neg, similarity):
-    """MNRL accepts "doc_to_doc" without "doc_to_query" (joint); fused_samtone_loss is gaining it."""
+    """MNRL accepts "doc_to_doc" without "doc_to_query" (joint), and so does fused_samtone_loss."""
     _assert_equal_to_mnrl(dict(scale=20.0 if similarity == "cos_sim" else 1.5, similarity_fct=SIMILARITIES[similarity],
                                directions=directions, partition_mode=partition_mode), n_neg)
 
@@ -106,7 +106,7 @@ def test_joint_direction_subsets_without_d2q(directions, partition_mode, n_neg, 
 @pytest.mark.parametrize("similarity", list(SIMILARITIES))
 @pytest.mark.parametrize("hardness_mode", ["in_batch_negatives", "hard_negatives", "all_negatives"])
 def test_hardness_equals_mnrl(hardness_mode, similarity):
-    """MNRL's hardness weighting, which fused_samtone_loss is gaining (hardness_mode, hardness_strength)."""
+    """MNRL's hardness weighting (fused_samtone_loss's hardness_mode, hardness_strength)."""
     for (directions, partition_mode), n_neg, strength in itertools.product(
         [(("query_to_doc",), "joint"), (ALL, "joint"), (("query_to_doc", "doc_to_query"), "per_direction")],
         [0, 2], [5.0, 0.0],
@@ -115,6 +115,19 @@ def test_hardness_equals_mnrl(hardness_mode, similarity):
                                    similarity_fct=SIMILARITIES[similarity], directions=directions,
                                    partition_mode=partition_mode, hardness_mode=hardness_mode,
                                    hardness_strength=strength), n_neg, batch_sizes=[1, 4, 7])
+
+
+@pytest.mark.parametrize("directions,partition_mode", CONFIGS + CONFIGS_WITHOUT_D2Q)
+def test_random_configurations_equal_mnrl(directions, partition_mode):
+    """Every direction set x partition x hardness mode x 0-3 negatives x cos/dot, batch 1-17."""
+    rng = np.random.default_rng(len(directions) * 7 + len(partition_mode))
+    for hardness_mode, similarity in itertools.product([None, "in_batch_negatives", "hard_negatives",
+                                                        "all_negatives"], SIMILARITIES):
+        kwargs = dict(scale=20.0 if similarity == "cos_sim" else 1.5, similarity_fct=SIMILARITIES[similarity],
+                      directions=directions, partition_mode=partition_mode)
+        if hardness_mode:
+            kwargs.update(hardness_mode=hardness_mode, hardness_strength=float(rng.choice([1.0, 9.0])))
+        _assert_equal_to_mnrl(kwargs, int(rng.integers(0, 4)), batch_sizes=[1, 17, int(rng.integers(2, 17))])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,3 +556,11 @@ def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
         SamToNeLoss(model, mini_batch_size=0)
     with pytest.raises(ValueError, match="mini_batch_num_tokens"):
         SamToNeLoss(model, mini_batch_num_tokens=64)
+
+
+def test_samtone_loss_merges_the_candidate_columns(tiny_model):
+    model = tiny_model()
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(args[0]["input_ids"].shape[0]))
+    SamToNeLoss(model, mask_duplicate_positives=True)(_features(model), None).backward()
+    assert calls == [7, 14]  # anchors, then positives and negatives in one forward

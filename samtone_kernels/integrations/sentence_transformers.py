@@ -155,7 +155,7 @@ class SamToNeLoss(nn.Module):
         if self.mini_batch_size is not None:
             return _cached_loss(self, sentence_features, labels, self.mini_batch_size, self.mini_batch_num_tokens,
                                 show_progress_bar=False)
-        embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
+        embeddings = _embed_columns(self.model, sentence_features)  # candidate columns merged, as MNRL
         return self.compute_loss_from_embeddings(embeddings, labels, group_ids=self._group_ids)
 
     @property
