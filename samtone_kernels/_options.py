@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,8 +16,13 @@ PARTITIONS = ("per_anchor", "joint")
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every input dtype (one table)
 NORM_EPS = 1e-12  # normalize=True divides by max(|x|, NORM_EPS), as torch.nn.functional.normalize
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under its interpreter (``TRITON_INTERPRET=1``, read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class LossOptions:
     backend: str
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
+    gather_across_devices: bool = False
 
     @property
     def q2q(self) -> bool:
@@ -55,16 +63,20 @@ class LossOptions:
 
 
 def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, backend, hardness_mode=None,
-                  hardness_strength=0.0) -> LossOptions:
-    """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument."""
+                  hardness_strength=0.0, gather_across_devices=False) -> LossOptions:
+    """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
+    ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
     if isinstance(directions, str) or not isinstance(directions, Sequence | set | frozenset):
+        single = f"({directions!r},)" if isinstance(directions, str) else "('q2d',)"
         raise TypeError(
             f"directions: expected a sequence of names from {ALL_DIRECTIONS}, got {directions!r} "
-            "(write ('q2d',) for a single direction)"
+            f"(write {single} for a single direction)"
         )
     for name in directions:
         if name not in ALL_DIRECTIONS:
             raise ValueError(f"directions: unknown direction {name!r}, expected names from {ALL_DIRECTIONS}")
+    if len(set(directions)) != len(tuple(directions)):
+        raise ValueError(f"directions: each direction at most once, got {tuple(directions)!r}")
     if "q2d" not in directions:
         raise ValueError("directions: 'q2d' is required (it holds the positive pair)")
     canonical = tuple(name for name in ALL_DIRECTIONS if name in directions)
@@ -85,8 +97,13 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
         raise ValueError(
             "doc_anchor_weight: must be 1.0 with partition='joint' (one softmax has no per-anchor weight)"
         )
+    if weight != 1.0 and "d2q" not in directions:
+        warnings.warn(f"doc_anchor_weight={weight} has no effect without 'd2q' in directions (it weighs the "
+                      "document-anchored loss, as in DANCE)", UserWarning, stacklevel=3)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    if not isinstance(gather_across_devices, bool):
+        raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
@@ -98,7 +115,8 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
     strength = float(hardness_strength)
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
-    return LossOptions(canonical, partition, weight, normalize, reduction, backend, hardness_mode, strength)
+    return LossOptions(canonical, partition, weight, normalize, reduction, backend, hardness_mode, strength,
+                       gather_across_devices)
 
 
 def check_temperature(temperature) -> float | torch.Tensor:
@@ -106,10 +124,10 @@ def check_temperature(temperature) -> float | torch.Tensor:
 
     A tensor's value is checked here when it lives on the CPU; reading a GPU tensor would force a
     host-device sync every step, so there the loss is NaN instead for a value that is not > 0 and
-    finite (see ``temperature_scale``).
+    finite (see ``loss._temperature_scale``).
     """
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or temperature.dim() > 1:
+        if temperature.dim() != 0:
             raise ValueError(
                 f"temperature: expected a 0-dim tensor (or a float), got shape {tuple(temperature.shape)}"
             )
@@ -119,7 +137,7 @@ def check_temperature(temperature) -> float | torch.Tensor:
             value = float(temperature.detach())
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"temperature: expected a finite value > 0, got {value}")
-        return temperature.reshape(())
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature: expected a float or a 0-dim tensor, got {type(temperature).__name__}")
     value = float(temperature)

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+from ._options import FLOAT_DTYPES
+
+_DTYPES = list(FLOAT_DTYPES)  # a dtype crosses the wire as its index here
 _warned_single_process = False
 
 

@@ -8,13 +8,12 @@ exactly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature
+from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature, interpreting
 from ._rows import normalize_rows
 from ._torch_impl import row_lse_torch
 from .distributed import gather_batch
@@ -29,10 +28,6 @@ def triton_available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
@@ -44,7 +39,7 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         raise ValueError("backend='triton': the triton package is not installed (pip install triton)")
     if x.dtype == torch.float64:
         raise TypeError("backend='triton': float64 inputs are not supported by the kernel; use backend='torch'")
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not interpreting():
         raise ValueError(
             "backend='triton' on CPU tensors runs only under the Triton interpreter "
             "(set TRITON_INTERPRET=1 before importing triton); use CUDA tensors or backend='torch'"
@@ -159,12 +154,10 @@ def fused_samtone_loss(
     options = check_options(
         directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
         normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
-        hardness_strength=hardness_strength,
+        hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
-    if not isinstance(gather_across_devices, bool):
-        raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
     backend = _resolve_backend(options.backend, queries)
     if hard_negatives is not None and hard_negatives.shape[1] == 0:
         hard_negatives = None
@@ -176,20 +169,20 @@ def fused_samtone_loss(
     if backend == "torch":
         # Half inputs are upcast once: logits, softmax and statistics all in float32.
         prepared = [x.to(compute_dtype) for x in embeddings]
-        if normalize:
+        if options.normalize:
             prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
     else:
         # The kernels read the input dtype (tensor cores) and accumulate in float32. They normalise
         # by scaling logit tiles with inverse norms, except for a gathered batch (its unit vectors
         # are gathered) and float16 (whose backward products w P / |y| could leave its range): those
         # are normalised into a copy by normalize_rows, which saves no float32 copy for backward.
-        in_kernel_norm = normalize and not gather_across_devices and queries.dtype != torch.float16
+        in_kernel_norm = options.normalize and not options.gather_across_devices and queries.dtype != torch.float16
         prepared = embeddings
-        if normalize and not in_kernel_norm:
+        if options.normalize and not in_kernel_norm:
             prepared = [normalize_rows(x) for x in embeddings]
     q, d, n = prepared + [None] * (3 - len(prepared))
 
-    if gather_across_devices:
+    if options.gather_across_devices:
         batch = gather_batch(q, d, n, group_ids, process_group)
         q_all, d_all, n_all, group_ids = batch.queries, batch.docs, batch.hard_negatives, batch.group_ids
         offset, world, total = batch.offset, batch.world_size, batch.total
@@ -213,9 +206,9 @@ def fused_samtone_loss(
     finite = torch.stack([torch.isfinite(x).all() for x in candidates]).all()
     losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
 
-    if reduction == "none":
+    if options.reduction == "none":
         return losses
     if world == 1:
-        return losses.mean() if reduction == "mean" else losses.sum()
+        return losses.mean() if options.reduction == "mean" else losses.sum()
     # DDP averages gradients over the W ranks: scale so that average is the single-process gradient.
-    return losses.sum() * (world / total if reduction == "mean" else world)
+    return losses.sum() * (world / total if options.reduction == "mean" else world)

@@ -51,7 +51,7 @@ class SamToNeLoss(nn.Module):
         options = check_options(
             directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
             normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength,
+            hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -64,9 +64,7 @@ class SamToNeLoss(nn.Module):
         self.backend = options.backend
         self.hardness_mode = options.hardness_mode
         self.hardness_strength = options.hardness_strength
-        if not isinstance(gather_across_devices, bool):
-            raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
-        self.gather_across_devices = gather_across_devices
+        self.gather_across_devices = options.gather_across_devices
         self.process_group = process_group
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))

@@ -34,7 +34,8 @@ def configurations(count: int, seed: int):
             directions=directions,
             hardness_mode=HARDNESS_MODES[(k + seed) % len(HARDNESS_MODES)],
             partition=partition,
-            doc_anchor_weight=1.0 if partition == "joint" else float(rng.choice([1.0, 0.1, 2.0])),
+            doc_anchor_weight=1.0 if partition == "joint" or "d2q" not in directions
+            else float(rng.choice([1.0, 0.1, 2.0])),
             normalize=bool(k % 3 == 0),
             reduction=["mean", "sum", "none"][k % 3],
             n_hard=int(rng.integers(0, 3)),

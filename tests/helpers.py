@@ -168,7 +168,7 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     partition = "joint" if dirs in JOINT_ONLY_SETS else draw(st.sampled_from(["per_anchor", "joint"]))
     hardness_mode = draw(st.sampled_from([None, None, None] + HARDNESS_MODES))
     hardness_strength = draw(st.sampled_from([0.5, 5.0])) if hardness_mode else 0.0
-    weight = 1.0 if partition == "joint" else draw(st.sampled_from([1.0, 0.1, 0.0, 3.0]))
+    weight = 1.0 if partition == "joint" or "d2q" not in dirs else draw(st.sampled_from([1.0, 0.1, 0.0, 3.0]))
     if group_ids is None:
         groups = draw(st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=n_pairs, max_size=n_pairs)))
     else:

@@ -40,10 +40,13 @@ BAD = [
     ("temperature str", dict(temperature="0.05"), TypeError, "temperature"),
     ("temperature bool", dict(temperature=True), TypeError, "temperature"),
     ("temperature shape", dict(temperature=torch.tensor([0.1, 0.2])), ValueError, "temperature"),
+    ("temperature 1-D", dict(temperature=torch.tensor([0.1])), ValueError, "0-dim"),
     ("temperature int tensor", dict(temperature=torch.tensor(1)), TypeError, "temperature"),
     ("temperature tensor <= 0", dict(temperature=torch.tensor(-1.0)), ValueError, "temperature"),
     ("unknown direction", dict(directions=("q2d", "d2x")), ValueError, "d2x"),
     ("string directions", dict(directions="q2d"), TypeError, "directions"),
+    ("string directions hint", dict(directions="q2q"), TypeError, r"write \('q2q',\)"),
+    ("duplicate direction", dict(directions=("q2d", "q2q", "q2d")), ValueError, "at most once"),
     ("missing q2d", dict(directions=("q2q",)), ValueError, "q2d"),
     ("d2d without d2q", dict(directions=("q2d", "d2d")), ValueError, "d2d"),
     ("unknown hardness mode", dict(hardness_mode="hard"), ValueError, "hardness_mode"),
@@ -81,6 +84,12 @@ def test_bad_input_raises_naming_the_argument(desc, overrides, exc, words, monke
     args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and k != "temperature" else v) for k, v in args.items()}
     with pytest.raises(exc, match=words):
         fused_samtone_loss(args.pop("queries"), args.pop("docs"), args.pop("hard_negatives"), **args)
+
+
+def test_a_doc_anchor_weight_without_d2q_warns():
+    q, d, n = inputs()
+    with pytest.warns(UserWarning, match="doc_anchor_weight"):
+        fused_samtone_loss(q, d, n, directions=("q2d", "q2q"), doc_anchor_weight=0.1, backend="torch")
 
 
 def test_mixed_devices_raise():

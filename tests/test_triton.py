@@ -57,7 +57,7 @@ def test_kernel_every_direction_set_with_ties(directions, partition):
     q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
     q[5], d[5] = q[2], d[2]
     options = dict(temperature=0.2, directions=directions, partition=partition, normalize=True,
-                   doc_anchor_weight=1.0 if partition == "joint" else 0.3, reduction="mean")
+                   doc_anchor_weight=1.0 if partition == "joint" or "d2q" not in directions else 0.3, reduction="mean")
     case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 5, n_pairs), options)
     run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
 
@@ -295,7 +295,8 @@ def test_auto_backend_uses_the_kernel_only_on_cuda(monkeypatch):
 
 
 def test_custom_op_traces_under_torch_compile():
-    """A training step compiled end to end (fullgraph): the op is opaque, with a fake and autograd."""
+    """A training step under torch.compile (graph breaks allowed: the loss's host-side checks): the
+    op is opaque to the compiler, with a fake and an autograd formula."""
     torch._dynamo.reset()
     q, d, n = _inputs()
     tower = torch.nn.Linear(q.shape[1], q.shape[1]).to(DEVICE)

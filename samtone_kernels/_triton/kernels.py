@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._options import NORM_EPS
+from .._options import NORM_EPS, interpreting
 from .tiles import grad_walk, inv_norms, lse_walk
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETING = interpreting()  # read once: the configs below are fixed when the kernels are defined
 _EPS = tl.constexpr(NORM_EPS)
 
 #: Tiles the autotuner chooses from on a GPU: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).

@@ -76,7 +76,8 @@ class SamToNeLoss(nn.Module):
         SamToNe by default; ("q2d",) is MultipleNegativesRankingLoss. sentence-transformers' names
         ("query_to_doc", ...) are accepted too.
     partition, doc_anchor_weight, normalize, gather_across_devices, hardness_mode, hardness_strength
-        As in ``fused_samtone_loss``.
+        As in ``fused_samtone_loss``; ``normalize`` defaults to True here (cosine similarity, as
+        sentence-transformers' ``cos_sim``), to False there.
     mask_duplicate_positives : bool, default False
         Identical positive texts in a batch share a group id, so a duplicated document is never a
         negative of the other query that has it (the doc-doc ablation of the SamToNe paper). The
@@ -121,7 +122,7 @@ class SamToNeLoss(nn.Module):
             directions = tuple(_DIRECTIONS.get(name, name) for name in directions)  # long names too
         options = check_options(directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
                                 normalize=normalize, reduction="mean", backend=backend, hardness_mode=hardness_mode,
-                                hardness_strength=hardness_strength)
+                                hardness_strength=hardness_strength, gather_across_devices=gather_across_devices)
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
@@ -140,9 +141,9 @@ class SamToNeLoss(nn.Module):
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
         self.backend = options.backend
-        if not isinstance(gather_across_devices, bool) or not isinstance(mask_duplicate_positives, bool):
-            raise TypeError("gather_across_devices, mask_duplicate_positives: expected bools")
-        self.gather_across_devices = gather_across_devices
+        if not isinstance(mask_duplicate_positives, bool):
+            raise TypeError(f"mask_duplicate_positives: expected a bool, got {type(mask_duplicate_positives).__name__}")
+        self.gather_across_devices = options.gather_across_devices
         self.mask_duplicate_positives = mask_duplicate_positives
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None) -> torch.Tensor:
