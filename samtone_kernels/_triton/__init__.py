@@ -52,6 +52,14 @@ walk over the tiles), SamToNe (q2d, q2q) 8/6, symmetric InfoNCE (q2d, d2q) 6/6, 
 SamToNe 12/12; a hard-negative block, which has no partner, 5/3. Across devices a tile's transpose
 may live on another rank, so anchors and gathered candidates walk it separately (5/3 per block).
 
+Traffic (bytes of global loads and stores per textbook FLOP, counted by the tests under the
+interpreter; figures in bench/RESULTS.md): per BM x BN tile pair at dimension D, the forward loads
+the X and Y tiles (e (BM + BN) D bytes for element size e); a backward walk loads them again for the
+recompute, Y once more for G Y, and reads and writes its float32 rows (8 BM D bytes) once per column
+tile. That last term dominates at D = 768; staging the coefficients of several column tiles per
+sweep over D, or keeping the row tile on chip, would cut it, at a register and shared-memory cost
+that only a GPU can weigh.
+
 Normalisation (NORMED): with y = r x, r = 1 / max(|x|, eps), the kernels give dF/dy; the epilogue
 kernel takes it back to x, dF/dx = r g - r^3 (g . x) x (r g at or below eps).
 
