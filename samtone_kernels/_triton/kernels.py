@@ -145,8 +145,10 @@ def lse_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh,
             m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, NEG + k * snh, snn, snd,
                             RNEG + k * n_cols, G, n_cols, dim, scale, hard, N_MASK, N_PEN, NORMED,
                             BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    # Rows past N never reach the store; give them l = 1 so log() sees no zero.
-    tl.store(LSE + rows, m + tl.log(tl.where(row_ok, l, 1.0)), mask=row_ok)
+    # Rows past N never reach the store, and a row with nothing kept (a document whose only
+    # candidates are its group's, with d2d alone) has m = -inf: give both l = 1 so log() sees no
+    # zero; the latter's log-partition is then -inf, log(0).
+    tl.store(LSE + rows, m + tl.log(tl.where(row_ok & (l > 0), l, 1.0)), mask=row_ok)
 
 
 @triton.autotune(configs=configs(), key=["rows_bucket", "cols_bucket", "dim", "n_hard", "Q_COL", "Q_PEN", "D_COL",
