@@ -18,7 +18,8 @@ its spills are printed, not failed on (see bench/RESULTS.md for the figures and 
 Default (CI): each variant once (NORMED following the group flag), dtypes, configs and sm_90 /
 sm_80 / sm_89 in rotation, every autotune config for the heaviest backward variant in bfloat16, and
 that variant strided on each architecture. ``--all``: every variant x dtype x config x architecture
-x stride kind (hours on two cores).
+x stride kind (hours on two cores). ``--sweep 80,89 64,128,64,8,3 ...``: every variant x the given
+tiles and architectures in bfloat16 (the spill tables of bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -154,9 +155,22 @@ def _run(args):
         return f"{args}: {type(e).__name__}: {e}", [f"{args}: {type(e).__name__}: {e}"]
 
 
+def sweep(archs, tiles):
+    """Every variant (``variants(everything=False)``, no epilogue) x the given tiles x architectures,
+    bfloat16, contiguous: the spill tables of bench/RESULTS.md."""
+    for arch, tile, (fn, flags) in itertools.product(archs, tiles, list(variants(everything=False))):
+        if fn != "epilogue_kernel":
+            yield fn, flags, "bf16", tile, arch, True, "tf32"
+
+
 def main() -> int:
     everything = "--all" in sys.argv
-    work = list(jobs(everything))
+    if "--sweep" in sys.argv:  # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES
+        args = sys.argv[sys.argv.index("--sweep") + 1:]
+        archs = [int(a) for a in args[0].split(",")]
+        work = list(sweep(archs, [tuple(int(v) for v in t.split(",")) for t in args[1:]]))
+    else:
+        work = list(jobs(everything))
     failures = []
     with Pool(int(os.environ.get("COMPILE_WORKERS", "2"))) as pool:
         for line, failed in pool.imap(_run, work):
