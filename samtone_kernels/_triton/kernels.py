@@ -201,6 +201,16 @@ def grad_kernel(OUT, son, sok, sod, X, sxn, sxk, sxd, RX, Q, sqn, sqd, RQ, D, sd
 
 
 @triton.jit
+def _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER: tl.constexpr):
+    """Columns ``cols`` of the gradient g = factor * BUF (+ pos_r * P_i for an anchor of the positive
+    logit), float32 [BLOCK_R, BLOCK_D]."""
+    g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
+    if HAS_PARTNER:
+        g += pos_r[:, None] * tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
 def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, P, spn, spd, RP, POS, FACTOR,
                     DOTS, n_rows, n_seg, dim, HAS_PARTNER: tl.constexpr, NORMED: tl.constexpr,
                     DOTS_WANTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -224,10 +234,7 @@ def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX
         for d0 in range(0, dim, BLOCK_D):  # pass 1: g . x and |x|^2 of each row
             cols = d0 + offs
             m = ok[:, None] & (cols < dim)[None, :]
-            g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
-            if HAS_PARTNER:
-                p = tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
-                g += pos_r[:, None] * p
+            g = _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER)
             x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
             gx += tl.sum(g * x, 1)
             xx += tl.sum(x * x, 1)
@@ -239,10 +246,7 @@ def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX
     for d0 in range(0, dim, BLOCK_D):  # pass 2: write the gradient
         cols = d0 + offs
         m = ok[:, None] & (cols < dim)[None, :]
-        g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
-        if HAS_PARTNER:
-            p = tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
-            g += pos_r[:, None] * p
+        g = _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER)
         if NORMED:
             x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
             g = r[:, None] * g - c[:, None] * x

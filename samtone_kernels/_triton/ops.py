@@ -105,9 +105,8 @@ class _Batch:
                     NEG=neg, snn=neg.stride(0), snh=neg.stride(1), snd=neg.stride(2), RNEG=rneg)
 
     def flags(self, launch: plan.Launch, kernel) -> dict:
-        names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names
         flags = launch.flags(self.has_groups, self.hardness_mode if self.hardness else None)
-        return {k: v for k, v in flags.items() if k in names}
+        return {k: v for k, v in flags.items() if k in kernel.arg_names}
 
 
 def _grid(n_rows: int, blocks: int = 1):
