@@ -14,13 +14,7 @@ from samtone_kernels.gradcache import GradCache, split_batch
 N_PAIRS, N_HARD, D_IN, D_OUT = 7, 2, 5, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and spares OpenMP's spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 
 def _tower(seed: int, dropout: float = 0.3, dtype=torch.float64) -> torch.nn.Module:

@@ -32,13 +32,7 @@ st_util = require("sentence_transformers.util")
 st_gradcache = require("sentence_transformers.base.losses.gradcache")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and spares OpenMP's spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftest.py)
 
 ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 SIMILARITIES = {"cos_sim": st_util.cos_sim, "dot_score": st_util.dot_score}

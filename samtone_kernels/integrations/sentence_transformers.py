@@ -681,18 +681,12 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
                             self.show_progress_bar)
 
     def get_config_dict(self) -> dict[str, Any]:
-        """CachedMultipleNegativesRankingLoss's config dict, for the model card."""
-        return {
-            "scale": self.scale,
-            "similarity_fct": _similarity_name(self.similarity_fct),
-            "mini_batch_size": self.mini_batch_size,
-            "mini_batch_num_tokens": self.mini_batch_num_tokens,
-            "gather_across_devices": self.gather_across_devices,
-            "directions": self.directions,
-            "partition_mode": self.partition_mode,
-            "hardness_mode": self.hardness_mode,
-            "hardness_strength": self.hardness_strength,
-        }
+        """CachedMultipleNegativesRankingLoss's config dict, for the model card: the wrapped loss's,
+        with the mini-batch keys after the similarity, in the original's order."""
+        config = self.loss.get_config_dict()
+        head = {key: config[key] for key in ("scale", "similarity_fct")}
+        mini_batches = {"mini_batch_size": self.mini_batch_size, "mini_batch_num_tokens": self.mini_batch_num_tokens}
+        return head | mini_batches | config
 
     @property
     def citation(self) -> str:
