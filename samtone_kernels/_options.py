@@ -15,7 +15,6 @@ ALL_DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
 PARTITIONS = ("per_anchor", "joint")
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every input dtype (one table)
 NORM_EPS = 1e-12  # normalize=True divides by max(|x|, NORM_EPS), as torch.nn.functional.normalize
 
@@ -67,11 +66,11 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
     if isinstance(directions, str) or not isinstance(directions, Sequence | set | frozenset):
-        single = f"({directions!r},)" if isinstance(directions, str) else "('q2d',)"
-        raise TypeError(
-            f"directions: expected a sequence of names from {ALL_DIRECTIONS}, got {directions!r} "
-            f"(write {single} for a single direction)"
-        )
+        if isinstance(directions, str) and directions in ALL_DIRECTIONS[1:]:
+            hint = f"write ('q2d', {directions!r}): 'q2d' holds the positive pair and is always needed"
+        else:
+            hint = "write ('q2d',) for InfoNCE alone"
+        raise TypeError(f"directions: expected a sequence of names from {ALL_DIRECTIONS}, got {directions!r} ({hint})")
     for name in directions:
         if name not in ALL_DIRECTIONS:
             raise ValueError(f"directions: unknown direction {name!r}, expected names from {ALL_DIRECTIONS}")
@@ -106,8 +105,10 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
         raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    from ._backends import REGISTRY  # here, not at the top: the backends import this module
+
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"backend: expected one of {('auto', *REGISTRY)}, got {backend!r}")
     if hardness_mode not in HARDNESS_MODES:
         raise ValueError(f"hardness_mode: expected one of {HARDNESS_MODES}, got {hardness_mode!r}")
     if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, numbers.Real):
@@ -120,7 +121,7 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
 
 
 def check_temperature(temperature) -> float | torch.Tensor:
-    """A Python number > 0 and finite, or a floating tensor with one element.
+    """A Python number > 0 and finite, or a 0-dim floating tensor.
 
     A tensor's value is checked here when it lives on the CPU; reading a GPU tensor would force a
     host-device sync every step, so there the loss is NaN instead for a value that is not > 0 and

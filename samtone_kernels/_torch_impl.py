@@ -1,14 +1,64 @@
-"""Eager torch implementation of the per-anchor log-partitions (materialises the logit blocks).
+"""Eager torch backend: the per-anchor log-partitions from materialised logit blocks.
 
-It is the fallback on every device and the baseline the fused kernel is measured against. Autograd
-provides its gradients; the reference in ``reference/`` defines what they must be.
+It runs on every device torch runs on (CPU, MPS, XPU, a GPU without triton) and is the baseline the
+fused kernel is measured against. Autograd provides its gradients; the reference in ``reference/``
+defines what they must be.
+
+Memory: anchors go in row chunks (``row_lse_torch``), so the logits live c x M at a time for a chunk
+of c rows chosen from ``CHUNK_BYTES``. A batch whose logits fit in one chunk takes exactly the
+unchunked path. With several chunks, each is checkpointed: its logits are freed after the forward
+and recomputed in the backward, one chunk at a time, so the peak is O(c * M) instead of O(N * M),
+for one more logit matmul per block (4 matmuls where 3 are textbook).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ._options import LossOptions
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ._options import NORM_EPS, LossOptions
+
+if TYPE_CHECKING:
+    from ._backends import Rows
+
+# Budget of one chunk's logit buffers (bytes). Above it, the anchors are split into chunks of rows.
+CHUNK_BYTES = 1 << 30
+# float buffers of a chunk's full width alive at once in the forward and its autograd (logits, masked
+# logits, their concatenation, the softmax): the factor between the logits and the peak.
+_LIVE_BUFFERS = 4
+
+
+def prepare_torch(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
+    """Half inputs are upcast once (logits, softmax and statistics all in float32, float64 stays
+    float64), then normalised if asked."""
+    dtype = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
+    prepared = [x.to(dtype) for x in embeddings]
+    if options.normalize:
+        prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
+    return prepared
+
+
+def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend's ``row_stats`` (see ``_backends``): (lse [A, n], pos [n])."""
+    lse = row_lse_torch(rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, rows.group_ids,
+                        rows.offset, options)
+    return lse, (rows.q * rows.d).sum(-1) * rows.scale
+
+
+def row_bytes(n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> int:
+    """Bytes one anchor row costs a chunk: ``_LIVE_BUFFERS`` float buffers of the widest anchor row
+    (a query row: M document columns + N queries with q2q; a document row likewise)."""
+    width = max(n_cols + (n_cand if options.q2q else 0),
+                (n_cand if options.d2q else 0) + (n_cols if options.d2d else 0))
+    return _LIVE_BUFFERS * width * itemsize
+
+
+def chunk_rows(n_cand: int, n_cols: int, options: LossOptions, itemsize: int, budget: int | None = None) -> int:
+    """Anchor rows per chunk: as many as fit the budget (``CHUNK_BYTES`` by default); at least 1."""
+    return max(1, (CHUNK_BYTES if budget is None else budget) // row_bytes(n_cand, n_cols, options, itemsize))
 
 
 def keep_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
@@ -51,8 +101,9 @@ def row_lse_torch(
     group_ids: torch.Tensor | None,
     offset: int,
     options: LossOptions,
+    budget: int | None = None,
 ) -> torch.Tensor:
-    """Log-partitions of the query and document anchors.
+    """Log-partitions of the query and document anchors, in row chunks (see the module notes).
 
     Parameters
     ----------
@@ -62,6 +113,43 @@ def row_lse_torch(
     n_all : [N, H, D] candidate hard negatives, or None.
     scale : 1 / temperature (float or 0-dim tensor).
     group_ids : [N] int64 (global) or None.
+    budget : bytes of one chunk's logit buffers (default ``CHUNK_BYTES``).
+
+    Returns
+    -------
+    [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
+    A = 2) log Zd (d2q + d2d).
+    """
+    cols = document_columns(d_all, n_all)
+    step = chunk_rows(q_all.shape[0], cols.shape[0], options, q.element_size(), budget)
+    if step >= q.shape[0]:
+        return row_lse_block(q, d, q_all, cols, scale, group_ids, offset, options)
+    # Each chunk is checkpointed: its logits are recomputed in the backward (one chunk alive at a time).
+    return torch.cat([checkpoint(row_lse_block, q[r0:r0 + step], d[r0:r0 + step], q_all, cols, scale, group_ids,
+                                 offset + r0, options, use_reentrant=False)
+                      for r0 in range(0, q.shape[0], step)], dim=1)
+
+
+def row_lse_block(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    q_all: torch.Tensor,
+    cols: torch.Tensor,
+    scale: float | torch.Tensor,
+    group_ids: torch.Tensor | None,
+    offset: int,
+    options: LossOptions,
+) -> torch.Tensor:
+    """Log-partitions of the query and document anchors ``q``, ``d``, from their whole logit rows.
+
+    Parameters
+    ----------
+    q, d : [n, D] anchor embeddings, already normalised if asked, in the compute dtype.
+    q_all : [N, D] candidate queries (the same tensor as ``q`` unless the batch was gathered across
+        devices or ``q`` is a chunk of it); anchor i is pair ``offset + i`` among them.
+    cols : [M, D] document columns, ``document_columns(d_all, n_all)``.
+    scale : 1 / temperature (float or 0-dim tensor).
+    group_ids : [N] int64 (global) or None.
 
     Returns
     -------
@@ -69,7 +157,6 @@ def row_lse_torch(
     A = 2) log Zd (d2q + d2d).
     """
     n_anchor, n_cand = q.shape[0], q_all.shape[0]
-    cols = document_columns(d_all, n_all)
     n_blocks = cols.shape[0] // n_cand
     keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(n_anchor, n_cand, n_blocks, offset, group_ids, q.device)
 

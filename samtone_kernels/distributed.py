@@ -7,10 +7,10 @@ gradient every rank computes for a gathered row is summed and handed to the rank
 
 Scaling. What is gathered is the embeddings, O(W * N * D) per rank for W ranks, plus N group ids;
 no logits, statistics or gradients of other ranks' anchors cross the wire in the forward. The
-backward sums each gathered row's gradient over ranks with one all-reduce of the same size (a
-reduce-scatter would move W times less and is the first step where the interconnect is the limit).
-Beyond that, when the gathered W * N * D embeddings no longer fit one device, a ring exchange (as in
-Inf-CL) would stream other ranks' candidate blocks instead of holding them all at once.
+backward sums each gathered row's gradient over ranks with one reduce-scatter: each rank receives
+only its own rows' sums, O(N * D) per rank instead of an all-reduce's O(W * N * D). Beyond that,
+when the gathered W * N * D embeddings no longer fit one device, a ring exchange (as in Inf-CL)
+would stream other ranks' candidate blocks instead of holding them all at once.
 """
 
 from __future__ import annotations
@@ -57,11 +57,20 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # Every rank holds d(its loss)/d(all rows); the owner of a row gets the sum over ranks.
-        total = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return total[start : start + ctx.sizes[ctx.rank]], None, None, None
+        # Every rank holds d(its loss)/d(all rows); the owner of a row gets their sum over ranks. A
+        # reduce-scatter delivers each rank only its own rows' sums: W times less traffic than an
+        # all-reduce of every row. Its pieces have one shape, so unequal sizes are padded to the largest.
+        sizes, width = ctx.sizes, max(ctx.sizes)
+        grad = grad.contiguous()
+        if all(size == width for size in sizes):
+            pieces = list(grad.split(width))
+        else:
+            pieces = [grad.new_zeros((width, *grad.shape[1:])) for _ in sizes]
+            for piece, part in zip(pieces, grad.split(sizes)):
+                piece[: part.shape[0]] = part
+        mine = grad.new_empty((width, *grad.shape[1:]))
+        dist.reduce_scatter(mine, pieces, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[: sizes[ctx.rank]], None, None, None
 
 
 def _check_consistent(metas: list[list[int]]) -> None:

@@ -1,9 +1,9 @@
 """Public entry point: ``fused_samtone_loss``.
 
-Every backend computes the per-anchor log-partitions ``lse`` [A, N] and the positive logits [N] (the
-fused backend in one op, so that their gradients share its buffers); the partition, the non-finite
-check and the reduction are assembled here once, in torch, so all backends share those semantics
-exactly.
+Every backend (``_backends.REGISTRY``) computes the per-anchor log-partitions ``lse`` [A, N] and the
+positive logits [N] (the fused backend in one op, so that their gradients share its buffers); the
+partition, the non-finite check and the reduction are assembled here once, in torch, so all
+backends share those semantics exactly.
 """
 
 from __future__ import annotations
@@ -11,42 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ._options import NORM_EPS, LossOptions, check_inputs, check_options, check_temperature, interpreting
-from ._rows import normalize_rows
-from ._torch_impl import row_lse_torch
+from ._backends import Rows, resolve_backend, triton_available
+from ._options import LossOptions, check_inputs, check_options, check_temperature
 from .distributed import gather_batch
 
-
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is never imported at package import)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        fast = x.device.type == "cuda" and x.dtype != torch.float64 and triton_available()
-        return "triton" if fast else "torch"
-    # backend == "triton": explicit, so every reason it cannot run is an error.
-    if not triton_available():
-        raise ValueError("backend='triton': the triton package is not installed (pip install triton)")
-    if x.dtype == torch.float64:
-        raise TypeError("backend='triton': float64 inputs are not supported by the kernel; use backend='torch'")
-    if x.device.type == "cpu" and not interpreting():
-        raise ValueError(
-            "backend='triton' on CPU tensors runs only under the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before importing triton); use CUDA tensors or backend='torch'"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton': unsupported device {x.device}; use backend='torch'")
-    return "triton"
+__all__ = ["fused_samtone_loss", "triton_available"]
 
 
 def _temperature_scale(temperature: float | torch.Tensor, dtype: torch.dtype, device: torch.device):
@@ -82,7 +52,7 @@ def fused_samtone_loss(
     reduction: str = "mean",
     backend: str = "auto",
     gather_across_devices: bool = False,
-    process_group: "torch.distributed.ProcessGroup | None" = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
 ) -> torch.Tensor:
@@ -158,51 +128,28 @@ def fused_samtone_loss(
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
-    backend = _resolve_backend(options.backend, queries)
+    backend = resolve_backend(options.backend, queries)
     if hard_negatives is not None and hard_negatives.shape[1] == 0:
         hard_negatives = None
 
     compute_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     scale = _temperature_scale(tau, compute_dtype, queries.device)
     embeddings = [queries, docs] if hard_negatives is None else [queries, docs, hard_negatives]
-
-    if backend == "torch":
-        # Half inputs are upcast once: logits, softmax and statistics all in float32.
-        prepared = [x.to(compute_dtype) for x in embeddings]
-        if options.normalize:
-            prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
-    else:
-        # The kernels read the input dtype (tensor cores) and accumulate in float32. They normalise
-        # by scaling logit tiles with inverse norms, except for a gathered batch (its unit vectors
-        # are gathered) and float16 (whose backward products w P / |y| could leave its range): those
-        # are normalised into a copy by normalize_rows, which saves no float32 copy for backward.
-        in_kernel_norm = options.normalize and not options.gather_across_devices and queries.dtype != torch.float16
-        prepared = embeddings
-        if options.normalize and not in_kernel_norm:
-            prepared = [normalize_rows(x) for x in embeddings]
-    q, d, n = prepared + [None] * (3 - len(prepared))
+    q, d, n = backend.prepare(embeddings, options) + [None] * (3 - len(embeddings))
 
     if options.gather_across_devices:
         batch = gather_batch(q, d, n, group_ids, process_group)
-        q_all, d_all, n_all, group_ids = batch.queries, batch.docs, batch.hard_negatives, batch.group_ids
-        offset, world, total = batch.offset, batch.world_size, batch.total
+        rows = Rows(q, d, batch.queries, batch.docs, batch.hard_negatives, scale, batch.group_ids, batch.offset)
+        world, total = batch.world_size, batch.total
     else:
-        q_all, d_all, n_all, offset, world, total = q, d, n, 0, 1, q.shape[0]
-
-    if backend == "torch":
-        lse = row_lse_torch(q, d, q_all, d_all, n_all, scale, group_ids, offset, options)
-        pos = (q * d).sum(-1) * scale
-    else:
-        from ._triton import row_stats_triton
-
-        lse, pos = row_stats_triton(q, d, q_all, d_all, n_all, scale, group_ids, offset, options,
-                                    normalize=in_kernel_norm)
+        rows, world, total = Rows(q, d, q, d, n, scale, group_ids), 1, q.shape[0]
+    lse, pos = backend.row_stats(rows, options)
     losses = _assemble(lse, pos, options)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
     # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync). Every
     # candidate counts, another rank's too.
-    candidates = [q_all, d_all] + ([] if n_all is None else [n_all])
+    candidates = [rows.q_all, rows.d_all] + ([] if rows.n_all is None else [rows.n_all])
     finite = torch.stack([torch.isfinite(x).all() for x in candidates]).all()
     losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
 

@@ -43,7 +43,7 @@ class SamToNeLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         gather_across_devices: bool = False,
-        process_group: "torch.distributed.ProcessGroup | None" = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
     ) -> None:

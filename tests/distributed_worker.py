@@ -80,7 +80,7 @@ def check(rank: int, world: int, sizes: list[int], backend: str, cfg: dict) -> N
         torch.testing.assert_close(reduced / world, single, **tol)
         factor = float(world)
     for name, got, want in zip(["queries", "docs", "hard_negatives"], grads, single_grads):
-        torch.testing.assert_close(got, factor * want[local], **tol, msg=lambda m: f"{name}: {m} ({cfg})")
+        torch.testing.assert_close(got, factor * want[local], **tol, msg=lambda m, name=name: f"{name}: {m} ({cfg})")
     # The temperature is shared by all ranks: like every row, its gradients over the ranks sum to
     # ``factor`` times the single-process gradient (DDP's average then divides by W).
     summed = tau_grad.clone()

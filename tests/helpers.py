@@ -12,6 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 import reference
+from samtone_kernels import fused_samtone_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -195,3 +196,38 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     if hardness_mode:
         options.update(hardness_mode=hardness_mode, hardness_strength=hardness_strength)
     return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
+
+
+def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool) -> None:
+    """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
+
+    The kernel path normalises in float32 and rounds the unit vectors back to ``dtype`` (the torch
+    path keeps them in float32): that rounding is part of its budget.
+    """
+    case = case.rounded(dtype)
+    tol = dict(renormalized=backend == "triton")
+    q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
+    loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_loss_close(loss, case.reference_loss(), dtype, case, **tol)
+    loss.sum().backward()
+    expected = case.reference_grad()
+    assert_grad_close("queries", q.grad, expected["queries"], dtype, case, **tol)
+    assert_grad_close("docs", d.grad, expected["docs"], dtype, case, **tol)
+    if n is not None:
+        assert_grad_close("hard_negatives", n.grad, expected["hard_negatives"], dtype, case, **tol)
+    if tensor_temperature:
+        assert_grad_close("temperature", kwargs["temperature"].grad, expected["temperature"], dtype, case, **tol)
+
+
+# sentence-transformers' MultipleNegativesRankingLoss: its direction names, and every configuration it can express
+ST_NAMES = {"q2d": "query_to_doc", "q2q": "query_to_query", "d2q": "doc_to_query", "d2d": "doc_to_doc"}
+
+
+def mnrl_configurations():
+    """Every direction set MNRL accepts: with "joint" any set holding q2d; "per_direction" refuses
+    q2q and d2d."""
+    for dirs in DIRECTION_SETS + JOINT_ONLY_SETS:
+        yield dirs, "joint", "joint"
+        if not {"q2q", "d2d"} & set(dirs):
+            yield dirs, "per_direction", "per_anchor"

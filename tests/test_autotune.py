@@ -18,6 +18,7 @@ import triton
 
 from helpers import DEVICE, DIRECTION_SETS, HARDNESS_MODES, JOINT_ONLY_SETS
 from samtone_kernels import _triton, fused_samtone_loss
+from samtone_kernels._backends import Rows
 from samtone_kernels._options import check_options
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's autotuner path (GPU: the real one)")
@@ -89,7 +90,7 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
     results = []
     for _ in range(2):
         scale = torch.tensor(3.0, requires_grad=True)
-        lse, pos = _triton.row_stats_triton(q[5:22], d[5:22], q, d, n, scale, groups, 5, options)
+        lse, pos = _triton.row_stats_triton(Rows(q[5:22], d[5:22], q, d, n, scale, groups, 5), options)
         stats = torch.cat([lse, pos[None]])
         weights = torch.linspace(-0.5, 1.5, stats.numel()).view_as(stats)
         results.append([stats.detach(), *torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])])

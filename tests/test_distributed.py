@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import distributed_worker  # noqa: E402
+
 from samtone_kernels import distributed, fused_samtone_loss  # noqa: E402
 
 DEADLINE_S = 240
@@ -34,14 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sizes", [[3, 5], [2, 4, 3]], ids=["2-ranks", "3-ranks"])
+@pytest.mark.parametrize("sizes", [[3, 5], [2, 4, 3], [4, 4]], ids=["2-ranks", "3-ranks", "equal-sizes"])
 def test_gathered_loss_and_gradients_match_single_process(sizes):
     pytest.importorskip("triton")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     world = len(sizes)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    context = mp.start_processes(_entry, args=(world, init_method, sizes, 6 if world == 2 else 4),
+    count = 2 if len(set(sizes)) == 1 else 6 if world == 2 else 4  # equal sizes: the unpadded path
+    context = mp.start_processes(_entry, args=(world, init_method, sizes, count),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=5):  # raises with the worker's traceback if one fails
@@ -87,7 +89,8 @@ def test_ddp_example_runs_under_torchrun():
         # distributed_worker.py): training completed, so run it once more rather than fail on it.
         import warnings
 
-        warnings.warn("the DDP example aborted after training completed (gloo teardown); ran it again")
+        warnings.warn("the DDP example aborted after training completed (gloo teardown); ran it again",
+                      stacklevel=1)
         code, out, err = _run_example(root, command)
     assert code == 0, out[-2000:] + err[-3000:]
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]

@@ -16,6 +16,7 @@ import triton
 from counting import count_kernel_work
 from helpers import DIRECTION_SETS
 from samtone_kernels import _triton, fused_samtone_loss
+from samtone_kernels._backends import Rows
 from samtone_kernels._options import check_options
 from samtone_kernels._triton import plan
 
@@ -40,7 +41,7 @@ def _count(directions, n_pairs, dim, n_hard, dtype=torch.float32, shared=True):
         else:  # the same pairs passed as a gathered batch: anchor and candidate launches apart
             options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
                                     normalize=False, reduction="mean", backend="triton")
-            lse, pos = _triton.row_stats_triton(q, d, q * 1, d * 1, n, 20.0, None, 0, options)
+            lse, pos = _triton.row_stats_triton(Rows(q, d, q * 1, d * 1, n, 20.0), options)
             loss = lse.sum() - pos.sum()
         torch.autograd.grad(loss, inputs)
     return counts

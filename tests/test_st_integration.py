@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import require
+from helpers import ST_NAMES, mnrl_configurations, require
 from samtone_kernels import fused_samtone_loss
 from samtone_kernels.integrations.sentence_transformers import SamToNeLoss, duplicate_groups
-from test_torch_impl import ST_NAMES, _mnrl_configurations
 
 
-@pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
+@pytest.mark.parametrize("dirs,st_mode,partition", list(mnrl_configurations()))
 @pytest.mark.parametrize("n_hard", [0, 2])
 def test_equals_mnrl_on_the_same_embeddings(dirs, st_mode, partition, n_hard):
     losses = require("sentence_transformers.sentence_transformer.losses")

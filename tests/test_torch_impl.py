@@ -10,33 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
-from helpers import (DEVICE, DIRECTION_SETS, HARDNESS_MODES, JOINT_ONLY_SETS, Case, assert_grad_close,
-                     assert_loss_close, cases, require)
+from helpers import (
+    DEVICE,
+    HARDNESS_MODES,
+    ST_NAMES,
+    cases,
+    mnrl_configurations,
+    require,
+    run_and_compare,
+)
 from samtone_kernels import SamToNeLoss, fused_samtone_loss
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool) -> None:
-    """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
-
-    The kernel path normalises in float32 and rounds the unit vectors back to ``dtype`` (the torch
-    path keeps them in float32): that rounding is part of its budget.
-    """
-    case = case.rounded(dtype)
-    tol = dict(renormalized=backend == "triton")
-    q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
-    loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_loss_close(loss, case.reference_loss(), dtype, case, **tol)
-    loss.sum().backward()
-    expected = case.reference_grad()
-    assert_grad_close("queries", q.grad, expected["queries"], dtype, case, **tol)
-    assert_grad_close("docs", d.grad, expected["docs"], dtype, case, **tol)
-    if n is not None:
-        assert_grad_close("hard_negatives", n.grad, expected["hard_negatives"], dtype, case, **tol)
-    if tensor_temperature:
-        assert_grad_close("temperature", kwargs["temperature"].grad, expected["temperature"], dtype, case, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -156,19 +141,7 @@ def test_normalize_ignores_the_scale_of_any_embedding(case, data):
 # --------------------------------------------------------------------------------------------------
 # sentence-transformers' MultipleNegativesRankingLoss, for every configuration it can express
 # --------------------------------------------------------------------------------------------------
-ST_NAMES = {"q2d": "query_to_doc", "q2q": "query_to_query", "d2q": "doc_to_query", "d2d": "doc_to_doc"}
-
-
-def _mnrl_configurations():
-    """Every direction set MNRL accepts: with "joint" any set holding q2d; "per_direction" refuses
-    q2q and d2d."""
-    for dirs in DIRECTION_SETS + JOINT_ONLY_SETS:
-        yield dirs, "joint", "joint"
-        if not {"q2q", "d2d"} & set(dirs):
-            yield dirs, "per_direction", "per_anchor"
-
-
-@pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
+@pytest.mark.parametrize("dirs,st_mode,partition", list(mnrl_configurations()))
 @pytest.mark.parametrize("hardness_mode", HARDNESS_MODES)
 @pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
 def test_hardness_weighting_equals_sentence_transformers_mnrl(dirs, st_mode, partition, hardness_mode, similarity):
@@ -192,7 +165,7 @@ def test_hardness_weighting_equals_sentence_transformers_mnrl(dirs, st_mode, par
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dirs,st_mode,partition", list(_mnrl_configurations()))
+@pytest.mark.parametrize("dirs,st_mode,partition", list(mnrl_configurations()))
 @pytest.mark.parametrize("n_hard", [0, 2])
 def test_equals_sentence_transformers_mnrl(dirs, st_mode, partition, n_hard):
     losses = require("sentence_transformers.sentence_transformer.losses")
@@ -231,3 +204,80 @@ def test_module_matches_function_and_learns_its_temperature():
     learnable(q, d).backward()
     assert learnable.log_temperature.grad is not None and torch.isfinite(learnable.log_temperature.grad)
     assert "log_temperature" in learnable.state_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Row chunks: the torch backend's memory bound
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@given(case=cases(max_n=9), tensor_temperature=st.booleans())
+def test_row_chunks_match_the_reference(dtype, case, tensor_temperature):
+    """A budget of one byte: one anchor row per checkpointed chunk, values and every gradient (the
+    temperature's too) against the reference; groups, hard negatives, hardness and both partitions
+    come from the drawn cases."""
+    from unittest import mock
+
+    from samtone_kernels import _torch_impl
+
+    with mock.patch.object(_torch_impl, "CHUNK_BYTES", 1):
+        run_and_compare(case, dtype, "torch", tensor_temperature)
+
+
+def test_row_chunks_give_the_unchunked_values_and_gradients():
+    """Chunks of 1, 3 and all 11 anchor rows of a gathered-style slice (offset 5 among 19 candidates,
+    groups, hard negatives, hardness, a tensor scale): the same statistics and gradients."""
+    from samtone_kernels._backends import Rows
+    from samtone_kernels._options import check_options
+    from samtone_kernels._torch_impl import _LIVE_BUFFERS, chunk_rows, row_bytes, row_lse_torch
+
+    options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
+                            normalize=False, reduction="mean", backend="torch", hardness_mode="all_negatives",
+                            hardness_strength=2.0)
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 6, (19,), generator=g)
+    results = []
+    for rows_per_chunk in (1, 3, 11):
+        q, d = (torch.randn(19, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64).requires_grad_()
+                for s in (1, 2))
+        n = torch.randn(19, 2, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).requires_grad_()
+        scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+        rows = Rows(q[5:16], d[5:16], q, d, n, scale, groups, 5)
+        per_row = _LIVE_BUFFERS * (57 + 19) * 8  # an anchor row: 57 document columns + 19 queries, float64
+        assert row_bytes(19, 57, options, 8) == per_row
+        assert chunk_rows(19, 57, options, 8, budget=rows_per_chunk * per_row) == rows_per_chunk
+        lse = row_lse_torch(rows.q, rows.d, q, d, n, scale, groups, 5, options, budget=rows_per_chunk * per_row)
+        weights = torch.linspace(-0.5, 1.5, lse.numel(), dtype=torch.float64).view_as(lse)
+        results.append([lse.detach(), *torch.autograd.grad((lse * weights).sum(), [q, d, n, scale])])
+    for other in results[:2]:
+        for a, b in zip(other, results[2]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_row_chunks_bound_the_peak_memory(monkeypatch):
+    """Forward + backward of SamToNe at N = 512, D = 16 (logits: 512 x 1024 per anchor row block,
+    32 [N, D] copies each): with a budget of 32 rows per chunk the peak allocation falls to a small
+    fraction of the unchunked one and stays within the budget plus O(N D), measured with torch's
+    allocation events (bench/speed.py)."""
+    from bench import speed
+    from samtone_kernels import _torch_impl
+
+    n_pairs, dim = 512, 16
+    g = torch.Generator().manual_seed(0)
+    q, d = (torch.randn(n_pairs, dim, generator=g, requires_grad=True) for _ in range(2))
+
+    def step():
+        loss = fused_samtone_loss(q, d, directions=("q2d", "q2q"), normalize=True, backend="torch")
+        return torch.autograd.grad(loss, [q, d])
+
+    copy = n_pairs * dim * 4
+    budget = 32 * _torch_impl._LIVE_BUFFERS * (2 * n_pairs) * 4  # 32 rows of q2d + q2q logits
+    peaks = {}
+    for name, chunk_bytes in (("unchunked", 1 << 40), ("chunked", budget)):
+        monkeypatch.setattr(_torch_impl, "CHUNK_BYTES", chunk_bytes)
+        step()
+        peaks[name] = speed.peak_memory_bytes(step, "cpu")
+    print(f"torch backend peak, N = {n_pairs}, D = {dim}: unchunked {peaks['unchunked'] / copy:.1f} copies, "
+          f"chunked (32 rows) {peaks['chunked'] / copy:.1f}")
+    assert peaks["unchunked"] >= 2 * n_pairs * 2 * n_pairs * 4  # the check can fail: N x 2N float32 logits
+    assert peaks["chunked"] <= peaks["unchunked"] / 5, peaks
+    assert peaks["chunked"] <= budget + 12 * copy, (peaks["chunked"], budget)

@@ -12,14 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE, DIRECTION_SETS, Case, cases
+from bench import speed  # bench/speed.py's peak-memory measurement
+from helpers import DEVICE, DIRECTION_SETS, Case, cases, run_and_compare
 from samtone_kernels import fused_samtone_loss
+from samtone_kernels._backends import Rows
 
 triton = pytest.importorskip("triton")
 from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch in conftest)
-
-from test_bench import speed  # noqa: E402  (bench/speed.py's peak-memory measurement)
-from test_torch_impl import run_and_compare  # noqa: E402
 
 # The interpreter computes bfloat16 tl.dot wrongly; bfloat16 is checked on the GPU only.
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
@@ -180,7 +179,7 @@ def _peak_bytes_per_backend(monkeypatch, inputs, directions) -> dict[str, int]:
         monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch_and_collect)
     peaks = {}
     for backend in ("triton", "torch"):
-        def step():
+        def step(backend=backend):
             loss = fused_samtone_loss(*inputs, directions=directions, normalize=True, backend=backend)
             return torch.autograd.grad(loss, inputs)
         step()
@@ -234,14 +233,14 @@ def test_shared_candidates_match_separate_ones(normalize):
     from samtone_kernels._options import check_options
 
     options = check_options(directions=ALL_FOUR, partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean", backend="auto")
+                            normalize=normalize, reduction="mean", backend="auto")
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     q, d, n = _inputs(19, 13, 2, seed=4)
     results = []
     for shared in (True, False):
         scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
         q_all, d_all = (q, d) if shared else (q * 1, d * 1)
-        lse, pos = _triton.row_stats_triton(q, d, q_all, d_all, n, scale, groups, 0, options, normalize)
+        lse, pos = _triton.row_stats_triton(Rows(q, d, q_all, d_all, n, scale, groups, 0), options)
         stats = torch.cat([lse, pos[None]])
         weights = torch.linspace(-0.5, 1.5, stats.numel(), device=DEVICE).view_as(stats)
         results.append([stats.detach(), *torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])])
@@ -334,20 +333,16 @@ def test_anchor_slice_with_offset_matches_torch(directions):
     gathered batch): kernel and torch implementation agree on the statistics (log-partitions and
     positive logits) and every gradient."""
     from samtone_kernels._options import check_options
-    from samtone_kernels._torch_impl import row_lse_torch
-
-    def torch_stats(q, d, *args):
-        scale = args[3]
-        return row_lse_torch(q, d, *args), (q * d).sum(-1) * scale
+    from samtone_kernels._torch_impl import row_stats_torch
 
     options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
                             normalize=False, reduction="mean", backend="auto")
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     results = []
-    for row_stats in (_triton.row_stats_triton, torch_stats):
+    for row_stats in (_triton.row_stats_triton, row_stats_torch):
         q, d, n = _inputs(19, 13, 2, seed=3)
         scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
-        lse, pos = row_stats(q[5:16], d[5:16], q, d, n, scale, groups, 5, options)
+        lse, pos = row_stats(Rows(q[5:16], d[5:16], q, d, n, scale, groups, 5), options)
         stats = torch.cat([lse, pos[None]])
         weights = torch.linspace(-0.5, 1.5, stats.numel(), device=DEVICE).view_as(stats)
         grads = torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])

@@ -5,9 +5,9 @@ Layers, bottom to top, one module each:
 
 1. ``tiles``: ``@triton.jit`` helpers: one logit tile (a K-loop over D chunks), its keep-mask, and
    the two segment walks (online log-sum-exp; gradient tile and ``G Y``). With ``normalize=True``
-   (NORMED) the kernels read the raw embeddings and scale each logit tile by its rows' inverse norms
-   (and each gradient tile by the columns' before ``G Y``): the logits of the unit vectors, with no
-   normalised copy and nothing added inside the K-loop.
+   (NORMED, where ``ops.normed_for`` says so) the kernels read the raw embeddings and scale each
+   logit tile by its rows' inverse norms (and each gradient tile by the columns' before ``G Y``):
+   the logits of the unit vectors, with no normalised copy and nothing added inside the K-loop.
 2. ``kernels``: ``lse_kernel`` (one program per block of anchor rows), ``grad_kernel`` (one program
    per block of rows of the tensor whose gradient it makes), ``epilogue_kernel`` (a float32 buffer
    to the gradient in the input dtype), and their autotuning.
@@ -76,6 +76,7 @@ repeated on live buffers, as the autotuner does.
 """
 
 from .kernels import AUTOTUNED, INTERPRETING
-from .ops import row_lse_backward_op, row_lse_op, row_stats_triton
+from .ops import normed_for, prepare_triton, row_lse_backward_op, row_lse_op, row_stats_triton
 
-__all__ = ["AUTOTUNED", "INTERPRETING", "row_lse_backward_op", "row_lse_op", "row_stats_triton"]
+__all__ = ["AUTOTUNED", "INTERPRETING", "normed_for", "prepare_triton", "row_lse_backward_op", "row_lse_op",
+           "row_stats_triton"]

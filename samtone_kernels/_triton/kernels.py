@@ -74,7 +74,7 @@ def shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, item
     return k_loop + g_times_y + 4 * (block_m + block_n) * 4  # and a few row vectors for reductions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device(device_index: int) -> tuple[int | None, int | None]:
     """(compute capability as 90, 80, ..., shared memory per block) of a CUDA device."""
     if INTERPRETING or not torch.cuda.is_available():

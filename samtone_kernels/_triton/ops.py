@@ -9,14 +9,18 @@ input dtype. The fakes read the same plan, so they cannot disagree with what the
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 
 from .._options import LossOptions
-from .._rows import inverse_norms, row_chunks
+from .._rows import inverse_norms, normalize_rows, row_chunks
 from . import plan
 from .kernels import EPILOGUE, bucket, epilogue_kernel, grad_kernel, lse_kernel
+
+if TYPE_CHECKING:
+    from .._backends import Rows
 
 # Set by tests: fill every buffer the kernels must write with NaN before launching them.
 POISON_OUTPUTS = False
@@ -53,13 +57,13 @@ class _Batch:
     """The tensors of one call by their plan names, their inverse norms, and the kernels' arguments.
 
     ``q, d`` [n, D] are the anchors, pairs ``offset ..`` of the candidates ``q_all, d_all`` [N, D]
-    and ``n_all`` [N, H, D] (the same tensors as the anchors when ``shared``). With ``normalize``
+    and ``n_all`` [N, H, D] (the same tensors as the anchors when ``shared``). With ``normed``
     (NORMED) the kernels scale logit tiles by float32 inverse norms: ``norm(name)`` [K, rows]
     (row-major [rows, K] for the epilogue: ``norm(name, rows_major=True)``); otherwise every norm
     argument is a placeholder the kernels never read.
     """
 
-    def __init__(self, q, d, q_all, d_all, n_all, groups, offset, normalize, hardness=0.0, hardness_mode=""):
+    def __init__(self, q, d, q_all, d_all, n_all, groups, offset, normed, hardness=0.0, hardness_mode=""):
         self.shared = q_all is None
         self.hardness = float(hardness) if hardness_mode else 0.0  # alpha of the hardness penalty
         self.hardness_mode = hardness_mode or None
@@ -70,11 +74,11 @@ class _Batch:
         self.n_cand = self.tensors["q_all"].shape[0]
         self.n_hard = 0 if n_all is None else n_all.shape[1]
         self.offset = offset
-        self.normalize = normalize
+        self.normed = normed
         self.placeholder = torch.ones((), dtype=torch.float32, device=q.device)
         self.groups, self.has_groups = (groups.contiguous(), True) if groups is not None else (q, False)
         self._norms: dict[str, torch.Tensor] = {}
-        if normalize:
+        if normed:
             for name in ("q", "d") if self.shared else ("q", "d", "q_all", "d_all"):
                 self._norms[name] = inverse_norms(self.tensors[name])
             if self.shared:
@@ -86,7 +90,7 @@ class _Batch:
         return self.tensors[name]
 
     def norm(self, name: str, rows_major: bool = False) -> torch.Tensor:
-        if not self.normalize:
+        if not self.normed:
             return self.placeholder
         r = self._norms[name]
         return r if rows_major or r.dim() == 1 else r.t().contiguous()
@@ -116,15 +120,15 @@ def _grid(n_rows: int, blocks: int = 1):
 @torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
 def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_all: torch.Tensor | None,
                n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
-               q2q: bool, d2q: bool, d2d: bool, normalize: bool, hardness: float = 0.0,
+               q2q: bool, d2q: bool, d2d: bool, normed: bool, hardness: float = 0.0,
                hardness_mode: str = "") -> torch.Tensor:
     """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
     ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
     0), with d2q or d2d log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
     ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
-    ``normalize``: every embedding is used as its unit vector (the kernels scale logit tiles).
+    ``normed``: every embedding is used as its unit vector (the kernels scale logit tiles).
     ``hardness``, ``hardness_mode`` ("" for none): the q2d softmax's hardness penalty."""
-    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normalize, hardness, hardness_mode)
+    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
     launches = plan.forward_launches(_directions(q2q, d2q, d2d))
     stats = _empty((len(launches) + 1, batch.n_anchor), q)
     segments = batch.segments(anchors=False)
@@ -134,20 +138,20 @@ def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_a
             X=x, sxn=x.stride(0), sxd=x.stride(1), RX=batch.norm(launch.rows), **segments, G=batch.groups,
             SCALE=scale, LSE=stats[a], n_rows=batch.n_anchor, n_cols=batch.n_cand, row_offset=offset,
             dim=batch.dim, n_hard=batch.n_hard, rows_bucket=bucket(batch.n_anchor), cols_bucket=bucket(batch.n_cand),
-            hardness=batch.hardness, **batch.flags(launch, lse_kernel), NORMED=normalize,
+            hardness=batch.hardness, **batch.flags(launch, lse_kernel), NORMED=normed,
             PRECISION=_precision(q.dtype),
         )
     r_q, r_d = batch.norm("q"), batch.norm("d")
     for c in row_chunks(q):  # float32 products in bounded chunks (no float32 copy of q or d)
         qc, dc = q[c].float(), d[c].float()
-        if normalize:
+        if normed:
             qc, dc = qc * r_q[c].unsqueeze(-1), dc * r_d[c].unsqueeze(-1)
         stats[-1, c] = (qc * dc).sum(-1) * scale
     return stats
 
 
 @row_lse_op.register_fake
-def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness=0.0, hardness_mode=""):
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness=0.0, hardness_mode=""):
     return q.new_empty((3 if d2q or d2d else 2, q.shape[0]), dtype=torch.float32)
 
 
@@ -207,7 +211,7 @@ class _Backward:
         lse_q, w_q = self.stats["q"]
         lse_d, w_d = self.stats["d"]
         rx = b.norm(launch.rows)
-        if b.normalize:
+        if b.normed:
             rx = (rx[:, r0:r0 + n_rows] if rx.dim() == 2 else rx[r0:r0 + n_rows]).contiguous()
         row_offset = r0 + (b.offset if launch.rows in ("q", "d") else 0)
         col_offset = b.offset if launch.candidates_are_anchors else 0
@@ -220,7 +224,7 @@ class _Backward:
             LSE_Q=lse_q, W_Q=w_q, LSE_D=lse_d, W_D=w_d,
             n_rows=n_rows, n_cols=n_cols, row_offset=row_offset, col_offset=col_offset, dim=b.dim,
             n_hard=b.n_hard, rows_bucket=bucket(n_rows), cols_bucket=bucket(n_cols), hardness=b.hardness,
-            **b.flags(launch, grad_kernel), NORMED=b.normalize, PRECISION=self.precision,
+            **b.flags(launch, grad_kernel), NORMED=b.normed, PRECISION=self.precision,
         )
         return buf
 
@@ -236,13 +240,15 @@ class _Backward:
         p = b.tensor(partner)[rows] if partner else x3  # a valid pointer, never read without HAS_PARTNER
         rx = b.norm(launch.rows, rows_major=True)
         r_p = b.norm(partner) if partner else b.placeholder
-        if b.normalize:
+        if b.normed:
             rx, r_p = rx[rows].contiguous(), (r_p[rows] if partner else r_p)
         epilogue_kernel[(triton.cdiv(n_x * k, EPILOGUE["BLOCK_R"]),)](
-            out3, out3.stride(0), out3.stride(1), out3.stride(2), buf3, buf3.stride(0), buf3.stride(1),
-            buf3.stride(2), x3, x3.stride(0), x3.stride(1), x3.stride(2), rx, p, p.stride(0), p.stride(-1),
-            r_p, self.pos_coef[rows], self.factor, row_dots, n_x, k, b.dim,
-            HAS_PARTNER=partner is not None, NORMED=b.normalize, DOTS_WANTED=self.want_dots, **EPILOGUE,
+            OUT=out3, son=out3.stride(0), sok=out3.stride(1), sod=out3.stride(2),
+            BUF=buf3, sbn=buf3.stride(0), sbk=buf3.stride(1), sbd=buf3.stride(2),
+            X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
+            P=p, spn=p.stride(0), spd=p.stride(-1), RP=r_p, POS=self.pos_coef[rows], FACTOR=self.factor,
+            DOTS=row_dots, n_rows=n_x, n_seg=k, dim=b.dim,
+            HAS_PARTNER=partner is not None, NORMED=b.normed, DOTS_WANTED=self.want_dots, **EPILOGUE,
         )
         if self.want_dots:
             self.dots = self.dots + row_dots.sum()
@@ -261,7 +267,7 @@ def _outputs(shared: bool, directions) -> dict[str, bool]:
 def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
                         q_all: torch.Tensor | None, d_all: torch.Tensor | None, n_all: torch.Tensor | None,
                         groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
-                        d2d: bool, normalize: bool, hardness: float, hardness_mode: str, want_dots: bool
+                        d2d: bool, normed: bool, hardness: float, hardness_mode: str, want_dots: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
@@ -270,10 +276,10 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     candidates' part when ``q_all`` is None: the candidates are the anchors); dq_all, dd_all [N, D]
     and dn_all [N, H, D] the candidates'. A tensor with no role in the selected directions comes
     back with 0 rows (dn_all: H = 0). ``dots`` [] float32 is the sum over every input and role of
-    <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0; with ``normalize``, X are the
+    <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0; with ``normed``, X are the
     unit vectors and the gradients are taken back through the normalisation (the epilogue).
     """
-    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normalize, hardness, hardness_mode)
+    batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
     directions = _directions(q2q, d2q, d2d)
     backward = _Backward(batch, grad_stats, stats, scale, 2 if d2q or d2d else 1, want_dots)
     grads = {launch.rows: backward.run(launch) for launch in plan.backward_launches(directions, batch.shared)
@@ -288,7 +294,7 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
 
 
 @row_lse_backward_op.register_fake
-def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness,
+def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness,
       hardness_mode, want_dots):
     shared = q_all is None
     q_all, d_all = (q, d) if shared else (q_all, d_all)
@@ -304,9 +310,9 @@ def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normalize, hardness, hardness_mode = inputs
+    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness, hardness_mode = inputs
     ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
-    ctx.flags = (offset, q2q, d2q, d2d, normalize, hardness, hardness_mode)
+    ctx.flags = (offset, q2q, d2q, d2d, normed, hardness, hardness_mode)
 
 
 def _backward(ctx, grad_stats):
@@ -326,24 +332,38 @@ def _backward(ctx, grad_stats):
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def row_stats_triton(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor, d_all: torch.Tensor,
-                     n_all: torch.Tensor | None, scale: float | torch.Tensor, group_ids: torch.Tensor | None,
-                     offset: int, options: LossOptions, normalize: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused counterpart of ``row_lse_torch`` (same arguments): the [A, n] float32 log-partitions, and
-    the [n] float32 positive logits ``scale * q_i . d_i`` (one op, so their gradients share buffers).
+def normed_for(options: LossOptions, dtype: torch.dtype) -> bool:
+    """Whether the kernels normalise (NORMED: they scale logit tiles by inverse norms, no copy): with
+    ``normalize=True``, except for a gathered batch (its unit vectors are gathered) and float16
+    (whose backward products w P / |y| could leave its range), which ``prepare_triton`` normalises
+    into a copy instead."""
+    return options.normalize and not options.gather_across_devices and dtype != torch.float16
 
-    Embeddings are read in their own dtype and strides; ``scale`` (1 / temperature) may be a float or
-    a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
-    (``q_all is q and d_all is d``), each tensor's whole gradient comes from one launch. ``normalize``:
-    the kernels use each embedding's unit vector, scaling logit tiles by inverse norms (no copy);
-    float16 inputs must not use it (products of probabilities and inverse norms, cast to float16 in
-    the backward, could leave its range), the caller normalises them into a copy instead.
+
+def prepare_triton(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
+    """The Triton backend's ``prepare``: the kernels read the input dtype (tensor cores) and accumulate
+    in float32, so nothing is upcast. Normalisation happens in the kernels (``normed_for``)
+    or into a copy by ``normalize_rows``, which saves no float32 copy for the backward."""
+    if options.normalize and not normed_for(options, embeddings[0].dtype):
+        return [normalize_rows(x) for x in embeddings]
+    return list(embeddings)
+
+
+def row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backend's ``row_stats`` (see ``samtone_kernels._backends``): the [A, n] float32
+    log-partitions, and the [n] float32 positive logits ``scale * q_i . d_i`` (one op, so that their
+    gradients share buffers).
+
+    Embeddings are read in their own dtype and strides; ``rows.scale`` (1 / temperature) may be a
+    float or a 0-dim tensor (its gradient is returned). When the candidates are the anchors themselves
+    (``q_all is q and d_all is d``), each tensor's whole gradient comes from one launch.
     """
+    q, d, q_all, d_all, scale = rows.q, rows.d, rows.q_all, rows.d_all, rows.scale
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)
     if q_all is q and d_all is d:
         q_all = d_all = None
-    stats = row_lse_op(q, d, q_all, d_all, n_all, group_ids, scale.float(), offset,
-                       options.q2q, options.d2q, options.d2d, normalize, options.hardness, options.hardness_mode or "")
+    stats = row_lse_op(q, d, q_all, d_all, rows.n_all, rows.group_ids, scale.float(), rows.offset,
+                       options.q2q, options.d2q, options.d2d, normed_for(options, q.dtype),
+                       options.hardness, options.hardness_mode or "")
     return stats[:-1], stats[-1]
