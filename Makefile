@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Hypothesis profile: ci (bounded, the default), dev (larger), gpu.
 HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: test bench clean
+.PHONY: test bench lint compat clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,29 @@ $(STAMP): pyproject.toml | $(PY)
 test: $(STAMP)
 	SAMTONE_REQUIRE_OPTIONAL=1 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PY) -m pytest -q
 
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it after the tests.
+$(VENV)/bin/ruff: | $(PY)
+	$(PY) -m pip install -q "ruff>=0.6"
+
+lint: $(VENV)/bin/ruff
+	$(VENV)/bin/ruff check .
+
+# The dependency floors, tested: the kernel tests and the GPU compile check in a second environment
+# with an older triton (3.6.0: what torch 2.11 and the lent GPU machines use; its interpreter needs
+# numpy < 2.4). Not part of `make test` (a second torch install and triton download).
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRITON ?= 3.6.0
+COMPAT_TESTS ?= tests/test_triton.py tests/test_autotune.py tests/test_gpu_compile.py tests/test_api.py
+compat:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "torch==2.13.0" "triton==$(COMPAT_TRITON)" "numpy<2.4" \
+		"pytest>=8" "hypothesis>=6.100"
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps -e .
+	SAMTONE_REQUIRE_OPTIONAL=0 HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(COMPAT_VENV)/bin/python -m pytest -q \
+		$(COMPAT_TESTS)
+
 bench: $(STAMP)
 	$(PY) bench/speed.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .hypothesis

@@ -12,9 +12,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import interpreter
 
 from counting import count_kernel_work
-from triton.runtime import interpreter
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="counts only under the Triton interpreter")

@@ -328,7 +328,8 @@ def test_forward_merges_candidate_columns_and_equals_mnrl(tiny_model, directions
     for cls in (st_losses.MultipleNegativesRankingLoss, FusedMultipleNegativesRankingLoss):
         model = tiny_model()
         calls = []
-        model.register_forward_hook(lambda module, args, output: calls.append(args[0]["input_ids"].shape[0]))
+        model.register_forward_hook(
+            lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0]))
         loss_fn = cls(model, directions=directions, partition_mode=partition_mode)
         torch.manual_seed(3)  # dropout on: the same masks only if the forwards are the same
         loss = loss_fn(_features(model), None)
@@ -555,6 +556,6 @@ def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
 def test_samtone_loss_merges_the_candidate_columns(tiny_model):
     model = tiny_model()
     calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append(args[0]["input_ids"].shape[0]))
+    model.register_forward_hook(lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0]))
     SamToNeLoss(model, mask_duplicate_positives=True)(_features(model), None).backward()
     assert calls == [7, 14]  # anchors, then positives and negatives in one forward
