@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench import HelpFormatter  # noqa: E402
 from bench.speed import peak_memory_bytes  # noqa: E402
 from samtone_kernels.integrations.sentence_transformers import SamToNeLoss  # noqa: E402
 
@@ -66,7 +67,7 @@ def step_peak(model, batch: int, mini_batch: int | None) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 512], help="batch sizes (default: 64 512)")
     parser.add_argument("--mini-batch", type=int, default=16, help="cached mini-batch rows (default: 16)")
     parser.add_argument("--hidden", type=int, default=128, help="BERT hidden size (default: 128)")
@@ -78,7 +79,7 @@ def main() -> None:
         model = tiny_model(path, args.hidden, args.layers)
         print(f"BERT hidden {args.hidden}, {args.layers} layers, 12-word texts, SamToNeLoss (torch backend), "
               f"torch {torch.__version__}")
-        print("| batch | uncached | cached, mini-batch %d |" % args.mini_batch)
+        print(f"| batch | uncached | cached, mini-batch {args.mini_batch} |")
         print("| --- | --- | --- |")
         for batch in args.batches:
             plain, cached = step_peak(model, batch, None), step_peak(model, batch, args.mini_batch)

@@ -6,7 +6,10 @@
 
 Implementations, timed on the same inputs in the same run:
   ours-fused            the Triton kernel (CUDA only)
-  ours-eager            the eager torch implementation
+  ours-eager            the eager torch backend as shipped (row chunks only past 1 GiB of logits)
+  eager-chunked         the baseline a careful PyTorch user writes instead of a kernel: the eager loss
+                        in row chunks of --chunk-rows anchors (default N / 8), each under
+                        torch.utils.checkpoint (O(c * M) memory, 4 matmul units for 3 textbook)
   torch.compile         torch.compile of the eager implementation
   sentence-transformers MultipleNegativesRankingLoss.compute_loss_from_embeddings (cosine, scale 1/tau),
                         for every workload it can express
@@ -40,7 +43,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from samtone_kernels import fused_samtone_loss, triton_available  # noqa: E402
+from bench import HelpFormatter  # noqa: E402
+from samtone_kernels import _torch_impl, fused_samtone_loss, triton_available  # noqa: E402
+from samtone_kernels._options import check_options  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TEMPERATURE = 0.05
@@ -110,14 +115,36 @@ def _peer_version(module: str) -> str | None:
         return "installed"
 
 
+# A factory returns the implementation of a workload on a device, or the reason it has no row there.
 def impl_fused(w: Workload, device: str):
     if device != "cuda" or not triton_available():
-        return None
+        return "the fused Triton kernel needs a CUDA GPU and triton"
     return functools.partial(fused_samtone_loss, backend="triton", **w.options())
 
 
 def impl_eager(w: Workload, device: str):
     return functools.partial(fused_samtone_loss, backend="torch", **w.options())
+
+
+CHUNK_ROWS: int | None = None  # eager-chunked's rows per chunk (--chunk-rows); None: N / 8
+
+
+def impl_chunked(w: Workload, device: str):
+    def run(q, d, n):
+        n_pairs = q.shape[0]
+        rows = CHUNK_ROWS or max(1, n_pairs // 8)
+        options = check_options(directions=w.directions, partition=w.partition, doc_anchor_weight=1.0,
+                                normalize=True, reduction="mean", backend="torch")
+        saved = _torch_impl.CHUNK_BYTES
+        # The budget that gives ``rows`` anchors per chunk (float32 logits); the chunks are fixed in
+        # the forward, and the backward recomputes them as they were.
+        _torch_impl.CHUNK_BYTES = rows * _torch_impl.row_bytes(n_pairs, n_pairs * (1 + w.n_hard), options, 4)
+        try:
+            return fused_samtone_loss(q, d, n, backend="torch", **w.options())
+        finally:
+            _torch_impl.CHUNK_BYTES = saved
+
+    return run
 
 
 def impl_compile(w: Workload, device: str):
@@ -137,7 +164,8 @@ def impl_sentence_transformers(w: Workload, device: str):
     elif set(w.directions) <= {"q2d", "d2q"}:
         mode = "per_direction"
     else:
-        return None  # per-anchor with same-tower terms: not expressible in MNRL
+        return ("MultipleNegativesRankingLoss cannot express it: its per-direction partition refuses "
+                "query_to_query and doc_to_doc")
     loss = MultipleNegativesRankingLoss(model=None, scale=1.0 / TEMPERATURE,
                                         directions=tuple(ST_NAMES[x] for x in w.directions),
                                         partition_mode=mode)
@@ -150,8 +178,10 @@ def impl_sentence_transformers(w: Workload, device: str):
 
 
 def impl_inf_cl(w: Workload, device: str):
-    if device != "cuda" or w.directions != ("q2d", "d2q") or w.n_hard or w.partition != "per_anchor":
-        return None
+    if device != "cuda":
+        return "Inf-CL's kernels run on CUDA only"
+    if w.directions != ("q2d", "d2q") or w.n_hard or w.partition != "per_anchor":
+        return "Inf-CL computes symmetric InfoNCE without hard negatives only"
     from inf_cl import cal_inf_loss
 
     scale = torch.tensor(1.0 / TEMPERATURE, device=device)
@@ -169,6 +199,7 @@ IMPLEMENTATIONS: dict[str, tuple[Callable, str | None]] = {
     # name: (factory, the peer module it needs)
     "ours-fused": (impl_fused, None),
     "ours-eager": (impl_eager, None),
+    "eager-chunked": (impl_chunked, None),
     "torch.compile": (impl_compile, None),
     "sentence-transformers": (impl_sentence_transformers, "sentence_transformers"),
     "inf-cl": (impl_inf_cl, "inf_cl"),
@@ -254,7 +285,8 @@ def agrees(value: float, ours: float, dtype: torch.dtype) -> bool:
 
 def our_loss(w: Workload, q, d, n, device: str) -> float | None:
     """The yardstick every row is checked against: our loss (fused where it runs, else eager)."""
-    fn = impl_fused(w, device) or impl_eager(w, device)
+    fn = impl_fused(w, device)
+    fn = impl_eager(w, device) if isinstance(fn, str) else fn
     try:
         with torch.no_grad():
             return float(fn(q, d, n))
@@ -317,7 +349,7 @@ TABLE_HEAD = (f"{'workload':<22}{'N':>8}{'D':>6} {'dtype':<9}{'impl':<22}{'fwd+b
 
 
 def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[dict]:
-    rows = []
+    rows, told = [], set()
     matmul_cache = {}
     for w in workloads:
         torch._dynamo.reset()  # torch.compile starts each workload with an empty cache
@@ -335,8 +367,11 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                     row = dict(workload=w.name, n=n_pairs, d=w.dim, h=w.n_hard,
                                dtype=str(dtype).replace("torch.", ""), impl=name, matmul_tflops=mm_rate)
                     fn = factory(w, device)
-                    if fn is None:
-                        continue  # cannot express this workload (or needs a GPU): no row
+                    if isinstance(fn, str):  # cannot express this workload (or needs a GPU): no row
+                        if (name, w.name) not in told:
+                            told.add((name, w.name))
+                            print(f"# {name}: no {w.name} row ({fn})", flush=True)
+                        continue
                     if name in out_of_memory:
                         rows.append(emit({**row, "status": f"OOM (skipped: OOM at N={out_of_memory[name]})"}))
                         continue
@@ -438,23 +473,27 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small size of each workload")
-    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS), help="workloads")
     p.add_argument("--sizes", nargs="+", type=int, help="batch sizes N (default: the sweep for this device)")
     p.add_argument("--dim", type=int, help="embedding size D for every workload (default: each its own)")
     p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 and float32 on the GPU, float32 on the CPU")
-    p.add_argument("--impls", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
+    p.add_argument("--impls", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS),
+                   help="implementations")
     p.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (median)")
+    p.add_argument("--chunk-rows", type=int, help="eager-chunked's anchor rows per chunk (default: N / 8)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the CSV, JSON and PNG")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    global CHUNK_ROWS
+    CHUNK_ROWS = args.chunk_rows
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workloads = [WORKLOADS[name] for name in args.workloads]
     if args.dim:
@@ -471,13 +510,17 @@ def main(argv=None) -> int:
     for name in args.impls:
         peer = IMPLEMENTATIONS[name][1]
         if peer and peers[peer] is None:
-            print(f"# {name}: not installed (pip install -e '.[bench]')")
+            why = " (it runs on CUDA only, so it would have no row here anyway)" if name == "inf-cl" and \
+                device != "cuda" else ""
+            print(f"# {name}: not installed{why}; pip install -e '.[bench]'")
         else:
             impls.append(name)
     lines = header(device, peers)
     print("\n".join(lines))
     if "ours-fused" in impls and (device != "cuda" or not triton_available()):
         print("# ours-fused: the fused Triton kernel needs a CUDA GPU (and triton); not timed on this machine")
+    print("# eff: TFLOP/s of the loss (3 * 2 * D per kept anchor-candidate pair) over the TFLOP/s of a "
+          "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU)")
     print(TABLE_HEAD)
 
     def emit(row):

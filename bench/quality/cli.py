@@ -13,12 +13,32 @@ import time
 import numpy as np
 import torch
 
+from .. import HelpFormatter
 from . import __doc__ as PACKAGE_DOC
-from .data import (HERE, RESULTS_DIR, batch_layout, extract_dataset, group_ids_of, ids_of, layout_stats, log,
-                   minilm_embeddings, multi_query_pairs, tfidf_embeddings)
+from .data import (
+    HERE,
+    RESULTS_DIR,
+    batch_layout,
+    extract_dataset,
+    group_ids_of,
+    ids_of,
+    layout_stats,
+    log,
+    minilm_embeddings,
+    multi_query_pairs,
+    tfidf_embeddings,
+)
 from .models import LOSSES, TOWERS, alignment_uniformity, finetune_minilm, retrieval_metrics, train_towers
-from .report import (SETTINGS, compare, plot_deltas, plot_probes, summarise, write_finetune_report,
-                     write_repeated_report, write_report)
+from .report import (
+    SETTINGS,
+    compare,
+    plot_deltas,
+    plot_probes,
+    summarise,
+    write_finetune_report,
+    write_repeated_report,
+    write_report,
+)
 
 MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups"]
 REPEATED_LOSSES = ["infonce", "samtone", "bi-samtone", "bi-samtone+groups"]
@@ -27,7 +47,7 @@ SCRATCH = os.path.join(tempfile.gettempdir(), "samtone-kernels-quality")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=PACKAGE_DOC,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--repeated", action="store_true",
                        help="batches in which documents repeat (several queries per document; functions of one "
@@ -54,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-test", type=int, default=1500, help="test pairs (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None, help="MiniLM tokens per text (default: 128; 96 with "
                                                                   "--finetune)")
-    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run (default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=3e-5, help="default: %(default)s")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: %(default)s")

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The whole device check in one call: the GPU tests, then the target rows of bench/speed.py, with
+# everything it made in the folder named by its argument (the device's $OUT; three files come back:
+# the log, a summary and a tarball of the speed results).
+#
+#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, about 7 min on an H100
+#   bash bench/gpu_check.sh --dry-run DIR       # the same plumbing on CPU at tiny sizes (CI runs it)
+#
+# The device image has its own python3 (torch, triton, sentence-transformers, pytest, hypothesis) and
+# no registry. Inf-CL, pure Python, travels as a wheel in .gpu_wheels/ (named in `carry`): it is
+# unpacked into a scratch folder on PYTHONPATH, not installed. The tests run with one pinned kernel
+# config (no autotuning: a fresh machine has no Triton cache, and tuning every launch variant would
+# take the whole budget); the bench autotunes only the rows it times. Each step prints its wall time,
+# compile and tuning included, and a failing step does not stop the next.
+set -uo pipefail
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: bash bench/gpu_check.sh [--dry-run] OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, report exit status and wall time
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    echo "== $name: $*"
+    timeout "$limit" "$@"
+    rc=$?
+    echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
+    echo "| $name | $rc | $(( $(date +%s) - t0 )) s |" >> "$WORK/steps.md"
+}
+
+echo "== $(date -u '+%Y-%m-%d %H:%M') UTC, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), dry run: $DRY"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda',
+torch.cuda.is_available() and torch.cuda.get_device_name(0))" || true
+for wheel in .gpu_wheels/*.whl; do
+    [ -e "$wheel" ] && "$PY" -m zipfile -e "$wheel" "$WORK/site"
+done
+mkdir -p "$WORK/speed"
+
+if [ "$DRY" = 1 ]; then
+    step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py -k "hint"
+    step speed 120 "$PY" bench/speed.py --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
+        --impls ours-fused ours-eager eager-chunked --out "$WORK/speed" --no-plot
+else
+    export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,128,64,8,3} HYPOTHESIS_PROFILE=gpu
+    step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
+        tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
+    unset SAMTONE_TRITON_CONFIG
+    step samtone 150 "$PY" bench/speed.py --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
+        --impls ours-fused ours-eager eager-chunked torch.compile sentence-transformers --out "$WORK/speed"
+    step infonce 60 "$PY" bench/speed.py --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
+        --impls ours-fused inf-cl --out "$WORK/speed"
+    step large 60 "$PY" bench/speed.py --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
+        --out "$WORK/speed" --no-plot
+fi
+
+{
+    echo "# Device check, $(date -u '+%Y-%m-%d %H:%M') UTC"
+    echo
+    echo "| step | exit | wall |"
+    echo "|---|---|---|"
+    cat "$WORK/steps.md"
+    echo
+    echo '```'
+    grep -h -E "^(# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" "$OUT/gpu_check.log"
+    echo '```'
+} > "$OUT/summary.md"
+tar czf "$OUT/speed.tar.gz" -C "$WORK/speed" .
+echo "== wrote $OUT/summary.md, $OUT/speed.tar.gz, $OUT/gpu_check.log"
