@@ -77,7 +77,7 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert cli.main(["--quick", "--towers", "sde", "ade", "--losses", "infonce", "samtone", "samtone+groups",
                      "--out", str(tmp_path), "--report", str(report)]) == 0
     result = json.loads((tmp_path / "quality.json").read_text())
-    assert result["data"]["train_pairs"] == 400 and result["data"]["test_pairs"] == 200
+    assert result["data"]["train_pairs"] == 300 and result["data"]["test_pairs"] == 150
     assert result["data"]["minilm_cache"] in ("computed and saved", "reloaded")
     assert len(result["runs"]) == 2 * 2 * 3  # bases x towers x losses, one seed
     for values in [r for r in result["runs"]] + list(result["zero_shot"].values()):

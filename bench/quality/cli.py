@@ -43,6 +43,7 @@ from .report import (
 MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups"]
 REPEATED_LOSSES = ["infonce", "samtone", "bi-samtone", "bi-samtone+groups"]
 SCRATCH = os.path.join(tempfile.gettempdir(), "samtone-kernels-quality")
+QUICK_FILES = 30  # --quick reads the first 30 files of each training package (120 of the standard library)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--finetune", action="store_true",
                        help="fine-tune all-MiniLM-L6-v2 itself through SamToNeLoss -> bench/FINETUNE.md")
     p.add_argument("--quick", action="store_true",
-                   help="small and fast (one seed, one epoch or a few steps); writes to a scratch folder "
+                   help="small and fast (a few hundred pairs, one seed, one epoch or a few steps); writes to a "
+                        "scratch folder "
                         f"({SCRATCH}) unless --out / --report say otherwise")
     p.add_argument("--bases", nargs="+", choices=["minilm", "tfidf"], default=["minilm", "tfidf"],
                    help="frozen base encoders (default: %(default)s)")
@@ -87,11 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.towers = args.towers or (["sde", "ade"] if kind == "repeated" else list(TOWERS))
     args.losses = args.losses or (MAIN_LOSSES if kind == "quality" else REPEATED_LOSSES)
     args.batch_size = args.batch_size or (32 if kind == "finetune" else 256)
-    args.max_length = args.max_length or (96 if kind == "finetune" else 128)
     if args.quick:
-        args.max_train, args.max_test, args.max_docs, args.seeds, args.epochs = 400, 200, 150, 1, 1
+        args.max_train, args.max_test, args.max_docs, args.seeds, args.epochs = 300, 150, 100, 1, 1
+        args.max_length = args.max_length or 64
         if kind == "finetune":
             args.steps, args.batch_size, args.max_test, args.max_length = 2, 8, 40, 32
+    args.max_length = args.max_length or (96 if kind == "finetune" else 128)
     default_out = SCRATCH if args.quick else RESULTS_DIR
     args.out = args.out or default_out
     args.report = args.report or os.path.join(SCRATCH if args.quick else HERE, {
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     log("extracting pairs from installed packages (train) and the standard library (test)")
-    train, test, info = extract_dataset(None, args.max_test, files_per_package=80 if args.quick else None)
+    train, test, info = extract_dataset(None, args.max_test, files_per_package=QUICK_FILES if args.quick else None)
     test_queries = info.pop("test_queries")
     info.update(device=args.device, commit=_commit())
     run = {"quality": run_quality, "repeated": run_repeated, "finetune": run_finetune}[args.kind]
@@ -175,7 +178,7 @@ def run_quality(args, command, started, train, test, test_queries, info) -> None
                 log(f"{base} {tower} {loss}: mrr@10 "
                     f"{np.mean([r['mrr@10'] for r in runs[-args.seeds:]]):.4f} over {args.seeds} seed(s)")
 
-    pictures = plot_probes(panels, distances, args.out, "quality", seed=0)
+    pictures = plot_probes(panels, distances, args.out, "quality", seed=0, tsne_iterations=250 if args.quick else 1000)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(dict(command=command, data=info, zero_shot=zero_shot, runs=runs, probes=probes), f, indent=1)
     write_report(args.report, command, info, summarise(runs), per_query, zero_shot, probes, pictures, args.bases,
@@ -233,7 +236,7 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
             emb = _embed(base, args, queries + codes, texts, info)
             q_tr, d_tr, q_te, d_te = np.split(emb, [len(queries), len(queries) + len(codes),
                                                     len(queries) + len(codes) + len(test)])
-            zero_shot[base] = retrieval_metrics(q_te, d_te)[0]
+            zero_shot[f"{base} {setting}"] = retrieval_metrics(q_te, d_te)[0]  # TF-IDF is fit per setting
             for layout in ("random", SETTINGS[setting][2]):
                 units = {"random": doc, "by-document": doc, "by-file": file}[layout]
 

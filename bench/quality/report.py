@@ -87,7 +87,8 @@ def data_lines(info: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # The main experiment: frozen encoders, random batches
 # --------------------------------------------------------------------------------------------------
-def plot_probes(panels: dict, distances: dict, out_dir: str, stem: str, seed: int) -> list[str]:
+def plot_probes(panels: dict, distances: dict, out_dir: str, stem: str, seed: int, tsne_iterations: int = 1000
+                ) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,8 +98,8 @@ def plot_probes(panels: dict, distances: dict, out_dir: str, stem: str, seed: in
     paths = []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, (q, d)) in zip(axes[0], panels.items()):
-        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(5, len(q) // 4))
-                  ).fit_transform(np.concatenate([q, d]))
+        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(5, len(q) // 4)),
+                  max_iter=tsne_iterations).fit_transform(np.concatenate([q, d]))
         ax.scatter(*xy[: len(q)].T, s=5, alpha=0.6, label="query tower")
         ax.scatter(*xy[len(q):].T, s=5, alpha=0.6, label="document tower")
         ax.set(title=title, xticks=[], yticks=[])
@@ -257,12 +258,13 @@ def write_repeated_report(path: str, command: str, info: dict, summary: dict, pe
             "`same-file`) as `group_ids`: a pair of the same group is not a negative in any block.", "",
             "## Results (test split, MRR@10 and friends; mean ± std over seeds)", ""]
     for base in bases:
-        out += [f"### Base: {base}", ""] + metrics_table([("zero-shot", zero_shot[base])], "model") + [""]
+        out += [f"### Base: {base}", ""]
         for setting, (title, _, layout) in SETTINGS.items():
             for lay in ("random", layout):
                 rows = [(f"{t.upper()} {loss}", summary[(base, setting, lay, t, loss)]) for t in towers
                         for loss in losses if (base, setting, lay, t, loss) in summary]
                 if rows:
+                    rows.insert(0, ("zero-shot", zero_shot[f"{base} {setting}"]))
                     out += [f"**{title}, `{lay}` batches**", ""] + metrics_table(rows, "tower loss") + [""]
     out += ["## Differences (MRR@10, per-query reciprocal ranks averaged over seeds, 95% paired-bootstrap "
             "interval over test queries)", "",
