@@ -43,6 +43,7 @@ def test_every_kernel_variant_compiles_for_hopper_ampere_and_ada():
             process.kill()
     log.seek(0)
     output = log.read()
+    log.close()
     assert process.returncode == 0, output[-6000:]
     compiled = re.search(r"compiled (\d+) kernels, 0 failures", output)
     assert compiled and int(compiled.group(1)) >= 50, output[-2000:]  # 36 variants, 8 epilogues, 10 more
