@@ -130,19 +130,15 @@ CHUNK_ROWS: int | None = None  # eager-chunked's rows per chunk (--chunk-rows); 
 
 
 def impl_chunked(w: Workload, device: str):
+    options = check_options(directions=w.directions, partition=w.partition, doc_anchor_weight=1.0,
+                            normalize=True, reduction="mean", backend="torch")
+
     def run(q, d, n):
         n_pairs = q.shape[0]
         rows = CHUNK_ROWS or max(1, n_pairs // 8)
-        options = check_options(directions=w.directions, partition=w.partition, doc_anchor_weight=1.0,
-                                normalize=True, reduction="mean", backend="torch")
-        saved = _torch_impl.CHUNK_BYTES
-        # The budget that gives ``rows`` anchors per chunk (float32 logits); the chunks are fixed in
-        # the forward, and the backward recomputes them as they were.
-        _torch_impl.CHUNK_BYTES = rows * _torch_impl.row_bytes(n_pairs, n_pairs * (1 + w.n_hard), options, 4)
-        try:
+        # The budget that gives ``rows`` anchors per chunk (float32 logits).
+        with _torch_impl.chunk_budget(rows * _torch_impl.row_bytes(n_pairs, n_pairs * (1 + w.n_hard), options, 4)):
             return fused_samtone_loss(q, d, n, backend="torch", **w.options())
-        finally:
-            _torch_impl.CHUNK_BYTES = saved
 
     return run
 

@@ -35,12 +35,8 @@ def measure(n_pairs: int, dim: int, directions: tuple[str, ...], chunk_bytes: in
         loss = fused_samtone_loss(q, d, directions=directions, normalize=True, backend="torch")
         return torch.autograd.grad(loss, [q, d])
 
-    saved = _torch_impl.CHUNK_BYTES
-    _torch_impl.CHUNK_BYTES = chunk_bytes
-    try:
+    with _torch_impl.chunk_budget(chunk_bytes):
         return time_ms(step, "cpu", repeats), peak_memory_bytes(step, "cpu")
-    finally:
-        _torch_impl.CHUNK_BYTES = saved
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,8 @@ for one more logit matmul per block (4 matmuls where 3 are textbook).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +56,18 @@ def row_bytes(n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> 
     width = max(n_cols + (n_cand if options.q2q else 0),
                 (n_cand if options.d2q else 0) + (n_cols if options.d2d else 0))
     return _LIVE_BUFFERS * width * itemsize
+
+
+@contextlib.contextmanager
+def chunk_budget(nbytes: int) -> Iterator[None]:
+    """``CHUNK_BYTES = nbytes`` inside the block, restored after it. The chunks are fixed in the
+    forward (the backward recomputes them as they were), so only the forward needs to be inside."""
+    global CHUNK_BYTES
+    saved, CHUNK_BYTES = CHUNK_BYTES, nbytes
+    try:
+        yield
+    finally:
+        CHUNK_BYTES = saved
 
 
 def chunk_rows(n_cand: int, n_cols: int, options: LossOptions, itemsize: int, budget: int | None = None) -> int:

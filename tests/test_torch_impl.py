@@ -215,11 +215,9 @@ def test_row_chunks_match_the_reference(dtype, case, tensor_temperature):
     """A budget of one byte: one anchor row per checkpointed chunk, values and every gradient (the
     temperature's too) against the reference; groups, hard negatives, hardness and both partitions
     come from the drawn cases."""
-    from unittest import mock
-
     from samtone_kernels import _torch_impl
 
-    with mock.patch.object(_torch_impl, "CHUNK_BYTES", 1):
+    with _torch_impl.chunk_budget(1):
         run_and_compare(case, dtype, "torch", tensor_temperature)
 
 

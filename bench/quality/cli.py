@@ -226,9 +226,9 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
     runs, per_query, stats, zero_shot = [], {}, {}, {}
     for setting, (queries, codes, doc_of, doc, file) in settings.items():
         group = {"document": doc, "file": file}[SETTINGS[setting][1]]
+        layouts = {"random": doc, SETTINGS[setting][2]: group}  # layout -> the units it keeps together
         log(f"{setting}: {len(queries)} pairs over {len(codes)} documents")
-        for layout in ("random", SETTINGS[setting][2]):
-            units = {"random": doc, "by-document": doc, "by-file": file}[layout]
+        for layout, units in layouts.items():
             stats[(setting, layout)] = layout_stats(batch_layout(layout, units, args.batch_size,
                                                                  np.random.default_rng(0)), doc, file)
         for base in args.bases:
@@ -237,8 +237,7 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
             q_tr, d_tr, q_te, d_te = np.split(emb, [len(queries), len(queries) + len(codes),
                                                     len(queries) + len(codes) + len(test)])
             zero_shot[f"{base} {setting}"] = retrieval_metrics(q_te, d_te)[0]  # TF-IDF is fit per setting
-            for layout in ("random", SETTINGS[setting][2]):
-                units = {"random": doc, "by-document": doc, "by-file": file}[layout]
+            for layout, units in layouts.items():
 
                 def batches(rng, units=units, layout=layout):
                     return batch_layout(layout, units, args.batch_size, rng)
