@@ -15,9 +15,12 @@ a strided one too. Failures:
 float32 is compiled with ``"ieee"`` (the default: torch's "highest" matmul precision) and ``"tf32"``;
 its spills are printed, not failed on (see bench/RESULTS.md for the figures and why).
 
-Default (CI): each variant once (NORMED following the group flag), dtypes, configs and sm_90 /
-sm_80 / sm_89 in rotation, every autotune config for the heaviest backward variant in bfloat16, and
-that variant strided on each architecture. ``--all``: every variant x dtype x config x architecture
+Default (CI): each variant once (NORMED following the group flag), in bfloat16, float16 and float32
+with "tf32" in rotation, configs and sm_90 / sm_80 / sm_89 in rotation; every autotune config for the
+heaviest backward variant in bfloat16, and that variant strided on each architecture; float32 with
+"ieee" for the heaviest forward and backward variants on each architecture. (An "ieee" compile
+spills, and ptxas takes about 3x as long over it as over a 16-bit one; the flags that spill are the
+same whatever the precision, and only 16-bit spills fail.) ``--all``: every variant x dtype x config x architecture
 x stride kind (hours on two cores). ``--sweep 80,89 64,128,64,8,3 ...``: every variant x the given
 tiles and architectures in bfloat16 (the spill tables of bench/RESULTS.md).
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 from multiprocessing import Pool
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET=0"
@@ -88,12 +92,19 @@ def heaviest_backward() -> dict:
     return {**launch.flags(True, "all_negatives"), "NORMED": True}
 
 
+def heaviest_forward() -> dict:
+    launch = plan.forward_launches(DIRECTION_SETS[-1])[0]  # queries: every segment
+    flags = launch.flags(True, "all_negatives")
+    return {**{k: v for k, v in flags.items() if k in K.lse_kernel.fn.arg_names}, "NORMED": True}
+
+
 def precisions(dtype: str):
     return ("ieee", "tf32") if dtype == "fp32" else ("tf32",)  # ignored by tl.dot for 16-bit inputs
 
 
 def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
+    start = time.perf_counter()
     fn = KERNELS[name]
     bm, bn, bd, warps, stages = tile
     epilogue = fn is K.epilogue_kernel
@@ -125,7 +136,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     if contiguous and dtype != "fp32" and use["spill_stores"]:
         failures.append(f"{label}: {use['spill_stores']} B of register spills")
     line = (f"{label}: {use['registers']} regs, spills {use['spill_stores']}/{use['spill_loads']} B, "
-            f"shared {use['shared']} B")
+            f"shared {use['shared']} B ({time.perf_counter() - start:.1f} s)")
     return line, failures
 
 
@@ -135,7 +146,7 @@ def jobs(everything: bool):
             for tile, precision in itertools.product(K.tiles_for(arch), precisions(dtype)):
                 yield fn, flags, dtype, tile, arch, contiguous, precision
         return
-    combos = [(dtype, precision) for dtype in DTYPES for precision in precisions(dtype)]
+    combos = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32")]
     for i, (fn, flags) in enumerate(variants(everything=False)):
         dtype, precision = combos[i % len(combos)]
         arch = ARCHS[i % len(ARCHS)]
@@ -146,6 +157,9 @@ def jobs(everything: bool):
             yield "grad_kernel", heaviest_backward(), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
         yield "grad_kernel", heaviest_backward(), "bf16", K.tiles_for(arch)[0], arch, False, "tf32"
+    for arch in ARCHS:  # float32 at torch's default precision
+        yield "grad_kernel", heaviest_backward(), "fp32", K.tiles_for(arch)[0], arch, True, "ieee"
+        yield "lse_kernel", heaviest_forward(), "fp32", K.tiles_for(arch)[-1], arch, True, "ieee"
 
 
 def _run(args):
