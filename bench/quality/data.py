@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -31,7 +32,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pair:
     query: str
     code: str
@@ -67,12 +68,13 @@ def trivial(query: str) -> bool:
             or ":" in query[:20] and query[:20].split(":")[0].strip().lower() in {"parameters", "args", "returns"})
 
 
-def function_pairs(path: str, source: str) -> list[Pair]:
+@functools.cache  # the files do not change while the process runs; a second run (a test) parses none again
+def function_pairs(path: str, source: str) -> tuple[Pair, ...]:
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-        return []
+        return ()
     pairs = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("test"):
@@ -96,7 +98,7 @@ def function_pairs(path: str, source: str) -> list[Pair]:
             node.body = with_doc
         more = tuple(s for s in prose_sentences(doc) if s != query)
         pairs.append(Pair(query, code[:2000], source, more))
-    return pairs
+    return tuple(pairs)
 
 
 def package_files(root: str, excluded: set[str] = frozenset()) -> list[str]:
