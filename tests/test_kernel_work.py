@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 
+import traffic_model
 from counting import count_kernel_work
 from helpers import DIRECTION_SETS
 from samtone_kernels import _triton, fused_samtone_loss
@@ -65,12 +66,14 @@ def test_matmul_flops_match_the_plan(directions, n_hard, shared):
 
 # Bytes of loads + stores per textbook FLOP at float16, N = 256, D = 768, 128 x 128 x 64 tiles (no
 # cache), as counted on this design (bench/RESULTS.md): the ceilings hold it there so it cannot grow.
-# (The kernel issue's targets, 0.03 / 0.02 / 0.015, are not reached yet.)
-BYTE_CEILINGS = {("q2d",): 0.046, ("q2d", "q2q"): 0.036, ("q2d", "q2q", "d2q", "d2d"): 0.025}
+# (The kernel issue's targets, 0.03 / 0.02 / 0.02 / 0.015, are not reached yet: traffic_model.py weighs
+# the designs that would reach them.)
+BYTE_CEILINGS = {("q2d",): 0.046, ("q2d", "q2q"): 0.036, ("q2d", "d2q"): 0.027, ("q2d", "q2q", "d2q", "d2d"): 0.025}
 
 
-@pytest.mark.parametrize("directions,n_hard", [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "q2q", "d2q", "d2d"), 0)],
-                         ids=["infonce-1neg", "samtone", "bidirectional"])
+@pytest.mark.parametrize("directions,n_hard", [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "d2q"), 0),
+                                               (("q2d", "q2q", "d2q", "d2d"), 0)],
+                         ids=["infonce-1neg", "samtone", "symmetric", "bidirectional"])
 def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
     for kernel in _triton.AUTOTUNED:
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64},
@@ -84,3 +87,10 @@ def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
     print(f"bytes per textbook FLOP {'-'.join(directions)} H={n_hard}: {ratio:.4f} "
           + " ".join(f"{k} {v:.4f}" for k, v in per_kernel.items()))  # bench/RESULTS.md (pytest -s)
     assert ratio <= BYTE_CEILINGS[directions], ratio
+    # The model that weighs the designs which would move less (traffic_model.py) holds today's design
+    # to within 2% of this count, kernel by kernel (it leaves out the O(BM) terms).
+    modelled = traffic_model.bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 128, 128)
+    for kernel, row in counts.per_kernel.items():
+        counted = row["load_bytes"] + row["store_bytes"]
+        assert abs(modelled[kernel] - counted) <= 0.02 * counted, (kernel, modelled[kernel], counted)
+    assert set(counts.per_kernel) == {k for k, v in modelled.items() if v}

@@ -56,9 +56,10 @@ Traffic (bytes of global loads and stores per textbook FLOP, counted by the test
 interpreter; figures in bench/RESULTS.md): per BM x BN tile pair at dimension D, the forward loads
 the X and Y tiles (e (BM + BN) D bytes for element size e); a backward walk loads them again for the
 recompute, Y once more for G Y, and reads and writes its float32 rows (8 BM D bytes) once per column
-tile. That last term dominates at D = 768; staging the coefficients of several column tiles per
-sweep over D, or keeping the row tile on chip, would cut it, at a register and shared-memory cost
-that only a GPU can weigh.
+tile. That last term dominates at D = 768; walking the Q and D tiles of the same pairs together,
+staging the coefficients of several column tiles per sweep over D, or keeping the row tile on chip,
+would cut it, at a register and shared-memory cost that only a GPU can weigh (``tests/traffic_model.py``
+gives each design's bytes).
 
 Normalisation (NORMED): with y = r x, r = 1 / max(|x|, eps), the kernels give dF/dy; the epilogue
 kernel takes it back to x, dF/dx = r g - r^3 (g . x) x (r g at or below eps).

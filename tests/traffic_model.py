@@ -1,0 +1,139 @@
+"""A model of the bytes the fused kernels load and store, tile by tile, for the design they have and for
+the designs that would move less: arithmetic, not a count and not a timing.
+
+``tests/test_kernel_work.py`` holds the model of today's design to within 2% of what the interpreter
+counts (``counting.py``), launch by launch; the other designs are the same arithmetic with one term
+changed, so that a choice between them can be argued before a GPU weighs their register and shared
+memory cost (bench/RESULTS.md). The launches, their walks and roles come from ``plan``.
+
+Per program of BM rows, against column tiles of BN pairs, at dimension D and element size e:
+``row`` = BM D e (the row tile X), ``col`` = BN D e (a candidate tile Y), ``f32`` = BM D 4 (the
+program's float32 gradient rows). The terms of O(BM) (statistics, norms, group ids) are left out.
+
+    python tests/traffic_model.py      # the table of bench/RESULTS.md: bytes per textbook FLOP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from samtone_kernels._triton import plan  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Design:
+    """``paired``: the Q and D segments of a launch walk their column tiles together (one load of X
+    for both tiles, one read-modify-write of the gradient rows for both: two logit tiles live at once).
+    ``stage``: column tiles whose coefficients are held on chip per sweep over D (one read-modify-write
+    per ``stage`` tiles). ``fused_epilogue``: the last sweep writes the gradient in the input dtype
+    (adding the positive logit's term), so no epilogue launch reads the buffer back. ``resident_x``:
+    the row tile is loaded once per program (BM x D on chip). ``accumulator_on_chip``: the BM x D
+    float32 gradient rows never leave the chip."""
+
+    paired: bool = False
+    stage: int = 1
+    fused_epilogue: bool = False
+    resident_x: bool = False
+    accumulator_on_chip: bool = False
+
+
+TODAY = Design()
+
+
+def _groups(segments: list[str], n_hard: int, paired: bool) -> list[list[str]]:
+    """The segments a program walks in one column-tile loop: each alone, or Q with D when paired;
+    hard negatives each on its own (one block per k)."""
+    plain = [s for s in segments if s != "n"]
+    groups = [plain] if paired and len(plain) == 2 else [[s] for s in plain]
+    return groups + [["n"]] * (n_hard if "n" in segments else 0)
+
+
+def _program(segments, n_hard, col_tiles, row, col, f32, design, backward, partner):
+    """Bytes one program loads and stores."""
+    groups = _groups(segments, n_hard, design.paired)
+    tiles = len(groups) * col_tiles  # column-tile steps, each recomputing the logits of its group
+    y_tiles = sum(len(g) for g in groups) * col_tiles
+    x_loads = row if design.resident_x else tiles * row
+    if not backward:
+        return x_loads + y_tiles * col
+    total = x_loads + 2 * y_tiles * col  # Y for the recompute and again for G Y
+    sweeps = math.ceil(tiles / design.stage)
+    if design.accumulator_on_chip:
+        round_trips = 0
+    else:
+        round_trips = 2 * sweeps - 1  # the first sweep stores, the others read and store
+    total += round_trips * f32
+    if design.fused_epilogue:  # the last sweep writes the gradient (and reads the partner) instead
+        total += -f32 * (not design.accumulator_on_chip) + row + row * partner
+    elif design.accumulator_on_chip:
+        total += f32  # the buffer the epilogue reads
+    return total
+
+
+def bytes_by_kernel(directions, n_pairs: int, dim: int, n_hard: int, itemsize: int, block_m: int, block_n: int,
+                    design: Design = TODAY) -> dict[str, int]:
+    """Modelled bytes of one forward + backward, by kernel (the candidates being the anchors)."""
+    row, col, f32 = block_m * dim * itemsize, block_n * dim * itemsize, block_m * dim * 4
+    row_tiles, col_tiles = math.ceil(n_pairs / block_m), math.ceil(n_pairs / block_n)
+    out = {"lse_kernel": 0, "grad_kernel": 0, "epilogue_kernel": 0}
+    for launch in plan.forward_launches(directions):
+        out["lse_kernel"] += row_tiles * _program(list(launch.walks), n_hard, col_tiles, row, col, f32, design,
+                                                  False, False)
+    for launch in plan.backward_launches(directions, shared=True):
+        blocks = n_hard if launch.rows == "n" else 1
+        partner = launch.rows in ("q", "d")
+        if launch.walks:
+            out["grad_kernel"] += blocks * row_tiles * _program(list(launch.walks), n_hard, col_tiles, row, col,
+                                                                f32, design, True, partner)
+        if not design.fused_epilogue or not launch.walks:
+            # the float32 buffer (when a walk made one), the partner's rows, the gradient out
+            out["epilogue_kernel"] += blocks * row_tiles * ((f32 if launch.walks else 0) + row * partner + row)
+    return out
+
+
+def textbook_flops(directions, n_pairs: int, dim: int, n_hard: int) -> int:
+    return sum(3 * 2 * n_pairs * n_pairs * dim * (n_hard if b.segment == "n" else 1)
+               for b in plan.selected(directions))
+
+
+CONFIGURATIONS = {"InfoNCE + 1 hard negative": (("q2d",), 1), "SamToNe": (("q2d", "q2q"), 0),
+                  "symmetric InfoNCE": (("q2d", "d2q"), 0), "bidirectional SamToNe": (("q2d", "q2q", "d2q", "d2d"), 0)}
+TARGETS = {"InfoNCE + 1 hard negative": 0.03, "SamToNe": 0.02, "symmetric InfoNCE": 0.02,
+           "bidirectional SamToNe": 0.015}
+DESIGNS = {
+    "today": (TODAY, "one logit tile"),
+    "paired Q and D": (Design(paired=True), "two logit tiles"),
+    "fused epilogue": (Design(fused_epilogue=True), "one logit tile"),
+    "paired + fused": (Design(paired=True, fused_epilogue=True), "two logit tiles"),
+    "paired + fused + 2 staged": (Design(paired=True, fused_epilogue=True, stage=2), "two logit + four G tiles"),
+    "fused, accumulator on chip": (Design(fused_epilogue=True, accumulator_on_chip=True), "BM x D float32"),
+    "fused, X resident, accumulator on chip": (Design(fused_epilogue=True, resident_x=True, accumulator_on_chip=True),
+                                               "BM x D float32 and BM x D inputs"),
+}
+
+
+def per_flop(directions, n_hard, design, n_pairs=256, dim=768, itemsize=2, block_m=128, block_n=128) -> float:
+    counted = bytes_by_kernel(directions, n_pairs, dim, n_hard, itemsize, block_m, block_n, design)
+    return sum(counted.values()) / textbook_flops(directions, n_pairs, dim, n_hard)
+
+
+def table(n_pairs: int = 256) -> str:
+    names = list(CONFIGURATIONS)
+    lines = ["| design | on chip beside the K-loop | " + " | ".join(names) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+             "| issue target | | " + " | ".join(f"<= {TARGETS[n]}" for n in names) + " |"]
+    for label, (design, state) in DESIGNS.items():
+        cells = [f"{per_flop(*CONFIGURATIONS[n], design, n_pairs=n_pairs):.4f}" for n in names]
+        lines.append(f"| {label} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for n in (256, 16384):
+        print(f"bytes per textbook FLOP, float16, N = {n}, D = 768, 128 x 128 x 64 tiles (model)\n")
+        print(table(n), "\n")
