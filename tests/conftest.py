@@ -32,14 +32,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def pytest_collection_finish(session):
-    """Subprocess work that runs on one core starts as soon as the selected tests are known, so it
-    overlaps the in-process tests (CI has two cores): the GPU compile check."""
+def _compile_check_module(session):
     for item in session.items:
         module = getattr(item, "module", None)
         if module is not None and module.__name__ == "test_gpu_compile":
-            module.start()
-            break
+            return module
+    return None
+
+
+def pytest_collection_finish(session):
+    """Subprocess work that runs on one core starts as soon as the selected tests are known, so it
+    overlaps the in-process tests (CI has two cores): the GPU compile check."""
+    module = _compile_check_module(session)
+    if module is not None and not session.config.option.collectonly:
+        module.start()
+
+
+def pytest_sessionfinish(session):
+    """A run that ends before the compile check's test (a failure with -x, an interrupt) stops it."""
+    module = _compile_check_module(session)
+    if module is not None:
+        module.stop()
 
 
 @pytest.fixture

@@ -32,6 +32,13 @@ def start() -> None:
                                 text=True), log
 
 
+def stop() -> None:
+    """Kill the compile if it still runs (a run that ended early, or stopped after collecting)."""
+    if _job is not None and _job[0].poll() is None:
+        _job[0].kill()
+        _job[0].wait()
+
+
 def test_every_kernel_variant_compiles_for_hopper_ampere_and_ada():
     pytest.importorskip("triton")
     start()
