@@ -3,7 +3,7 @@
 # everything it made in the folder named by its argument (the device's $OUT; three files come back:
 # the log, a summary and a tarball of the speed results).
 #
-#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, about 7 min on an H100
+#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, at most 9.5 min of steps
 #   bash bench/gpu_check.sh --dry-run DIR       # the same plumbing on CPU at tiny sizes (CI runs it)
 #
 # The device image has its own python3 (torch, triton, sentence-transformers, pytest, hypothesis) and
@@ -47,6 +47,7 @@ if [ "$DRY" = 1 ]; then
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py -k "hint"
     step speed 120 "$PY" bench/speed.py --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
         --impls ours-fused ours-eager eager-chunked --out "$WORK/speed" --no-plot
+    TILES="16,32,16,4,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
 else
     export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,128,64,8,3} HYPOTHESIS_PROFILE=gpu
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
@@ -58,7 +59,14 @@ else
         --impls ours-fused inf-cl --out "$WORK/speed"
     step large 60 "$PY" bench/speed.py --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
         --out "$WORK/speed" --no-plot
+    # Wider column tiles move fewer bytes (bench/RESULTS.md, tests/traffic_model.py) and spill in some
+    # backward variants: today's first tile against two wider ones, each pinned (no tuning).
+    TILES="64,128,64,8,3 64,256,64,8,3 128,128,64,8,3" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
 fi
+for tile in $TILES; do
+    step "tile $tile" 40 env SAMTONE_TRITON_CONFIG="$tile" "$PY" bench/speed.py --workloads samtone \
+        --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
+done
 
 {
     echo "# Device check, $(date -u '+%Y-%m-%d %H:%M') UTC"
@@ -68,7 +76,8 @@ fi
     cat "$WORK/steps.md"
     echo
     echo '```'
-    grep -h -E "^(# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" "$OUT/gpu_check.log"
+    grep -h -E "^(== tile [0-9,]+: env|# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" \
+        "$OUT/gpu_check.log"
     echo '```'
 } > "$OUT/summary.md"
 tar czf "$OUT/speed.tar.gz" -C "$WORK/speed" .
