@@ -18,11 +18,11 @@ its spills are printed, not failed on (see bench/RESULTS.md for the figures and 
 Default (CI): each variant once (NORMED following the group flag), in bfloat16, float16 and float32
 with "tf32" in rotation, configs and sm_90 / sm_80 / sm_89 in rotation; every autotune config for the
 heaviest backward variant in bfloat16, and that variant strided on each architecture; float32 with
-"ieee" for the heaviest forward and backward variants on each architecture. (An "ieee" compile
-spills, and ptxas takes about 3x as long over it as over a 16-bit one; the flags that spill are the
-same whatever the precision, and only 16-bit spills fail.) ``--all``: every variant x dtype x config x architecture
-x stride kind (hours on two cores). ``--sweep 80,89 64,128,64,8,3 ...``: every variant x the given
-tiles and architectures in bfloat16 (the spill tables of bench/RESULTS.md).
+"ieee" for the heaviest forward and backward variants on each architecture (an "ieee" compile spills
+and takes about 3x as long as a 16-bit one, and its spills are not failed on). ``--all``: every
+variant x dtype x config x architecture x stride kind (hours on two cores). ``--sweep 80,89
+64,128,64,8,3 ...``: every variant x the given tiles and architectures in bfloat16 (the spill tables
+of bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def start() -> None:
 
 
 def stop() -> None:
-    """Kill the compile if it still runs (a run that ended early, or stopped after collecting)."""
+    """Kill the compile if it still runs (a run that ended before the test that waits for it)."""
     if _job is not None and _job[0].poll() is None:
         _job[0].kill()
         _job[0].wait()
