@@ -10,17 +10,21 @@ JIT specialises them (triton/runtime/jit.py ``create_function_from_signature`` -
   multiple of 16, keep their type but get the attribute ``[["tt.divisibility", 16]]``
   (``BaseBackend.parse_attr("D")``), keyed by the argument's index path ``(i,)`` in ``attrs``.
 
-``compile_kernel`` reproduces that through ``ASTSource(fn, signature, constexprs, attrs)``;
-``resource_usage`` runs ptxas -v on the PTX (the same ptxas binary and flags Triton's own
-``make_cubin`` uses) and parses registers and spills; ``fits`` compares shared memory with the
-per-block opt-in maximum of the target GPU.
+``compile_kernel`` reproduces that through ``ASTSource(fn, signature, constexprs, attrs)``, and keeps
+the ``ptxas -v`` log of Triton's own ``make_cubin`` (``TRITON_DUMP_PTXAS_LOG``); ``resource_usage``
+parses registers and spills from that log, or, when the compile came from Triton's cache and ran no
+ptxas, runs ptxas -v on the PTX with the same binary and flags; ``fits`` compares shared memory with
+the per-block opt-in maximum of the target GPU.
 
 Import with TRITON_INTERPRET=0 (or unset); ``compile_for_gpu.py`` is its user. Measured on the
-2-core machine: a compile takes 2.5-4 s, ptxas -v another 0.5-0.9 s.
+2-core machine: a compile takes 2.5-4 s, a second ptxas -v another 0.5-0.9 s (which reading
+Triton's log saves).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -32,6 +36,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_IN
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -56,7 +61,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warp
     """``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, specialised like the JIT would:
     ``unit`` names int arguments equal to 1 (compiled as the constant 1), ``divisible`` names pointer or
     int arguments marked divisible by 16 (``tt.divisibility = 16``). Returns the CompiledKernel
-    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``)."""
+    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``) with ``ptxas_log``: what Triton's own
+    ``ptxas -v`` printed, or None when the kernel came from Triton's cache."""
     unit, divisible = set(unit), set(divisible)
     sig, consts = dict(signature), dict(constexprs)
     for name in unit | divisible:
@@ -79,8 +85,17 @@ def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warp
              for i, name in enumerate(fn.arg_names)
              if sig[name] == "constexpr" or sig[name].startswith("*") or re.fullmatch(r"[iu]\d+", sig[name])}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    printed, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log
+    try:
+        with contextlib.redirect_stdout(printed):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    log = printed.getvalue()
+    compiled.ptxas_log = log if _REGS.search(log) else None
+    return compiled
 
 
 def ptxas_path(arch: int) -> str:
@@ -107,21 +122,23 @@ def resource_usage(compiled, arch: int) -> dict:
     if not re.fullmatch(rf"sm_{arch}a?", target):
         raise ValueError(f"PTX targets {target}, not sm_{arch}")
     opt = compiled.metadata
-    # Same flags as CUDABackend.make_cubin, so the figures are those of the cubin Triton produced.
-    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2"]
-    if not getattr(opt, "enable_fp_fusion", True):
-        flags.append("--fmad=false")
-    if getattr(opt, "ptx_options", None):
-        flags += opt.ptx_options.split()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas_path(arch), *flags, f"--gpu-name={target}", path, "-o",
-                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
-    log = run.stdout + run.stderr
-    if run.returncode:
-        raise RuntimeError(f"ptxas failed ({run.returncode}):\n{log}")
+    log = getattr(compiled, "ptxas_log", None)  # Triton's own run, when the compile made the cubin
+    if log is None:
+        # Same flags as CUDABackend.make_cubin, so the figures are those of the cubin Triton produced.
+        flags = ["-lineinfo", "-v", "--regAllocOptLevel=2"]
+        if not getattr(opt, "enable_fp_fusion", True):
+            flags.append("--fmad=false")
+        if getattr(opt, "ptx_options", None):
+            flags += opt.ptx_options.split()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            run = subprocess.run([ptxas_path(arch), *flags, f"--gpu-name={target}", path, "-o",
+                                  os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+        log = run.stdout + run.stderr
+        if run.returncode:
+            raise RuntimeError(f"ptxas failed ({run.returncode}):\n{log}")
     # One entry function per Triton kernel; should there be more, report the worst.
     regs, spills = [int(n) for n in _REGS.findall(log)], _SPILLS.findall(log)
     if not regs or not spills:
