@@ -136,8 +136,8 @@ def impl_chunked(w: Workload, device: str):
     def run(q, d, n):
         n_pairs = q.shape[0]
         rows = CHUNK_ROWS or max(1, n_pairs // 8)
-        # The budget that gives ``rows`` anchors per chunk (float32 logits).
-        with _torch_impl.chunk_budget(rows * _torch_impl.row_bytes(n_pairs, n_pairs * (1 + w.n_hard), options, 4)):
+        budget = _torch_impl.budget_for_rows(rows, n_pairs, n_pairs * (1 + w.n_hard), options, 4)  # float32 logits
+        with _torch_impl.chunk_budget(budget):
             return fused_samtone_loss(q, d, n, backend="torch", **w.options())
 
     return run

@@ -55,10 +55,9 @@ def main(argv=None) -> int:
         directions = WORKLOADS[name]
         options = _options(directions)
         for n in args.sizes:
-            per_row = _torch_impl.row_bytes(n, n, options, 4)
             rows = {}
             for variant, budget in (("unchunked", 1 << 62), ("default", _torch_impl.CHUNK_BYTES),
-                                    ("chunked", per_row * max(1, n // 8))):
+                                    ("chunked", _torch_impl.budget_for_rows(max(1, n // 8), n, n, options, 4))):
                 ms, peak = measure(n, args.dim, directions, budget, args.repeats)
                 rows[variant] = (ms, peak)
                 chunks = -(-n // _torch_impl.chunk_rows(n, n, options, 4, budget=budget))

@@ -75,6 +75,11 @@ def chunk_rows(n_cand: int, n_cols: int, options: LossOptions, itemsize: int, bu
     return max(1, (CHUNK_BYTES if budget is None else budget) // row_bytes(n_cand, n_cols, options, itemsize))
 
 
+def budget_for_rows(rows: int, n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> int:
+    """The budget whose chunks hold ``rows`` anchor rows (``chunk_rows``'s inverse)."""
+    return rows * row_bytes(n_cand, n_cols, options, itemsize)
+
+
 def keep_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
                device: torch.device):
     """Keep-masks of the four logit blocks (True = the entry is in the sums).
