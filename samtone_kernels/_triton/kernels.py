@@ -254,5 +254,6 @@ def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX
 
 
 # The epilogue is memory-bound: fixed tiles, no autotuning.
-EPILOGUE = dict(BLOCK_R=16, BLOCK_D=16) if INTERPRETING else dict(BLOCK_R=16, BLOCK_D=128, num_warps=4)
+EPILOGUE_ON_GPU = dict(BLOCK_R=16, BLOCK_D=128, num_warps=4)
+EPILOGUE = dict(BLOCK_R=16, BLOCK_D=16) if INTERPRETING else dict(EPILOGUE_ON_GPU)
 AUTOTUNED = (lse_kernel, grad_kernel)
