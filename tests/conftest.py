@@ -23,6 +23,49 @@ settings.register_profile("gpu", max_examples=200, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` when a launch starts (restoring it when the launch
+    ends), and again on every call of a ``@triton.jit`` function inside the kernel (never restored):
+    the modules of ``tl`` / ``tl.core`` that function's globals hold. Inside one launch a repeat for
+    the same modules changes nothing (a patched builtin is no longer a builtin) and costs about a sixth
+    of the interpreter's time in this suite, so it is skipped. Tests only; with an interpreter laid out
+    otherwise (another triton) nothing is changed."""
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    if patch_lang is None or scope_type is None or getattr(patch_lang, "once_per_launch", False):
+        return
+    patched: set[frozenset[int]] = set()  # the module sets patched in the running launch
+
+    def once_per_launch(fn):
+        key = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        if key in patched:  # a function called inside the running launch, its modules patched already
+            return scope_type()
+        scope = patch_lang(fn)
+        if not patched:  # the launch's own patch: its restore ends the launch
+            restore = scope.restore
+
+            def restore_and_end():
+                patched.clear()
+                restore()
+
+            scope.restore = restore_and_end
+        patched.add(key)
+        return scope
+
+    once_per_launch.once_per_launch = True
+    interpreter._patch_lang = once_per_launch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
