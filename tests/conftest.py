@@ -67,6 +67,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def pytest_collection_modifyitems(config, items):
+    # The GPU compile check runs in a subprocess from the end of collection on (pytest_collection_finish);
+    # its test, which only waits for it, goes last so that every other test runs meanwhile.
+    items.sort(key=_is_compile_check)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -75,20 +78,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _is_compile_check(item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and module.__name__ == "test_gpu_compile"
+
+
 def _compile_check_module(session):
-    for item in session.items:
-        module = getattr(item, "module", None)
-        if module is not None and module.__name__ == "test_gpu_compile":
-            return module
-    return None
+    return next((item.module for item in session.items if _is_compile_check(item)), None)
 
 
 def pytest_collection_finish(session):
     """Subprocess work that runs on one core starts as soon as the selected tests are known, so it
-    overlaps the in-process tests (CI has two cores): the GPU compile check."""
+    overlaps the in-process tests (CI has two cores): the GPU compile check. The in-process tests then
+    keep to the other core (torch's second thread would only contend with the compile)."""
     module = _compile_check_module(session)
     if module is not None and not session.config.option.collectonly:
         module.start()
+        torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session):
