@@ -30,7 +30,7 @@ lint: $(VENV)/bin/ruff
 
 # The dependency floors, tested: the kernel tests and the GPU compile check in a second environment
 # with an older triton (3.6.0: what torch 2.11 and the lent GPU machines use; its interpreter needs
-# numpy < 2.4). Not part of `make test` (a second environment and a triton download; 6.5 min of
+# numpy < 2.4). Not part of `make test` (a second environment and a triton download; 2 min of
 # tests on the 2-core machine; the last run is in bench/RESULTS.md).
 COMPAT_VENV ?= .venv-compat
 COMPAT_TRITON ?= 3.6.0
