@@ -2,9 +2,9 @@
 the JIT specialises them, within the shared memory the autotuner's prune allows and without register
 spills in 16-bit (``compile_for_gpu.py``).
 
-The compile runs in a subprocess with one worker, so it starts as soon as the run's tests are collected
-(``start``, called by conftest when this test is selected) and runs on one core beside the other tests,
-which keep to the other; this test runs last and waits for it."""
+The compile runs in a subprocess, so it starts as soon as the run's tests are collected (``start``,
+called by conftest when this test is selected) and runs on every core but one (CI's two cores: one
+worker) beside the other tests, which keep to that one; this test runs last and waits for it."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ def start() -> None:
     """Launch the compile in the background, once (its output goes to a file: a pipe could fill)."""
     global _job
     if _job is None and importlib.util.find_spec("triton") is not None:
-        # One compile worker: the in-process tests hold the other core (conftest).
+        # A compile worker per core but one: the in-process tests hold that one (conftest).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-                   COMPILE_WORKERS=os.environ.get("COMPILE_WORKERS", "1"))
+                   COMPILE_WORKERS=os.environ.get("COMPILE_WORKERS", str(max(1, cores - 1))))
         log = tempfile.TemporaryFile("w+")
         _job = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 text=True), log
