@@ -9,6 +9,9 @@ of c rows chosen from ``CHUNK_BYTES``. A batch whose logits fit in one chunk tak
 unchunked path. With several chunks, each is checkpointed: its logits are freed after the forward
 and recomputed in the backward, one chunk at a time, so the peak is O(c * M) instead of O(N * M),
 for one more logit matmul per block (4 matmuls where 3 are textbook).
+
+Work: in one process and one chunk the d2q logits D Q^T are the transposed first block of the q2d
+logits Q D^T, so one matmul (and its two backward matmuls) serves both directions.
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def row_lse_torch(
     cols = document_columns(d_all, n_all)
     step = chunk_rows(q_all.shape[0], cols.shape[0], options, q.element_size(), budget)
     if step >= q.shape[0]:
-        return row_lse_block(q, d, q_all, cols, scale, group_ids, offset, options)
+        return row_lse_block(q, d, q_all, cols, scale, group_ids, offset, options,
+                             anchors_are_candidates=q is q_all and d is d_all and offset == 0)
     # Each chunk is checkpointed: its logits are recomputed in the backward (one chunk alive at a time).
     return torch.cat([checkpoint(row_lse_block, q[r0:r0 + step], d[r0:r0 + step], q_all, cols, scale, group_ids,
                                  offset + r0, options, use_reentrant=False)
@@ -158,6 +162,7 @@ def row_lse_block(
     group_ids: torch.Tensor | None,
     offset: int,
     options: LossOptions,
+    anchors_are_candidates: bool = False,
 ) -> torch.Tensor:
     """Log-partitions of the query and document anchors ``q``, ``d``, from their whole logit rows.
 
@@ -169,6 +174,9 @@ def row_lse_block(
     cols : [M, D] document columns, ``document_columns(d_all, n_all)``.
     scale : 1 / temperature (float or 0-dim tensor).
     group_ids : [N] int64 (global) or None.
+    anchors_are_candidates : ``q`` is ``q_all`` and ``d`` is ``cols``' first block (one process, one
+        chunk): the d2q logits are then the transposed first block of the q2d ones, and one matmul
+        serves both.
 
     Returns
     -------
@@ -183,6 +191,17 @@ def row_lse_block(
         return s.masked_fill(~keep, float("-inf"))
 
     raw_qd = q @ cols.T
+    d_parts = []
+    if options.d2q:
+        # D Q^T = (Q D^T)^T where the anchors are the candidates: one matmul for q2d and d2q, and
+        # autograd adds both blocks' gradients into its output before its two backward matmuls
+        # (symmetric InfoNCE: 3 matmuls where 6 were).
+        if anchors_are_candidates:  # the whole block where there are no hard negatives (no slice to undo)
+            raw_dq = (raw_qd if cols.shape[0] == n_cand else raw_qd[:, :n_cand]).T
+        else:
+            raw_dq = d @ q_all.T
+        d_parts.append(masked(raw_dq * scale, keep_dq))
+        del raw_dq
     s_qd = raw_qd * scale
     if options.hardness:
         # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives.
@@ -193,9 +212,6 @@ def row_lse_block(
     if options.q2q:
         q_parts.append(masked(q @ q_all.T * scale, keep_qq))
     rows = [torch.logsumexp(torch.cat(q_parts, dim=1), dim=1)]
-    d_parts = []
-    if options.d2q:
-        d_parts.append(masked(d @ q_all.T * scale, keep_dq))
     if options.d2d:
         d_parts.append(masked(d @ cols.T * scale, keep_dd))
     if d_parts:

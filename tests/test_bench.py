@@ -72,7 +72,7 @@ def test_chunked_baseline_runs_in_chunks_and_restores_the_budget(monkeypatch):
 
     calls = []
     block = _torch_impl.row_lse_block
-    monkeypatch.setattr(_torch_impl, "row_lse_block", lambda q, *a: calls.append(q.shape[0]) or block(q, *a))
+    monkeypatch.setattr(_torch_impl, "row_lse_block", lambda q, *a, **k: calls.append(q.shape[0]) or block(q, *a, **k))
     monkeypatch.setattr(speed, "CHUNK_ROWS", 8)
     w = speed.WORKLOADS["samtone"]
     q, d, n = speed.make_inputs(w, 32, "cpu", torch.float32)

@@ -279,3 +279,36 @@ def test_row_chunks_bound_the_peak_memory(monkeypatch):
     assert peaks["unchunked"] >= 2 * n_pairs * 2 * n_pairs * 4  # the check can fail: N x 2N float32 logits
     assert peaks["chunked"] <= peaks["unchunked"] / 5, peaks
     assert peaks["chunked"] <= budget + 12 * copy, (peaks["chunked"], budget)
+
+
+# Matmul units (of 2 N^2 D FLOPs) of forward + backward in one process, one chunk: 3 per logit block
+# computed, and d2q's block is q2d's transposed (0 more); q2q and d2d are computed whole.
+TORCH_MATMUL_UNITS = {("q2d",): 3, ("q2d", "d2q"): 3, ("q2d", "q2q"): 6, ("q2d", "d2q", "d2d"): 6,
+                      ("q2d", "q2q", "d2q", "d2d"): 9}
+
+
+@pytest.mark.parametrize("directions", list(TORCH_MATMUL_UNITS), ids="-".join)
+@pytest.mark.parametrize("n_hard", [0, 2])
+def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
+    """torch's FLOP counter over forward + backward: d2q costs no matmul of its own where the anchors
+    are the candidates (a gathered slice, below, computes D Q^T apart: 3 more units)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from samtone_kernels._backends import Rows
+    from samtone_kernels._options import check_options
+    from samtone_kernels._torch_impl import row_lse_torch
+
+    n_pairs, dim = 12, 8
+    g = torch.Generator().manual_seed(0)
+    q, d = (torch.randn(n_pairs, dim, generator=g, requires_grad=True) for _ in range(2))
+    n = torch.randn(n_pairs, n_hard, dim, generator=g, requires_grad=True) if n_hard else None
+    options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False,
+                            reduction="mean", backend="torch")
+    unit = 2 * n_pairs * n_pairs * dim
+    for rows, extra in ((Rows(q, d, q, d, n, 2.0), 0), (Rows(q, d, q * 1, d * 1, n, 2.0), 3 * ("d2q" in directions))):
+        with FlopCounterMode(display=False) as counter:
+            lse = row_lse_torch(rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, None, 0, options)
+            torch.autograd.grad(lse.sum(), [q, d] + ([n] if n_hard else []))
+        blocks_with_negatives = ("q2d" in directions) + ("d2d" in directions)  # columns: M = N (1 + H)
+        expected = TORCH_MATMUL_UNITS[directions] + extra + 3 * n_hard * blocks_with_negatives
+        assert counter.get_total_flops() == expected * unit, (counter.get_total_flops() / unit, expected)
