@@ -290,8 +290,9 @@ TORCH_MATMUL_UNITS = {("q2d",): 3, ("q2d", "d2q"): 3, ("q2d", "q2q"): 6, ("q2d",
 @pytest.mark.parametrize("directions", list(TORCH_MATMUL_UNITS), ids="-".join)
 @pytest.mark.parametrize("n_hard", [0, 2])
 def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
-    """torch's FLOP counter over forward + backward: d2q costs no matmul of its own where the anchors
-    are the candidates (a gathered slice, below, computes D Q^T apart: 3 more units)."""
+    """torch's FLOP counter over forward + backward: through the public function d2q costs no matmul
+    of its own; with the candidates passed as copies of the anchors (as a gathered batch is) D Q^T is
+    computed apart, 3 more units."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from samtone_kernels._backends import Rows
@@ -304,11 +305,19 @@ def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
     n = torch.randn(n_pairs, n_hard, dim, generator=g, requires_grad=True) if n_hard else None
     options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False,
                             reduction="mean", backend="torch")
+    inputs = [q, d] + ([n] if n_hard else [])
+    rows = Rows(q, d, q * 1, d * 1, n, 2.0)
+
+    def public():  # the loss as users call it: one process, one chunk
+        return fused_samtone_loss(*inputs, directions=directions, backend="torch")
+
+    def apart():
+        return row_lse_torch(rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, None, 0, options).sum()
+
     unit = 2 * n_pairs * n_pairs * dim
-    for rows, extra in ((Rows(q, d, q, d, n, 2.0), 0), (Rows(q, d, q * 1, d * 1, n, 2.0), 3 * ("d2q" in directions))):
+    for run, extra in ((public, 0), (apart, 3 * ("d2q" in directions))):
         with FlopCounterMode(display=False) as counter:
-            lse = row_lse_torch(rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, None, 0, options)
-            torch.autograd.grad(lse.sum(), [q, d] + ([n] if n_hard else []))
+            torch.autograd.grad(run(), inputs)
         blocks_with_negatives = ("q2d" in directions) + ("d2d" in directions)  # columns: M = N (1 + H)
         expected = TORCH_MATMUL_UNITS[directions] + extra + 3 * n_hard * blocks_with_negatives
-        assert counter.get_total_flops() == expected * unit, (counter.get_total_flops() / unit, expected)
+        assert counter.get_total_flops() == expected * unit, (run.__name__, counter.get_total_flops() / unit, expected)
