@@ -195,7 +195,7 @@ def row_lse_block(
     if options.d2q:
         # D Q^T = (Q D^T)^T where the anchors are the candidates: one matmul for q2d and d2q, and
         # autograd adds both blocks' gradients into its output before its two backward matmuls
-        # (symmetric InfoNCE: 3 matmuls where 6 were).
+        # (symmetric InfoNCE: 3 matmuls, not 6).
         if anchors_are_candidates:  # the whole block where there are no hard negatives (no slice to undo)
             raw_dq = (raw_qd if cols.shape[0] == n_cand else raw_qd[:, :n_cand]).T
         else:
