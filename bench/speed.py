@@ -516,7 +516,9 @@ def main(argv=None) -> int:
     if "ours-fused" in impls and (device != "cuda" or not triton_available()):
         print("# ours-fused: the fused Triton kernel needs a CUDA GPU (and triton); not timed on this machine")
     print("# eff: TFLOP/s of the loss (3 * 2 * D per kept anchor-candidate pair) over the TFLOP/s of a "
-          "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU)")
+          "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU); above 1 "
+          "where an implementation does less than that textbook work (the eager one: d2q's logits are q2d's "
+          "transposed)")
     print(TABLE_HEAD)
 
     def emit(row):
