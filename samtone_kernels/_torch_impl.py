@@ -83,27 +83,28 @@ def budget_for_rows(rows: int, n_cand: int, n_cols: int, options: LossOptions, i
     return rows * row_bytes(n_cand, n_cols, options, itemsize)
 
 
-def keep_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
+def drop_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
                device: torch.device):
-    """Keep-masks of the four logit blocks (True = the entry is in the sums).
+    """Masks of the entries left out of the four logit blocks (True = not in the sums), None for a
+    block that keeps every entry.
 
     Anchor i is pair ``offset + i`` of the N = ``n_cand`` candidate pairs (``offset`` > 0 when the
-    anchors are one rank's slice of a gathered batch). Returns ``(keep_qd [n, M], keep_qq [n, N],
-    keep_dq [n, N], keep_dd [n, M])`` with M = N * n_blocks and document column (j, k) at index
-    k * N + j. For anchor i and j != i in i's group (``group_ids`` [N], global), column (j, 0) and
-    q_j are removed; q2q also drops q_i itself and d2d every column (i, k) of pair i.
+    anchors are one rank's slice of a gathered batch). Returns ``(drop_qd [n, M] or None, drop_qq
+    [n, N], drop_dq [n, N] or None, drop_dd [n, M])`` with M = N * n_blocks and document column (j, k)
+    at index k * N + j. For anchor i and j != i in i's group (``group_ids`` [N], global), column
+    (j, 0) and q_j are dropped; q2q also drops q_i itself and d2d every column (i, k) of pair i.
+    Without groups q2d and d2q drop nothing (None: no masking pass).
     """
     rows = torch.arange(n_anchor, device=device)[:, None] + offset
     eye = rows == torch.arange(n_cand, device=device)[None, :]
+    own_pair = eye.repeat(1, n_blocks)
     if group_ids is None:
-        same_group = eye
-    else:
-        same_group = group_ids[offset:offset + n_anchor, None] == group_ids[None, :]
+        return None, eye, None, own_pair
+    same_group = group_ids[offset:offset + n_anchor, None] == group_ids[None, :]
     other_in_group = same_group & ~eye
     hard = torch.zeros(n_anchor, n_cand * (n_blocks - 1), dtype=torch.bool, device=device)
     group_cols = torch.cat([other_in_group, hard], dim=1)
-    own_pair = eye.repeat(1, n_blocks)
-    return ~group_cols, ~same_group, ~other_in_group, ~(own_pair | group_cols)
+    return group_cols, same_group, other_in_group, own_pair | group_cols
 
 
 def document_columns(docs: torch.Tensor, hard_negatives: torch.Tensor | None) -> torch.Tensor:
@@ -185,10 +186,13 @@ def row_lse_block(
     """
     n_anchor, n_cand = q.shape[0], q_all.shape[0]
     n_blocks = cols.shape[0] // n_cand
-    keep_qd, keep_qq, keep_dq, keep_dd = keep_masks(n_anchor, n_cand, n_blocks, offset, group_ids, q.device)
+    drop_qd, drop_qq, drop_dq, drop_dd = drop_masks(n_anchor, n_cand, n_blocks, offset, group_ids, q.device)
 
-    def masked(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return s.masked_fill(~keep, float("-inf"))
+    def masked(s: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        return s if drop is None else s.masked_fill(drop, float("-inf"))
+
+    def lse(parts: list[torch.Tensor]) -> torch.Tensor:  # one block alone is not copied into a cat
+        return torch.logsumexp(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), dim=1)
 
     raw_qd = q @ cols.T
     d_parts = []
@@ -200,22 +204,22 @@ def row_lse_block(
             raw_dq = (raw_qd if cols.shape[0] == n_cand else raw_qd[:, :n_cand]).T
         else:
             raw_dq = d @ q_all.T
-        d_parts.append(masked(raw_dq * scale, keep_dq))
+        d_parts.append(masked(raw_dq * scale, drop_dq))
         del raw_dq
     s_qd = raw_qd * scale
     if options.hardness:
         # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives.
         pen = hardness_mask(n_anchor, n_cand, n_blocks, offset, options.hardness_mode, q.device)
         s_qd = s_qd + options.hardness * raw_qd.detach() * pen
-    q_parts = [masked(s_qd, keep_qd)]
+    q_parts = [masked(s_qd, drop_qd)]
     del raw_qd, s_qd  # N x M blocks: not held past their use
     if options.q2q:
-        q_parts.append(masked(q @ q_all.T * scale, keep_qq))
-    rows = [torch.logsumexp(torch.cat(q_parts, dim=1), dim=1)]
+        q_parts.append(masked(q @ q_all.T * scale, drop_qq))
+    rows = [lse(q_parts)]
     if options.d2d:
-        d_parts.append(masked(d @ cols.T * scale, keep_dd))
+        d_parts.append(masked(d @ cols.T * scale, drop_dd))
     if d_parts:
-        rows.append(torch.logsumexp(torch.cat(d_parts, dim=1), dim=1))
+        rows.append(lse(d_parts))
     return torch.stack(rows)
 
 
