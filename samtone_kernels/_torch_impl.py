@@ -194,30 +194,36 @@ def row_lse_block(
     def lse(parts: list[torch.Tensor]) -> torch.Tensor:  # one block alone is not copied into a cat
         return torch.logsumexp(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), dim=1)
 
-    raw_qd = q @ cols.T
+    # The temperature scales the [n, D] anchors, not the N x M logits: no N x M pass for it, forward
+    # or backward (d scale = sum(dQs * Q) over n x D).
+    q_s = q * scale
+    s_qd = q_s @ cols.T
     d_parts = []
+    d_s = d * scale if options.d2d or (options.d2q and not anchors_are_candidates) else None
     if options.d2q:
         # D Q^T = (Q D^T)^T where the anchors are the candidates: one matmul for q2d and d2q, and
         # autograd adds both blocks' gradients into its output before its two backward matmuls
         # (symmetric InfoNCE: 3 matmuls, not 6).
         if anchors_are_candidates:  # the whole block where there are no hard negatives (no slice to undo)
-            raw_dq = (raw_qd if cols.shape[0] == n_cand else raw_qd[:, :n_cand]).T
+            s_dq = (s_qd if cols.shape[0] == n_cand else s_qd[:, :n_cand]).T
         else:
-            raw_dq = d @ q_all.T
-        d_parts.append(masked(raw_dq * scale, drop_dq))
-        del raw_dq
-    s_qd = raw_qd * scale
+            s_dq = d_s @ q_all.T
+        d_parts.append(masked(s_dq, drop_dq))
+        del s_dq
     if options.hardness:
-        # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives.
+        # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives; the raw
+        # similarity is s / scale.
         pen = hardness_mask(n_anchor, n_cand, n_blocks, offset, options.hardness_mode, q.device)
-        s_qd = s_qd + options.hardness * raw_qd.detach() * pen
+        raw = s_qd.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
+        s_qd = s_qd + options.hardness * raw * pen
+        del raw
     q_parts = [masked(s_qd, drop_qd)]
-    del raw_qd, s_qd  # N x M blocks: not held past their use
+    del s_qd  # N x M blocks: not held past their use
     if options.q2q:
-        q_parts.append(masked(q @ q_all.T * scale, drop_qq))
+        q_parts.append(masked(q_s @ q_all.T, drop_qq))
     rows = [lse(q_parts)]
     if options.d2d:
-        d_parts.append(masked(d @ cols.T * scale, drop_dd))
+        d_parts.append(masked(d_s @ cols.T, drop_dd))
     if d_parts:
         rows.append(lse(d_parts))
     return torch.stack(rows)
