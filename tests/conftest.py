@@ -92,8 +92,7 @@ def pytest_collection_finish(session):
     overlaps the in-process tests (CI has two cores): the GPU compile check. The in-process tests then
     keep to the other core (torch's second thread would only contend with the compile)."""
     module = _compile_check_module(session)
-    if module is not None and not session.config.option.collectonly:
-        module.start()
+    if module is not None and not session.config.option.collectonly and module.start():
         torch.set_num_threads(1)
 
 

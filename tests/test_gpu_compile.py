@@ -22,8 +22,9 @@ SCRIPT = pathlib.Path(__file__).with_name("compile_for_gpu.py")
 _job: tuple[subprocess.Popen, tempfile.TemporaryFile] | None = None
 
 
-def start() -> None:
-    """Launch the compile in the background, once (its output goes to a file: a pipe could fill)."""
+def start() -> bool:
+    """Launch the compile in the background, once (its output goes to a file: a pipe could fill);
+    True when it runs (triton is installed)."""
     global _job
     if _job is None and importlib.util.find_spec("triton") is not None:
         # A compile worker per core but one: the in-process tests hold that one (conftest).
@@ -33,6 +34,7 @@ def start() -> None:
         log = tempfile.TemporaryFile("w+")
         _job = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 text=True), log
+    return _job is not None
 
 
 def stop() -> None:
