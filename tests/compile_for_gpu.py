@@ -17,12 +17,13 @@ its spills are printed, not failed on (see bench/RESULTS.md for the figures and 
 
 Default (CI): each variant once (NORMED following the group flag), in bfloat16, float16 and float32
 with "tf32" in rotation, configs and sm_90 / sm_80 / sm_89 in rotation; every autotune config for the
-heaviest backward variant in bfloat16, and that variant strided on each architecture; float32 with
+heaviest backward variant in bfloat16 (its last sweep writing the gradient, and with NORMED, the
+epilogue's), and that variant strided on each architecture; float32 with
 "ieee" for the heaviest forward and backward variants on each architecture (an "ieee" compile spills
 and takes about 3x as long as a 16-bit one, and its spills are not failed on). ``--all``: every
 variant x dtype x config x architecture x stride kind (hours on two cores). ``--sweep 80,89
-64,128,64,8,3 ...``: every variant x the given tiles and architectures in bfloat16 (the spill tables
-of bench/RESULTS.md).
+64,128,64,8,3,0,1 ...``: every variant x the given configs (``PAIRED,SPAN`` optional: the kernels'
+defaults, paired and 2) and architectures in bfloat16 (the spill tables of bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ LAST_STRIDES = {"sxd", "sqd", "sdd", "snd", "sod", "sbd", "spd"}
 KERNELS = {"lse_kernel": K.lse_kernel.fn, "grad_kernel": K.grad_kernel.fn, "epilogue_kernel": K.epilogue_kernel}
 
 
-def types(epilogue: bool, dtype: str) -> dict:
+def types(dtype: str) -> dict:
     ptr = DTYPES[dtype][0]
     out = {name: "*fp32" for name in FLOAT32}
     out.update({name: ptr for name in EMBEDDINGS}, G="*i64")
-    out["OUT"] = ptr if epilogue else "*fp32"  # the grad kernel's buffer is float32
+    out["OUT"] = ptr  # the gradient, in the input dtype (the grad kernel's BUF is float32)
     return out
 
 
@@ -77,8 +78,12 @@ def variants(everything: bool = True):
         launches = [(K.lse_kernel, launch) for launch in plan.forward_launches(directions)]
         launches += [(K.grad_kernel, launch) for shared in (True, False)
                      for launch in plan.backward_launches(directions, shared) if launch.walks]
-        for kernel, launch in launches:
+        for kernel, launch, dots in [(k, la, dots) for k, la in launches for dots in (False, True)]:
+            if not everything and dots != (i % 2 == 0):
+                continue
             flags = {k: v for k, v in launch.flags(groups, hardness).items() if k in kernel.fn.arg_names}
+            if kernel is K.grad_kernel:
+                flags.update(launch.finish_flags(normed, dots))
             item = (kernel.fn.__name__, {**flags, "NORMED": normed})
             if item not in seen:
                 seen.append(item)
@@ -87,9 +92,12 @@ def variants(everything: bool = True):
         yield "epilogue_kernel", dict(HAS_PARTNER=has_partner, NORMED=normed, DOTS_WANTED=dots)
 
 
-def heaviest_backward() -> dict:
-    launch = plan.backward_launches(DIRECTION_SETS[-1], shared=True)[0]  # queries: every walk, both roles
-    return {**launch.flags(True, "all_negatives"), "NORMED": True}
+def heaviest_backward(normed: bool = False) -> dict:
+    """The queries' launch of bidirectional SamToNe (every walk, both roles) with groups and the
+    hardness penalty; without ``normed`` its last sweep writes the gradient, the positive logit's
+    term and the dots (``plan.Launch.finish_flags``)."""
+    launch = plan.backward_launches(DIRECTION_SETS[-1], shared=True)[0]
+    return {**launch.flags(True, "all_negatives"), **launch.finish_flags(normed, True), "NORMED": normed}
 
 
 def heaviest_forward() -> dict:
@@ -106,16 +114,16 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages = tile
+    bm, bn, bd, warps, stages, paired, span = (*tile, True, 2)[:7]  # PAIRED, SPAN: the kernels' defaults
     epilogue = fn is K.epilogue_kernel
     constexprs = dict(flags)
     if epilogue:
         constexprs.update(BLOCK_R=16, BLOCK_D=128)
         warps, stages = 4, 1
     else:
-        constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision)
+        constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    sig = signature(fn, constexprs, types(epilogue, dtype))
+    sig = signature(fn, constexprs, types(dtype))
     spec = {}
     if contiguous:
         ints = [name for name, ty in sig.items() if ty == "i32"]
@@ -128,7 +136,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     label = f"sm_{arch} {fn.__name__:<15} {dtype} {precision if dtype == 'fp32' else ''} {tile} " \
             f"{'contiguous' if contiguous else 'strided'} {flags}"
     if not epilogue:
-        bound = K.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1])
+        bound = K.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1], bool(paired), span)
         if use["shared"] > bound:
             failures.append(f"{label}: shared {use['shared']} B > the prune's bound {bound} B")
         if bound <= SHARED_LIMIT[arch] < use["shared"]:
@@ -152,9 +160,9 @@ def jobs(everything: bool):
         arch = ARCHS[i % len(ARCHS)]
         tiles = K.tiles_for(arch)
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
-    for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launch, bf16
-        for tile in K.tiles_for(arch):
-            yield "grad_kernel", heaviest_backward(), "bf16", tile, arch, True, "tf32"
+    for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
+        for tile, normed in itertools.product(K.tiles_for(arch), (False, True)):
+            yield "grad_kernel", heaviest_backward(normed), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
         yield "grad_kernel", heaviest_backward(), "bf16", K.tiles_for(arch)[0], arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision
@@ -179,7 +187,7 @@ def sweep(archs, tiles):
 
 def main() -> int:
     everything = "--all" in sys.argv
-    if "--sweep" in sys.argv:  # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES
+    if "--sweep" in sys.argv:  # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN]
         args = sys.argv[sys.argv.index("--sweep") + 1:]
         archs = [int(a) for a in args[0].split(",")]
         work = list(sweep(archs, [tuple(int(v) for v in t.split(",")) for t in args[1:]]))

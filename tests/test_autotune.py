@@ -36,9 +36,11 @@ def benchmarked(monkeypatch):
         calls.append(1)
         return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
 
-    for kernel in _triton.AUTOTUNED:  # tiles the interpreter runs at any size; the tuner sees two configs
-        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=w, num_stages=1)
-                   for w in (4, 8)]
+    for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):  # tiles the interpreter runs at any size
+        # The tuner sees two configs: the two walks the GPU configs choose between (kernels.GPU_TILES).
+        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
+                                 | ({"SPAN": span} if grad else {}), num_warps=w, num_stages=1)
+                   for w, paired, span in ((4, True, 2), (8, False, 1))]
         monkeypatch.setattr(kernel, "configs", configs)
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setitem(kernel.__dict__, "do_bench", do_bench)  # over the cached_property (no driver here)

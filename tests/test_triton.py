@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch in conftest)
 
 # The interpreter computes bfloat16 tl.dot wrongly; bfloat16 is checked on the GPU only.
+ALL_FOUR = ("q2d", "q2q", "d2q", "d2d")
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
@@ -80,13 +81,32 @@ def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hard
     run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
 
 
+@pytest.mark.parametrize("paired,span", [(True, 1), (False, 1), (False, 2)])
+@pytest.mark.parametrize("normalize", [False, True], ids=["fused", "epilogue"])
+def test_kernel_walk_structures(monkeypatch, paired, span, normalize):
+    """The walks the configs choose between (``kernels.GPU_TILES``; the interpreter's default is paired
+    with two tiles per lone-segment sweep): Q and D paired or each alone, one or two column tiles per
+    sweep. N = 40 leaves the last two-tile sweep half past the end; hard negatives, groups, the
+    hardness penalty, and the gradient written by the last sweep (fused) or by the epilogue."""
+    for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):
+        kwargs = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired} | ({"SPAN": span} if grad else {})
+        monkeypatch.setattr(kernel, "configs", [triton.Config(kwargs, num_warps=4, num_stages=1)])
+        monkeypatch.setattr(kernel, "cache", {})
+    rng = np.random.default_rng(span)
+    n_pairs, dim, n_hard = 40, 21, 1
+    q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
+    options = dict(temperature=0.2, directions=ALL_FOUR, partition="per_anchor", normalize=normalize,
+                   doc_anchor_weight=0.3, reduction="mean", hardness_mode="all_negatives", hardness_strength=2.0)
+    case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 7, n_pairs), options)
+    run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
+    options.update(directions=("q2d",), hardness_mode=None, doc_anchor_weight=1.0)  # lone segments only: InfoNCE
+    run_and_compare(Case(q, d, case.n, case.group_ids, options), torch.float32, "triton", tensor_temperature=True)
+
+
 def _inputs(n_pairs=29, dim=19, n_hard=2, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()
             for s in [(n_pairs, dim), (n_pairs, dim), (n_pairs, n_hard, dim)]]
-
-
-ALL_FOUR = ("q2d", "q2q", "d2q", "d2d")
 
 
 def _loss_and_grads(q, d, n, **kwargs):

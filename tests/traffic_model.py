@@ -31,22 +31,23 @@ from samtone_kernels._triton import plan  # noqa: E402
 
 @dataclass(frozen=True)
 class Design:
-    """``paired``: the Q and D segments of a launch walk their column tiles together (one load of X
-    for both tiles, one read-modify-write of the gradient rows for both: two logit tiles live at once).
-    ``stage``: column tiles whose coefficients are held on chip per sweep over D (one read-modify-write
-    per ``stage`` tiles). ``fused_epilogue``: the last sweep writes the gradient in the input dtype
-    (adding the positive logit's term), so no epilogue launch reads the buffer back. ``resident_x``:
-    the row tile is loaded once per program (BM x D on chip). ``accumulator_on_chip``: the BM x D
-    float32 gradient rows never leave the chip."""
+    """``paired``: a launch walks the column tiles of its Q and D segments together (one load of the
+    row tile X for both logit tiles). ``tiles_per_sweep``: coefficient tiles held on chip per sweep
+    over D, one read-modify-write of the float32 gradient rows for all of them (a paired walk's two
+    tiles; two column tiles of a lone segment). ``fused_epilogue``: the last sweep writes the gradient
+    in the input dtype (adding the positive logit's term), so no epilogue launch reads the buffer
+    back. ``resident_x``: the row tile is loaded once per program (BM x D on chip).
+    ``accumulator_on_chip``: the BM x D float32 gradient rows never leave the chip."""
 
     paired: bool = False
-    stage: int = 1
+    tiles_per_sweep: int = 1
     fused_epilogue: bool = False
     resident_x: bool = False
     accumulator_on_chip: bool = False
 
 
-TODAY = Design()
+V2 = Design()  # kernel v2 (2026-11-29): a tile per segment, a read-modify-write per tile, an epilogue launch
+TODAY = Design(paired=True, tiles_per_sweep=2, fused_epilogue=True)
 
 
 def _groups(segments: list[str], n_hard: int, paired: bool) -> list[list[str]]:
@@ -60,13 +61,13 @@ def _groups(segments: list[str], n_hard: int, paired: bool) -> list[list[str]]:
 def _program(segments, n_hard, col_tiles, row, col, f32, design, backward, partner):
     """Bytes one program loads and stores."""
     groups = _groups(segments, n_hard, design.paired)
-    tiles = len(groups) * col_tiles  # column-tile steps, each recomputing the logits of its group
+    steps = len(groups) * col_tiles  # column tiles, each loading X once for its group's logit tiles
     y_tiles = sum(len(g) for g in groups) * col_tiles
-    x_loads = row if design.resident_x else tiles * row
+    x_loads = row if design.resident_x else steps * row
     if not backward:
         return x_loads + y_tiles * col
     total = x_loads + 2 * y_tiles * col  # Y for the recompute and again for G Y
-    sweeps = math.ceil(tiles / design.stage)
+    sweeps = sum(math.ceil(col_tiles / max(1, design.tiles_per_sweep // len(g))) for g in groups)
     if design.accumulator_on_chip:
         round_trips = 0
     else:
@@ -110,11 +111,12 @@ CONFIGURATIONS = {"InfoNCE + 1 hard negative": (("q2d",), 1), "SamToNe": (("q2d"
 TARGETS = {"InfoNCE + 1 hard negative": 0.03, "SamToNe": 0.02, "symmetric InfoNCE": 0.02,
            "bidirectional SamToNe": 0.015}
 DESIGNS = {
-    "today": (TODAY, "one logit tile"),
+    "v2 (2026-11-29)": (V2, "one logit tile"),
     "paired Q and D": (Design(paired=True), "two logit tiles"),
     "fused epilogue": (Design(fused_epilogue=True), "one logit tile"),
-    "paired + fused": (Design(paired=True, fused_epilogue=True), "two logit tiles"),
-    "paired + fused + 2 staged": (Design(paired=True, fused_epilogue=True, stage=2), "two logit + four G tiles"),
+    "today: paired, 2 tiles per sweep, fused": (TODAY, "two logit tiles, then two G tiles"),
+    "... 4 tiles per sweep": (Design(paired=True, tiles_per_sweep=4, fused_epilogue=True),
+                              "two logit tiles, then four G tiles"),
     "fused, accumulator on chip": (Design(fused_epilogue=True, accumulator_on_chip=True), "BM x D float32"),
     "fused, X resident, accumulator on chip": (Design(fused_epilogue=True, resident_x=True, accumulator_on_chip=True),
                                                "BM x D float32 and BM x D inputs"),
@@ -122,6 +124,7 @@ DESIGNS = {
 
 
 def per_flop(directions, n_hard, design, n_pairs=256, dim=768, itemsize=2, block_m=128, block_n=128) -> float:
+    """Modelled bytes per textbook FLOP of one forward + backward."""
     counted = bytes_by_kernel(directions, n_pairs, dim, n_hard, itemsize, block_m, block_n, design)
     return sum(counted.values()) / textbook_flops(directions, n_pairs, dim, n_hard)
 

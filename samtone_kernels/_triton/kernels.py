@@ -1,11 +1,15 @@
 """The kernels and their autotuning: ``lse_kernel`` (forward), ``grad_kernel`` (backward, one launch
-per tensor that owns its rows), ``epilogue_kernel`` (a float32 gradient buffer to the input dtype).
+per tensor that owns its rows, which writes the gradient itself unless NORMED), ``epilogue_kernel``
+(a float32 gradient buffer to the input dtype, for NORMED launches and those with no walk).
 
 The walks a launch makes are its constexpr flags, from ``plan.Launch.flags``: ``{Q,D,N}_ROW`` (the
 program's rows are anchors of that segment's block), ``{Q,D}_COL`` (the segment's rows are anchors
 and the program's rows their candidates), ``{Q,D,N}_MASK`` (``plan.SELF | plan.GROUP`` bits) and
-``{Q,D,N}_PEN`` (the q2d entries that take the hardness penalty, ``plan.HARDNESS``).
-Segments are walked in the order Q, D, then the hard-negative blocks.
+``{Q,D,N}_PEN`` (the q2d entries that take the hardness penalty, ``plan.HARDNESS``); and for the
+grad kernel ``FUSED``, ``PARTNER``, ``DOTS_WANTED`` (``plan.Launch.finish_flags``). The walk itself
+is a config choice: PAIRED (the Q and D segments together, column tile by column tile, or each
+alone), SPAN (column tiles per sweep of a lone segment in the backward); the hard-negative blocks
+come last.
 
 Autotuning: the key holds every flag (each variant tunes its own tiles), the dtype, D, H and the
 batch sizes rounded up to a power of two (``rows_bucket``, ``cols_bucket``), so a new batch size
@@ -31,47 +35,65 @@ from .tiles import grad_walk, inv_norms, lse_walk
 INTERPRETING = interpreting()  # read once: the configs below are fixed when the kernels are defined
 _EPS = tl.constexpr(NORM_EPS)
 
-#: Tiles the autotuner chooses from on a GPU: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
-#: Kept: those whose every launch variant compiles without register spills in bfloat16
-#: (tests/compile_for_gpu.py, swept on sm_90, sm_80 and sm_89). 128 x 128 tiles and 4-warp tiles
-#: spill; on sm_80 / sm_89 every 64 x 64 and 128 x 64 tile, and 64 x 128 with BLOCK_D = 32, spill
-#: in some variant at the 255-register limit, so those devices get one tile and no tuning. Their
-#: speed is not measured yet (bench/RESULTS.md); the prune also drops what shared memory cannot hold.
-GPU_TILES = ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 8, 3))
-HOPPER_ONLY = ((128, 64, 64, 8, 3), (64, 64, 64, 8, 3))
+#: Configs the autotuner chooses from on a GPU, by architecture: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps,
+#: num_stages, PAIRED, SPAN). PAIRED: the Q and D segments are walked together (their two logit tiles
+#: from one load of the row tile); SPAN: column tiles of a lone segment per sweep over D in the
+#: backward (a paired walk stages its two tiles). Kept: those whose every launch variant compiles
+#: without register spills in bfloat16 (tests/compile_for_gpu.py, bench/RESULTS.md). On sm_90 the
+#: paired walk with two tiles per sweep fits at 64 x 64 only; on sm_80 / sm_89 (no wgmma: the dot
+#: operands live in registers) it spills at every tile tried, so those devices walk each segment
+#: alone, one tile per sweep, at 64 x 128. Speed is not measured yet; the prune also drops what
+#: shared memory cannot hold.
+GPU_TILES = {
+    90: ((64, 64, 64, 8, 3, True, 2), (64, 128, 64, 8, 3, False, 1)),
+    80: ((64, 128, 64, 8, 3, False, 1),),
+}
 
 
 def tiles_for(arch: int) -> tuple:
-    """The GPU tiles offered on compute capability ``arch`` (90, 80, 89, ...)."""
-    return GPU_TILES if arch >= 90 else tuple(t for t in GPU_TILES if t not in HOPPER_ONLY)
+    """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...)."""
+    return GPU_TILES[90] if arch >= 90 else GPU_TILES[80]
 
 
 #: Under the interpreter every program runs in NumPy: the smallest legal tiles, one config.
-INTERPRETER_TILES = ((16, 16, 16, 4, 1),)
+INTERPRETER_TILES = ((16, 16, 16, 4, 1, True, 2),)
 
 
-def _config(bm: int, bn: int, bd: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+def _config(bm: int, bn: int, bd: int, warps: int, stages: int, paired: bool = True, span: int = 2,
+            grad: bool = True) -> triton.Config:
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
+    if grad:
+        kwargs["SPAN"] = span
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def configs() -> list[triton.Config]:
+def configs(grad: bool) -> list[triton.Config]:
+    """The autotuner's configs for ``grad_kernel`` (``grad``) or ``lse_kernel`` (no SPAN)."""
     pinned = os.environ.get("SAMTONE_TRITON_CONFIG")
     if pinned:
         values = [int(v) for v in pinned.split(",")]
-        if len(values) != 5:
-            raise ValueError("SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages', "
-                             f"got {pinned!r}")
-        return [_config(*values)]
-    return [_config(*t) for t in (INTERPRETER_TILES if INTERPRETING else GPU_TILES)]
+        if len(values) not in (5, 7) or (len(values) == 7 and (values[5] not in (0, 1) or values[6] not in (1, 2))):
+            raise ValueError("SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' and "
+                             f"optionally ',PAIRED,SPAN' (0 or 1, 1 or 2), got {pinned!r}")
+        return [_config(*values, grad=grad)]
+    if INTERPRETING:
+        tiles = INTERPRETER_TILES
+    else:
+        tiles = tuple(dict.fromkeys(t for arch in GPU_TILES for t in GPU_TILES[arch]))
+    return [_config(*t, grad=grad) for t in tiles]
 
 
-def shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, itemsize: int) -> int:
-    """An upper bound on a config's shared memory: the pipelined X and Y chunks of the K-loop, the
-    coefficient tile G and the pipelined Y chunks of ``G Y`` (the GPU compile check holds the
-    compiled kernels to it on sm_80, sm_89 and sm_90)."""
-    k_loop = num_stages * (block_m + block_n) * block_d * itemsize
-    g_times_y = block_m * block_n * itemsize + num_stages * block_n * block_d * itemsize
-    return k_loop + g_times_y + 4 * (block_m + block_n) * 4  # and a few row vectors for reductions
+def shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, itemsize: int, paired: bool = True,
+                 span: int = 2) -> int:
+    """An upper bound on a config's shared memory: the larger of the pipelined K-loop (a chunk of X
+    and of one candidate tile, or two when ``paired``) and the backward's sweep over D (its staged
+    coefficient tiles, two when paired or ``span`` = 2, and the pipelined chunks of their candidates),
+    plus one tile for layout conversions and a few row vectors for reductions (the GPU compile check
+    holds the compiled kernels to it on sm_80, sm_89 and sm_90)."""
+    staged = 2 if paired or span == 2 else 1
+    k_loop = num_stages * (block_m + (1 + paired) * block_n) * block_d * itemsize
+    sweep = staged * (block_m * block_n + num_stages * block_n * block_d) * itemsize
+    return max(k_loop, sweep) + block_m * block_n * itemsize + 4 * (block_m + block_n) * 4
 
 
 @functools.cache
@@ -93,12 +115,14 @@ def _prune(configs, named_args, **kwargs):
     fit = max(16, triton.next_power_of_2(dim))
     kept = []
     for c in configs:
-        bm, bn, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        bm, bn, bd, paired = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.kwargs["PAIRED"]
+        span = c.kwargs.get("SPAN")  # None for the forward
         if bd > fit or bm > max(16, triton.next_power_of_2(n_rows)) or bn > max(16, triton.next_power_of_2(n_cols)):
             continue
-        if arch is not None and (bm, bn, bd, c.num_warps, c.num_stages) in HOPPER_ONLY and arch < 90:
+        tile = (bm, bn, bd, c.num_warps, c.num_stages, paired)
+        if arch is not None and tile not in [t[:6] for t in tiles_for(arch) if span in (None, t[6])]:
             continue
-        if limit is not None and shared_bytes(bm, bn, bd, c.num_stages, x.element_size()) > limit:
+        if limit is not None and shared_bytes(bm, bn, bd, c.num_stages, x.element_size(), paired, span or 1) > limit:
             continue
         kept.append(c)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
@@ -113,14 +137,16 @@ _FLAGS = ["Q_ROW", "Q_MASK", "D_ROW", "D_MASK", "D_PEN", "N_ROW", "N_MASK", "N_P
 _AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune})
 
 
-@triton.autotune(configs=configs(), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *_FLAGS], **_AUTOTUNE)
+@triton.autotune(configs=configs(grad=False), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *_FLAGS],
+                 **_AUTOTUNE)
 @triton.jit
 def lse_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh, snd, RNEG, G, SCALE, LSE,
                n_rows, n_cols, row_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
                Q_ROW: tl.constexpr, Q_MASK: tl.constexpr, D_ROW: tl.constexpr, D_MASK: tl.constexpr,
                D_PEN: tl.constexpr, N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
                NORMED: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PAIRED: tl.constexpr = True):
     """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y) (plus the hardness
     penalty ``hardness * X[rows] . y`` on the entries D_PEN, N_PEN select). Anchor row i is candidate
     pair ``row_offset + i`` (the masks compare those indices); candidates Q, D [n_cols], NEG
@@ -134,70 +160,120 @@ def lse_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh,
     rx = inv_norms(RX, rows, row_ok, BLOCK_M, NORMED)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if Q_ROW:
-        m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, G, n_cols, dim, scale, hard,
-                        Q_MASK, 0, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    if D_ROW:
-        m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, D, sdn, sdd, RD, G, n_cols, dim, scale, hard,
-                        D_MASK, D_PEN, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if PAIRED:  # the Q and D tiles of each column tile together
+        m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, D, sdn, sdd, RD, G, n_cols,
+                        dim, scale, hard, Q_ROW, Q_MASK, 0, D_ROW, D_MASK, D_PEN, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
+                        PRECISION)
+    else:
+        if Q_ROW:
+            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, Q, sqn, sqd, RQ, G, n_cols,
+                            dim, scale, hard, True, Q_MASK, 0, False, 0, 0, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
+                            PRECISION)
+        if D_ROW:
+            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, D, sdn, sdd, RD, D, sdn, sdd, RD, G, n_cols,
+                            dim, scale, hard, True, D_MASK, D_PEN, False, 0, 0, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
+                            PRECISION)
     if N_ROW:
         for k in range(0, n_hard):
-            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, NEG + k * snh, snn, snd,
-                            RNEG + k * n_cols, G, n_cols, dim, scale, hard, N_MASK, N_PEN, NORMED,
-                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            NEG_K = NEG + k * snh
+            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, NEG_K, snn, snd, RNEG + k * n_cols,
+                            NEG_K, snn, snd, RNEG, G, n_cols, dim, scale, hard, True, N_MASK, N_PEN, False, 0, 0,
+                            NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     # Rows past N never reach the store, and a row with nothing kept (a document whose only
     # candidates are its group's, with d2d alone) has m = -inf: give both l = 1 so log() sees no
     # zero; the latter's log-partition is then -inf, log(0).
     tl.store(LSE + rows, m + tl.log(tl.where(row_ok & (l > 0), l, 1.0)), mask=row_ok)
 
 
-@triton.autotune(configs=configs(), key=["rows_bucket", "cols_bucket", "dim", "n_hard", "Q_COL", "Q_PEN", "D_COL",
-                                          *_FLAGS], **_AUTOTUNE)
+@triton.autotune(configs=configs(grad=True), key=["rows_bucket", "cols_bucket", "dim", "n_hard", "Q_COL", "Q_PEN",
+                                                  "D_COL", *_FLAGS, "FUSED", "PARTNER", "DOTS_WANTED"], **_AUTOTUNE)
 @triton.jit
-def grad_kernel(OUT, son, sok, sod, X, sxn, sxk, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh, snd,
-                RNEG, G, SCALE, LSE_R, W_R, LSE_Q, W_Q, LSE_D, W_D,
-                n_rows, n_cols, row_offset, col_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
+def grad_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD,
+                NEG, snn, snh, snd, RNEG, G, SCALE, LSE_R, W_R, LSE_Q, W_Q, LSE_D, W_D, P, spn, spd, POS, FACTOR,
+                DOTS, n_rows, n_cols, row_offset, col_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
                 Q_ROW: tl.constexpr, Q_COL: tl.constexpr, Q_MASK: tl.constexpr, Q_PEN: tl.constexpr,
                 D_ROW: tl.constexpr, D_COL: tl.constexpr, D_MASK: tl.constexpr, D_PEN: tl.constexpr,
                 N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
-                NORMED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """OUT[rows] = sum over the walked segments of G Y (float32, unscaled; see ``tiles.grad_walk``).
+                NORMED: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PARTNER: tl.constexpr,
+                DOTS_WANTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PAIRED: tl.constexpr = True, SPAN: tl.constexpr = 2):
+    """The gradient of X's rows: sum over the walked segments of G Y (``tiles.coefficient``).
 
     X [n_rows, K, D] (axis 1 of the grid walks the K row blocks of hard negatives; K = 1 otherwise,
-    inverse norms RX [K, n_rows]); OUT is shaped like X. Row statistics LSE_R, W_R (local row index)
-    serve the row blocks, LSE_Q, W_Q and LSE_D, W_D the column blocks of the Q and D segments.
-    Column j of Q and D is pair ``col_offset + j``; row i is pair ``row_offset + i``. ``{Q,D,N}_PEN``:
-    the q2d entries whose softmax took the hardness penalty (column role on Q, row role on D, N).
+    inverse norms RX [K, n_rows]); BUF (float32) and OUT (X's dtype) are shaped like X. Row
+    statistics LSE_R, W_R (local row index) serve the row blocks, LSE_Q, W_Q and LSE_D, W_D the
+    column blocks of the Q and D segments. Column j of Q and D is pair ``col_offset + j``; row i is
+    pair ``row_offset + i``. ``{Q,D,N}_PEN``: the q2d entries whose softmax took the hardness penalty
+    (column role on Q, row role on D, N).
+
+    The walks (``tiles.grad_walk``): with PAIRED, the Q and D segments together, their tiles at the
+    same columns from one load of the row tile and added in one sweep over D (``tiles.sweep``: one
+    read-modify-write of BUF for both); otherwise each segment alone, SPAN column tiles per sweep;
+    then each block of hard negatives, SPAN column tiles per sweep. Without FUSED every sweep leaves
+    BUF unscaled for ``epilogue_kernel``; with FUSED the program's last sweep writes OUT = FACTOR * BUF
+    (+ POS_i P_i with PARTNER: the positive logit's term) and, with DOTS_WANTED, DOTS [n_rows * K] =
+    <x, OUT> per row.
     """
     tl.static_assert(Q_ROW or Q_COL or D_ROW or D_COL)  # so the hard negatives' walk is never the first
+    WALK_Q: tl.constexpr = Q_ROW or Q_COL
+    WALK_D: tl.constexpr = D_ROW or D_COL
+    tl.static_assert(SPAN == 1 or SPAN == 2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_g = rows + row_offset
     row_ok = rows < n_rows
     blk = tl.program_id(1).to(tl.int64)
     X = X + blk * sxk
     OUT = OUT + blk * sok
+    BUF = BUF + blk * sbk
     scale = tl.load(SCALE)
     hard = hardness / scale
+    factor = tl.load(FACTOR)
     rx = inv_norms(RX + blk * n_rows, rows, row_ok, BLOCK_M, NORMED)
     lse_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     w_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if Q_ROW or D_ROW or N_ROW:
         lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
         w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
-    if Q_ROW or Q_COL:
-        grad_walk(OUT, son, sod, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q,
-                  G, n_cols, col_offset, dim, scale, hard, True, Q_ROW, Q_COL, Q_MASK, Q_PEN, True, NORMED,
-                  BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    if D_ROW or D_COL:
-        grad_walk(OUT, son, sod, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, D, sdn, sdd, RD, LSE_D, W_D,
-                  G, n_cols, col_offset, dim, scale, hard, not (Q_ROW or Q_COL), D_ROW, D_COL, D_MASK, D_PEN, False,
-                  NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PARTNER:
+        pos = tl.load(POS + rows, mask=row_ok, other=0.0)
+    dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    last_plain = n_cols >= 0  # the plain walk's last sweep is the program's last ...
+    if N_ROW:
+        last_plain = n_hard == 0  # ... unless hard negatives follow
+    if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
+        dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
+                         rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, D, sdn, sdd, RD, LSE_D, W_D, G,
+                         n_cols, col_offset, dim, scale, hard, last_plain, True, Q_ROW, Q_COL, Q_MASK, Q_PEN, True,
+                         True, D_ROW, D_COL, D_MASK, D_PEN, False, True, 1, FUSED, PARTNER, DOTS_WANTED, NORMED,
+                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    else:  # each segment alone, SPAN column tiles per sweep
+        if WALK_Q:
+            last_q = last_plain
+            if WALK_D:
+                last_q = n_cols < 0  # false: the D walk follows
+            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
+                             rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, Q, sqn, sqd, RQ, LSE_Q, W_Q, G,
+                             n_cols, col_offset, dim, scale, hard, last_q, True, Q_ROW, Q_COL, Q_MASK,
+                             Q_PEN, True, False, False, False, 0, 0, False, True, SPAN, FUSED, PARTNER, DOTS_WANTED,
+                             NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        if WALK_D:
+            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
+                             rows_g, row_ok, lse_r, w_r, D, sdn, sdd, RD, LSE_D, W_D, D, sdn, sdd, RD, LSE_D, W_D, G,
+                             n_cols, col_offset, dim, scale, hard, last_plain, True, D_ROW, D_COL, D_MASK, D_PEN,
+                             False, False, False, False, 0, 0, False, not WALK_Q, SPAN, FUSED, PARTNER, DOTS_WANTED,
+                             NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if N_ROW:
         for k in range(0, n_hard):
-            grad_walk(OUT, son, sod, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, NEG + k * snh, snn, snd,
-                      RNEG + k * n_cols, LSE_D, W_D, G, n_cols, col_offset, dim, scale, hard, False, True, False,
-                      N_MASK, N_PEN, False, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            NEG_K = NEG + k * snh
+            RNEG_K = RNEG + k * n_cols
+            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
+                             rows_g, row_ok, lse_r, w_r, NEG_K, snn, snd, RNEG_K, LSE_D, W_D, NEG_K, snn, snd, RNEG_K,
+                             LSE_D, W_D, G, n_cols, col_offset, dim, scale, hard, k == n_hard - 1,
+                             True, True, False, N_MASK, N_PEN, False, False, False, False, 0, 0, False,
+                             False, SPAN, FUSED, PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if FUSED and DOTS_WANTED:
+        tl.store(DOTS + rows * tl.num_programs(1) + blk, dots, mask=row_ok)
 
 
 @triton.jit

@@ -181,10 +181,8 @@ class _Backward:
     def run(self, launch: plan.Launch) -> torch.Tensor:
         """The gradient of ``launch.rows``, in its dtype. Rows go in blocks whose float32 buffer is at
         most ``LATER_BUFFER_COPIES`` copies of the tensor, except for the first launch."""
-        b = self.batch
-        x = b.tensor(launch.rows)
-        x3 = _as3(x)
-        n_rows = x3.shape[0]
+        x = self.batch.tensor(launch.rows)
+        n_rows = _as3(x).shape[0]
         out = torch.empty_like(x) if x.dtype == torch.float32 else _empty(x.shape, x, x.dtype)
         block = n_rows
         if self.made and x.dtype != torch.float32:
@@ -192,20 +190,43 @@ class _Backward:
         for r0 in range(0, n_rows, block):
             rows = slice(r0, min(n_rows, r0 + block))
             buf = out[rows] if x.dtype == torch.float32 else None  # float32: the gradient is the buffer
-            buf = self._buffer(launch, x3[rows], r0, buf)
-            self._finish(launch, buf, x, out, rows)
+            if buf is None or POISON_OUTPUTS:
+                buf = _empty(_as3(x)[rows].shape, x) if buf is None else buf.fill_(float("nan"))
+            # Without NORMED the grad kernel's last sweep writes the gradient itself (FUSED); with it,
+            # the normalisation's row sums need the whole buffer first, so the epilogue finishes it.
+            fused = launch.finish_flags(self.batch.normed, self.want_dots)["FUSED"]
+            row_dots = _empty((_as3(x)[rows].shape[0] * _as3(x).shape[1],), x) if self.want_dots else None
+            if launch.walks:
+                self._grad(launch, x, out, rows, buf, row_dots)
+            else:  # the local documents of a gathered batch without d2q: the positive logit only
+                buf.zero_()
+            if not fused:
+                self._finish(launch, buf, x, out, rows, row_dots)
+            if self.want_dots:
+                self.dots = self.dots + row_dots.sum()
             del buf
         self.made += 1
         return out
 
-    def _buffer(self, launch: plan.Launch, x3: torch.Tensor, r0: int, buf: torch.Tensor | None) -> torch.Tensor:
-        """``grad_kernel`` over rows ``r0 ..`` of the launch's tensor, into a float32 buffer."""
+    def _partner(self, launch: plan.Launch, x: torch.Tensor, rows: slice):
+        """(the partner's name, its rows P, their inverse norms, the coefficients pos) of the positive
+        logit's term ``pos_i * unit(P_i)`` in an anchor's gradient (P = d for q, q for d); for any other
+        tensor ``None`` and valid pointers that are never read."""
         b = self.batch
-        if buf is None or POISON_OUTPUTS:
-            buf = _empty(x3.shape, x3) if buf is None else buf.fill_(float("nan"))
-        if not launch.walks:  # the local documents of a gathered batch without d2q: the positive logit only
-            return buf.zero_()
-        buf3 = _as3(buf)
+        partner = {"q": "d", "d": "q"}.get(launch.rows)
+        if partner is None:
+            return None, _as3(x[rows]), b.placeholder, b.placeholder
+        r_p = b.norm(partner)[rows] if b.normed else b.placeholder
+        return partner, b.tensor(partner)[rows], r_p, self.pos_coef[rows]
+
+    def _grad(self, launch: plan.Launch, x: torch.Tensor, out: torch.Tensor, rows: slice, buf: torch.Tensor,
+              row_dots: torch.Tensor | None) -> None:
+        """``grad_kernel`` over rows ``rows`` of the launch's tensor: into the float32 ``buf``, and when
+        ``launch.finish_flags`` says FUSED on into ``out`` (its last sweep writes the gradient, and
+        ``row_dots``)."""
+        b = self.batch
+        r0 = rows.start
+        x3, buf3, out3 = _as3(x[rows]), _as3(buf), _as3(out[rows])
         n_rows, blocks = x3.shape[0], x3.shape[1]
         lse_r, w_r = self.stats[launch.anchor] if launch.anchor else self.stats["q"]  # read only with a row walk
         lse_q, w_q = self.stats["q"]
@@ -216,42 +237,41 @@ class _Backward:
         row_offset = r0 + (b.offset if launch.rows in ("q", "d") else 0)
         col_offset = b.offset if launch.candidates_are_anchors else 0
         n_cols = b.n_anchor if launch.candidates_are_anchors else b.n_cand
+        _, p, _, pos = self._partner(launch, x, rows)
         grad_kernel[_grid(n_rows, blocks)](
-            OUT=buf3, son=buf3.stride(0), sok=buf3.stride(1), sod=buf3.stride(2),
+            OUT=out3, son=out3.stride(0), sok=out3.stride(1), sod=out3.stride(2),
+            BUF=buf3, sbn=buf3.stride(0), sbk=buf3.stride(1), sbd=buf3.stride(2),
             X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
             **b.segments(launch.candidates_are_anchors), G=b.groups, SCALE=self.scale,
             LSE_R=lse_r[r0:] if launch.anchor else lse_r, W_R=w_r[r0:] if launch.anchor else w_r,
-            LSE_Q=lse_q, W_Q=w_q, LSE_D=lse_d, W_D=w_d,
+            LSE_Q=lse_q, W_Q=w_q, LSE_D=lse_d, W_D=w_d, P=p, spn=p.stride(0), spd=p.stride(-1), POS=pos,
+            FACTOR=self.factor, DOTS=row_dots if row_dots is not None else b.placeholder,
             n_rows=n_rows, n_cols=n_cols, row_offset=row_offset, col_offset=col_offset, dim=b.dim,
             n_hard=b.n_hard, rows_bucket=bucket(n_rows), cols_bucket=bucket(n_cols), hardness=b.hardness,
-            **b.flags(launch, grad_kernel), NORMED=b.normed, PRECISION=self.precision,
+            **b.flags(launch, grad_kernel), **launch.finish_flags(b.normed, row_dots is not None), NORMED=b.normed,
+            PRECISION=self.precision,
         )
-        return buf
 
-    def _finish(self, launch: plan.Launch, buf: torch.Tensor, x: torch.Tensor, out: torch.Tensor, rows: slice):
+    def _finish(self, launch: plan.Launch, buf: torch.Tensor, x: torch.Tensor, out: torch.Tensor, rows: slice,
+                row_dots: torch.Tensor | None) -> None:
         """Rows ``rows`` of x's gradient from their float32 buffer (``epilogue_kernel``: the factor,
         the positive logit's term for the anchors q and d, the normalisation), written over the
-        buffer for float32; <unit(x), grad> is added to the dots."""
+        buffer for float32; <unit(x), grad> per row into ``row_dots``."""
         b = self.batch
-        partner = {"q": "d", "d": "q"}.get(launch.rows)
+        partner, p, r_p, pos = self._partner(launch, x, rows)
         x3, buf3, out3 = _as3(x[rows]), _as3(buf), _as3(out[rows])
         n_x, k = x3.shape[0], x3.shape[1]
-        row_dots = _empty((n_x * k,), x) if self.want_dots else b.placeholder  # written only if wanted
-        p = b.tensor(partner)[rows] if partner else x3  # a valid pointer, never read without HAS_PARTNER
         rx = b.norm(launch.rows, rows_major=True)
-        r_p = b.norm(partner) if partner else b.placeholder
         if b.normed:
-            rx, r_p = rx[rows].contiguous(), (r_p[rows] if partner else r_p)
+            rx = rx[rows].contiguous()
         epilogue_kernel[(triton.cdiv(n_x * k, EPILOGUE["BLOCK_R"]),)](
             OUT=out3, son=out3.stride(0), sok=out3.stride(1), sod=out3.stride(2),
             BUF=buf3, sbn=buf3.stride(0), sbk=buf3.stride(1), sbd=buf3.stride(2),
             X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
-            P=p, spn=p.stride(0), spd=p.stride(-1), RP=r_p, POS=self.pos_coef[rows], FACTOR=self.factor,
-            DOTS=row_dots, n_rows=n_x, n_seg=k, dim=b.dim,
-            HAS_PARTNER=partner is not None, NORMED=b.normed, DOTS_WANTED=self.want_dots, **EPILOGUE,
+            P=p, spn=p.stride(0), spd=p.stride(-1), RP=r_p, POS=pos, FACTOR=self.factor,
+            DOTS=row_dots if row_dots is not None else b.placeholder, n_rows=n_x, n_seg=k, dim=b.dim,
+            HAS_PARTNER=partner is not None, NORMED=b.normed, DOTS_WANTED=row_dots is not None, **EPILOGUE,
         )
-        if self.want_dots:
-            self.dots = self.dots + row_dots.sum()
 
 
 def _outputs(shared: bool, directions) -> dict[str, bool]:

@@ -111,6 +111,15 @@ class Launch:
         return out
 
 
+    def finish_flags(self, normed: bool, want_dots: bool) -> dict[str, bool]:
+        """The grad kernel's epilogue flags: FUSED, its last sweep writes the gradient in the input
+        dtype (not with NORMED, whose row sums need the whole float32 row first: the epilogue kernel
+        finishes those); PARTNER, the positive logit's term (the anchors q and d); DOTS_WANTED, the
+        rows' <x, grad> for the temperature's gradient."""
+        fused = bool(self.walks) and not normed
+        return dict(FUSED=fused, PARTNER=fused and self.rows in ("q", "d"), DOTS_WANTED=fused and want_dots)
+
+
 def selected(directions) -> list[Block]:
     return [b for b in BLOCKS if b.direction in directions]
 
