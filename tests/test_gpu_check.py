@@ -20,4 +20,5 @@ def test_dry_run_makes_the_three_files_with_every_step_passing(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| tests | 0 |" in summary and "| speed | 0 |" in summary, summary
     assert "eager-chunked" in summary and "ours-fused: no samtone row" in summary, summary
-    assert "| tile 16,32,16,4,1 | 0 |" in summary and "== tile 16,32,16,4,1: env SAMTONE_TRITON_CONFIG" in summary
+    tile = "16,32,16,4,1,0,1"  # a pinned config with its walk: each segment alone, one tile per sweep
+    assert f"| tile {tile} | 0 |" in summary and f"== tile {tile}: env SAMTONE_TRITON_CONFIG" in summary
