@@ -194,6 +194,9 @@ def sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, r
     the program may make."""
     offs_k = tl.arange(0, BLOCK_D)
     r64 = rows.to(tl.int64)[:, None]
+    # ``last`` as a row vector for the masks: under the interpreter it can be a Python bool (the sizes it
+    # comes from are Python ints there), which a mask cannot take.
+    last_rows = tl.full((BLOCK_M,), 1, tl.int1) & last
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
         k_ok = ks[None, :] < dim
@@ -210,17 +213,16 @@ def sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, r
         ok = row_ok[:, None] & k_ok
         buf = BUF + r64 * sbn + ks[None, :] * sbd
         acc += tl.load(buf, mask=ok & started, other=0.0)
-        if FUSED:
-            if last:
-                g = acc * factor
-                if PARTNER:
-                    g += pos[:, None] * tl.load(P + r64 * spn + ks[None, :] * spd, mask=ok, other=0.0).to(tl.float32)
-                tl.store(OUT + r64 * son + ks[None, :] * sod, g.to(OUT.dtype.element_ty), mask=ok)
-                if DOTS_WANTED:
-                    x = tl.load(X + r64 * sxn + ks[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
-                    dots += tl.sum(g * x, 1)
-            else:
-                tl.store(buf, acc, mask=ok)
+        if FUSED:  # masks, not a branch: the loop stays one block for the software pipeliner
+            out_ok = ok & last_rows[:, None]
+            g = acc * factor
+            if PARTNER:
+                g += pos[:, None] * tl.load(P + r64 * spn + ks[None, :] * spd, mask=out_ok, other=0.0).to(tl.float32)
+            tl.store(OUT + r64 * son + ks[None, :] * sod, g.to(OUT.dtype.element_ty), mask=out_ok)
+            if DOTS_WANTED:
+                x = tl.load(X + r64 * sxn + ks[None, :] * sxd, mask=out_ok, other=0.0).to(tl.float32)
+                dots += tl.sum(g * x, 1)  # x is 0 unless last
+            tl.store(buf, acc, mask=ok & (last_rows == 0)[:, None])
         else:
             tl.store(buf, acc, mask=ok)
     tl.debug_barrier()
