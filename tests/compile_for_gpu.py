@@ -68,12 +68,15 @@ HARDNESS = [None, "hard_negatives", "all_negatives"]  # between them, every pena
 
 def variants(everything: bool = True):
     """(kernel name, flags) of every launch ``ops`` can make, without repeats: NORMED both ways and
-    every hardness mode, or (``everything=False``) NORMED with group ids and not without, and one
-    hardness mode per direction set in rotation, so that every flag takes each of its values."""
+    every hardness mode, with and without hard negatives, or (``everything=False``) NORMED with group
+    ids and not without, and one hardness mode per direction set and hard negatives or not in
+    rotation, so that every flag takes each of its values."""
     seen = []
-    combos = itertools.product(enumerate(DIRECTION_SETS + JOINT_ONLY_SETS), [False, True], [False, True], HARDNESS)
-    for (i, directions), groups, normed, hardness in combos:
-        if not everything and (normed != groups or hardness != HARDNESS[(i + groups) % len(HARDNESS)]):
+    combos = itertools.product(enumerate(DIRECTION_SETS + JOINT_ONLY_SETS), [False, True], [False, True], HARDNESS,
+                               [True, False])
+    for (i, directions), groups, normed, hardness, has_hard in combos:
+        if not everything and (normed != groups or hardness != HARDNESS[(i + groups) % len(HARDNESS)]
+                               or has_hard != ((i + groups) % 2 == 0)):
             continue
         launches = [(K.lse_kernel, launch) for launch in plan.forward_launches(directions)]
         launches += [(K.grad_kernel, launch) for shared in (True, False)
@@ -81,7 +84,7 @@ def variants(everything: bool = True):
         for kernel, launch, dots in [(k, la, dots) for k, la in launches for dots in (False, True)]:
             if not everything and dots != (i % 2 == 0):
                 continue
-            flags = {k: v for k, v in launch.flags(groups, hardness).items() if k in kernel.fn.arg_names}
+            flags = {k: v for k, v in launch.flags(groups, hardness, has_hard).items() if k in kernel.fn.arg_names}
             if kernel is K.grad_kernel:
                 flags.update(launch.finish_flags(normed, dots))
             item = (kernel.fn.__name__, {**flags, "NORMED": normed})
@@ -114,7 +117,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages, paired, span = (*tile, True, 2)[:7]  # PAIRED, SPAN: the kernels' defaults
+    bm, bn, bd, warps, stages, paired, span = (*tile, *K.DEFAULT_WALK)[:7]
     epilogue = fn is K.epilogue_kernel
     constexprs = dict(flags)
     if epilogue:

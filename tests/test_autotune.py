@@ -37,7 +37,7 @@ def benchmarked(monkeypatch):
         return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
 
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):  # tiles the interpreter runs at any size
-        # The tuner sees two configs: the two walks the GPU configs choose between (kernels.GPU_TILES).
+        # The tuner sees two configs: the two walks of the GPU configs (kernels.GPU_TILES).
         configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
                                  | ({"SPAN": span} if grad else {}), num_warps=w, num_stages=1)
                    for w, paired, span in ((4, True, 2), (8, False, 1))]

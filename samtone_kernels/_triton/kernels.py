@@ -42,10 +42,11 @@ _EPS = tl.constexpr(NORM_EPS)
 #: without register spills in bfloat16 (tests/compile_for_gpu.py, bench/RESULTS.md). On sm_90 the
 #: paired walk with two tiles per sweep fits at 64 x 64 only; on sm_80 / sm_89 (no wgmma: the dot
 #: operands live in registers) it spills at every tile tried, so those devices walk each segment
-#: alone, one tile per sweep, at 64 x 128. Speed is not measured yet; the prune also drops what
-#: shared memory cannot hold.
+#: alone, one tile per sweep, at 64 x 128. That walk spills on sm_90 in one variant (normalised,
+#: without hard negatives: 24 B), so sm_90 gets one config and no tuning. Speed is not measured yet;
+#: the prune also drops what shared memory cannot hold.
 GPU_TILES = {
-    90: ((64, 64, 64, 8, 3, True, 2), (64, 128, 64, 8, 3, False, 1)),
+    90: ((64, 64, 64, 8, 3, True, 2),),
     80: ((64, 128, 64, 8, 3, False, 1),),
 }
 
@@ -55,12 +56,15 @@ def tiles_for(arch: int) -> tuple:
     return GPU_TILES[90] if arch >= 90 else GPU_TILES[80]
 
 
+#: The walk of a config that does not name one (PAIRED, SPAN): the kernels' defaults.
+DEFAULT_WALK = (True, 2)
+
 #: Under the interpreter every program runs in NumPy: the smallest legal tiles, one config.
-INTERPRETER_TILES = ((16, 16, 16, 4, 1, True, 2),)
+INTERPRETER_TILES = ((16, 16, 16, 4, 1, *DEFAULT_WALK),)
 
 
-def _config(bm: int, bn: int, bd: int, warps: int, stages: int, paired: bool = True, span: int = 2,
-            grad: bool = True) -> triton.Config:
+def _config(bm: int, bn: int, bd: int, warps: int, stages: int, paired: bool = DEFAULT_WALK[0],
+            span: int = DEFAULT_WALK[1], grad: bool = True) -> triton.Config:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
     if grad:
         kwargs["SPAN"] = span
@@ -83,8 +87,8 @@ def configs(grad: bool) -> list[triton.Config]:
     return [_config(*t, grad=grad) for t in tiles]
 
 
-def shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, itemsize: int, paired: bool = True,
-                 span: int = 2) -> int:
+def shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, itemsize: int,
+                 paired: bool = DEFAULT_WALK[0], span: int = DEFAULT_WALK[1]) -> int:
     """An upper bound on a config's shared memory: the larger of the pipelined K-loop (a chunk of X
     and of one candidate tile, or two when ``paired``) and the backward's sweep over D (its staged
     coefficient tiles, two when paired or ``span`` = 2, and the pipelined chunks of their candidates),
@@ -110,13 +114,14 @@ def _prune(configs, named_args, **kwargs):
     (``tiles_for``), and those over its shared memory."""
     args = {**named_args, **kwargs}
     n_rows, n_cols, dim = args["n_rows"], args["n_cols"], args["dim"]
-    x = args["X"]
+    x, grad = args["X"], "BUF" in args  # grad_kernel's or lse_kernel's arguments
     arch, limit = _device(x.device.index or 0) if x.device.type == "cuda" else (None, None)
     fit = max(16, triton.next_power_of_2(dim))
     kept = []
     for c in configs:
-        bm, bn, bd, paired = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.kwargs["PAIRED"]
-        span = c.kwargs.get("SPAN")  # None for the forward
+        bm, bn, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        paired = c.kwargs.get("PAIRED", DEFAULT_WALK[0])
+        span = c.kwargs.get("SPAN", DEFAULT_WALK[1]) if grad else None  # the forward has no sweep
         if bd > fit or bm > max(16, triton.next_power_of_2(n_rows)) or bn > max(16, triton.next_power_of_2(n_cols)):
             continue
         tile = (bm, bn, bd, c.num_warps, c.num_stages, paired)
@@ -146,7 +151,7 @@ def lse_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh,
                D_PEN: tl.constexpr, N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
                NORMED: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               PAIRED: tl.constexpr = True):
+               PAIRED: tl.constexpr = DEFAULT_WALK[0]):
     """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y) (plus the hardness
     penalty ``hardness * X[rows] . y`` on the entries D_PEN, N_PEN select). Anchor row i is candidate
     pair ``row_offset + i`` (the masks compare those indices); candidates Q, D [n_cols], NEG
@@ -196,7 +201,7 @@ def grad_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, Q,
                 N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
                 NORMED: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PARTNER: tl.constexpr,
                 DOTS_WANTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PAIRED: tl.constexpr = True, SPAN: tl.constexpr = 2):
+                PAIRED: tl.constexpr = DEFAULT_WALK[0], SPAN: tl.constexpr = DEFAULT_WALK[1]):
     """The gradient of X's rows: sum over the walked segments of G Y (``tiles.coefficient``).
 
     X [n_rows, K, D] (axis 1 of the grid walks the K row blocks of hard negatives; K = 1 otherwise,
@@ -238,31 +243,30 @@ def grad_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, Q,
     if PARTNER:
         pos = tl.load(POS + rows, mask=row_ok, other=0.0)
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    last_plain = n_cols >= 0  # the plain walk's last sweep is the program's last ...
-    if N_ROW:
-        last_plain = n_hard == 0  # ... unless hard negatives follow
+    # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROW
+    # comes with at least one block: plan.Launch.flags), else D's, else Q's. Only that walk's last
+    # step writes the gradient (FUSED); its ``final`` is a true scalar.
+    true = n_cols > 0
     if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
         dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
                          rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, D, sdn, sdd, RD, LSE_D, W_D, G,
-                         n_cols, col_offset, dim, scale, hard, last_plain, True, Q_ROW, Q_COL, Q_MASK, Q_PEN, True,
-                         True, D_ROW, D_COL, D_MASK, D_PEN, False, True, 1, FUSED, PARTNER, DOTS_WANTED, NORMED,
-                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                         n_cols, col_offset, dim, scale, hard, true, True, Q_ROW, Q_COL, Q_MASK, Q_PEN, True,
+                         True, D_ROW, D_COL, D_MASK, D_PEN, False, True, 1, FUSED and not N_ROW, PARTNER,
+                         DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     else:  # each segment alone, SPAN column tiles per sweep
         if WALK_Q:
-            last_q = last_plain
-            if WALK_D:
-                last_q = n_cols < 0  # false: the D walk follows
             dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
                              rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, Q, sqn, sqd, RQ, LSE_Q, W_Q, G,
-                             n_cols, col_offset, dim, scale, hard, last_q, True, Q_ROW, Q_COL, Q_MASK,
-                             Q_PEN, True, False, False, False, 0, 0, False, True, SPAN, FUSED, PARTNER, DOTS_WANTED,
-                             NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                             n_cols, col_offset, dim, scale, hard, true, True, Q_ROW, Q_COL, Q_MASK,
+                             Q_PEN, True, False, False, False, 0, 0, False, True, SPAN,
+                             FUSED and not (WALK_D or N_ROW), PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N,
+                             BLOCK_D, PRECISION)
         if WALK_D:
             dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
                              rows_g, row_ok, lse_r, w_r, D, sdn, sdd, RD, LSE_D, W_D, D, sdn, sdd, RD, LSE_D, W_D, G,
-                             n_cols, col_offset, dim, scale, hard, last_plain, True, D_ROW, D_COL, D_MASK, D_PEN,
-                             False, False, False, False, 0, 0, False, not WALK_Q, SPAN, FUSED, PARTNER, DOTS_WANTED,
-                             NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                             n_cols, col_offset, dim, scale, hard, true, True, D_ROW, D_COL, D_MASK, D_PEN,
+                             False, False, False, False, 0, 0, False, not WALK_Q, SPAN, FUSED and not N_ROW,
+                             PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     if N_ROW:
         for k in range(0, n_hard):
             NEG_K = NEG + k * snh

@@ -109,7 +109,7 @@ class _Batch:
                     NEG=neg, snn=neg.stride(0), snh=neg.stride(1), snd=neg.stride(2), RNEG=rneg)
 
     def flags(self, launch: plan.Launch, kernel) -> dict:
-        flags = launch.flags(self.has_groups, self.hardness_mode if self.hardness else None)
+        flags = launch.flags(self.has_groups, self.hardness_mode if self.hardness else None, self.n_hard > 0)
         return {k: v for k, v in flags.items() if k in kernel.arg_names}
 
 
@@ -182,7 +182,8 @@ class _Backward:
         """The gradient of ``launch.rows``, in its dtype. Rows go in blocks whose float32 buffer is at
         most ``LATER_BUFFER_COPIES`` copies of the tensor, except for the first launch."""
         x = self.batch.tensor(launch.rows)
-        n_rows = _as3(x).shape[0]
+        x3 = _as3(x)
+        n_rows, k = x3.shape[0], x3.shape[1]
         out = torch.empty_like(x) if x.dtype == torch.float32 else _empty(x.shape, x, x.dtype)
         block = n_rows
         if self.made and x.dtype != torch.float32:
@@ -191,11 +192,11 @@ class _Backward:
             rows = slice(r0, min(n_rows, r0 + block))
             buf = out[rows] if x.dtype == torch.float32 else None  # float32: the gradient is the buffer
             if buf is None or POISON_OUTPUTS:
-                buf = _empty(_as3(x)[rows].shape, x) if buf is None else buf.fill_(float("nan"))
+                buf = _empty(x3[rows].shape, x) if buf is None else buf.fill_(float("nan"))
             # Without NORMED the grad kernel's last sweep writes the gradient itself (FUSED); with it,
             # the normalisation's row sums need the whole buffer first, so the epilogue finishes it.
             fused = launch.finish_flags(self.batch.normed, self.want_dots)["FUSED"]
-            row_dots = _empty((_as3(x)[rows].shape[0] * _as3(x).shape[1],), x) if self.want_dots else None
+            row_dots = _empty(((rows.stop - rows.start) * k,), x) if self.want_dots else None
             if launch.walks:
                 self._grad(launch, x, out, rows, buf, row_dots)
             else:  # the local documents of a gathered batch without d2q: the positive logit only

@@ -88,15 +88,18 @@ class Launch:
     walks: dict[str, Walk] = field(default_factory=dict)
     candidates_are_anchors: bool = False
 
-    def flags(self, has_groups: bool, hardness_mode: str | None = None) -> dict[str, int | bool]:
+    def flags(self, has_groups: bool, hardness_mode: str | None = None,
+              has_hard_negatives: bool = True) -> dict[str, int | bool]:
         """The kernels' constexpr flags: ``{Q,D,N}_ROW``, ``{Q,D}_COL``, ``{Q,D,N}_MASK`` and
-        ``{Q,D,N}_PEN``. Without group ids the GROUP bit is cleared (nothing to compare). PEN holds
+        ``{Q,D,N}_PEN``. Without group ids the GROUP bit is cleared (nothing to compare); without
+        hard negatives their segment is not walked (so a walk with N_ROW has at least one block of
+        them: the kernels rely on it to know their last walk at compile time). PEN holds
         the pair bits (SELF, OTHER) of the entries that take the hardness penalty; on the Q segment
         it applies to the column role (queries anchor the tile's columns), on D and N to the row
         role; the bits depend on whether the entry's document is a positive or a hard negative."""
         out: dict[str, int | bool] = {}
         for seg in SEGMENTS:
-            walk = self.walks.get(seg, Walk())
+            walk = self.walks.get(seg, Walk()) if seg != "n" or has_hard_negatives else Walk()
             key = seg.upper()
             out[f"{key}_ROW"] = walk.row
             if seg != "n":  # hard negatives are never anchors

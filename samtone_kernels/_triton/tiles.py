@@ -189,13 +189,15 @@ def sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, r
     read-modify-write of BUF for all of them. ``started``: an earlier sweep stored the buffer (else
     this one stores without reading). ``last`` (FUSED): the program's last sweep, which writes the
     gradient itself in OUT's dtype instead, ``factor * BUF (+ pos_i P_i`` with PARTNER, the positive
-    logit's term), and with DOTS_WANTED returns dots + <x_i, grad_i> per row. A barrier after the
-    sweep orders its stores before the next sweep's loads of the same rows, which other threads of
-    the program may make."""
+    logit's term), and with DOTS_WANTED returns dots + <x_i, grad_i> per row; those writes are
+    masked by ``last``, not branched (triton 3.6 cannot pipeline a branch here), so ``grad_walk``
+    compiles FUSED into its last step only. A barrier after the sweep orders its stores before the
+    next sweep's loads of the same rows, which other threads of the program may make."""
     offs_k = tl.arange(0, BLOCK_D)
     r64 = rows.to(tl.int64)[:, None]
-    # ``last`` as a row vector for the masks: under the interpreter it can be a Python bool (the sizes it
-    # comes from are Python ints there), which a mask cannot take.
+    # The flags as row vectors for the masks: under the interpreter they can be Python bools (the sizes
+    # they come from are Python ints there), which a mask cannot take.
+    started_rows = tl.full((BLOCK_M,), 1, tl.int1) & started
     last_rows = tl.full((BLOCK_M,), 1, tl.int1) & last
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
@@ -212,7 +214,7 @@ def sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, r
                 acc = _times_chunk(acc, gb1, B, sbn_, sbd_, cols1, ok1, ks, k_ok, PRECISION)
         ok = row_ok[:, None] & k_ok
         buf = BUF + r64 * sbn + ks[None, :] * sbd
-        acc += tl.load(buf, mask=ok & started, other=0.0)
+        acc += tl.load(buf, mask=ok & started_rows[:, None], other=0.0)
         if FUSED:  # masks, not a branch: the loop stays one block for the software pipeliner
             out_ok = ok & last_rows[:, None]
             g = acc * factor
@@ -230,6 +232,33 @@ def sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, r
 
 
 @triton.jit
+def _walk_step(c0, dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows, rows_g,
+               row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB, LSE_B, W_B, G, n_cols, col_offset,
+               dim, scale, hard, started, last,
+               HAS_A: tl.constexpr, A_ROW: tl.constexpr, A_COL: tl.constexpr, A_MASK: tl.constexpr,
+               A_PEN: tl.constexpr, A_PEN_COL: tl.constexpr,
+               HAS_B: tl.constexpr, B_ROW: tl.constexpr, B_COL: tl.constexpr, B_MASK: tl.constexpr,
+               B_PEN: tl.constexpr, B_PEN_COL: tl.constexpr, SPAN: tl.constexpr, FUSED: tl.constexpr,
+               PARTNER: tl.constexpr, DOTS_WANTED: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The SPAN column tiles from ``c0``: their coefficient tiles, then one ``sweep``."""
+    ga0, gb0, cols0, ok0 = coefficients(
+        c0, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB,
+        LSE_B, W_B, G, n_cols, col_offset, dim, scale, hard, HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL,
+        HAS_B, B_ROW, B_COL, B_MASK, B_PEN, B_PEN_COL, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    ga1, gb1, cols1, ok1 = ga0, gb0, cols0, ok0  # read only with SPAN = 2
+    if SPAN == 2:
+        ga1, gb1, cols1, ok1 = coefficients(
+            c0 + BLOCK_N, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A,
+            B, sbn_, sbd_, RB, LSE_B, W_B, G, n_cols, col_offset, dim, scale, hard,
+            HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL, HAS_B, B_ROW, B_COL, B_MASK, B_PEN, B_PEN_COL,
+            NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    return sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rows, row_ok, dots,
+                 ga0, gb0, cols0, ok0, ga1, gb1, cols1, ok1, A, san, sad, B, sbn_, sbd_, dim, started, last,
+                 HAS_A, HAS_B, SPAN, FUSED, PARTNER, DOTS_WANTED, BLOCK_M, BLOCK_D, PRECISION)
+
+
+@triton.jit
 def grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows, rows_g, row_ok,
               lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB, LSE_B, W_B, G, n_cols, col_offset, dim,
               scale, hard, final,
@@ -240,29 +269,35 @@ def grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos,
               FIRST: tl.constexpr, SPAN: tl.constexpr, FUSED: tl.constexpr, PARTNER: tl.constexpr,
               DOTS_WANTED: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Walk segments A and B (each if HAS_) together: for every SPAN column tiles, their coefficient
-    tiles (``coefficients``), then one ``sweep``. FIRST: this is the program's first walk, whose
-    first sweep stores instead of adding (the buffer needs no zeroing); ``final``: no walk follows,
-    so its last sweep is the program's last. Returns dots (``sweep``)."""
+    """Walk segments A and B (each if HAS_) together, SPAN column tiles a step (``_walk_step``). FIRST:
+    this is the program's first walk, whose first sweep stores instead of adding (the buffer needs
+    no zeroing); ``final``: no walk follows, so its last sweep is the program's last. With FUSED the
+    last step is peeled off the loop: only its sweep carries the masked writes of the gradient, the
+    others are plain read-modify-writes of BUF. Returns dots (``sweep``)."""
     step: tl.constexpr = SPAN * BLOCK_N
-    for c0 in range(0, n_cols, step):
-        ga0, gb0, cols0, ok0 = coefficients(
-            c0, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB,
-            LSE_B, W_B, G, n_cols, col_offset, dim, scale, hard, HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL,
-            HAS_B, B_ROW, B_COL, B_MASK, B_PEN, B_PEN_COL, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        ga1, gb1, cols1, ok1 = ga0, gb0, cols0, ok0  # read only with SPAN = 2
-        if SPAN == 2:
-            ga1, gb1, cols1, ok1 = coefficients(
-                c0 + BLOCK_N, X, sxn, sxd, rx, rows, rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A,
-                B, sbn_, sbd_, RB, LSE_B, W_B, G, n_cols, col_offset, dim, scale, hard,
-                HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL, HAS_B, B_ROW, B_COL, B_MASK, B_PEN, B_PEN_COL,
-                NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    last_c0 = (tl.cdiv(n_cols, step) - 1) * step
+    if FUSED:
+        end = last_c0
+    else:
+        end = n_cols
+    for c0 in range(0, end, step):
         if FIRST:
             started = c0 > 0
         else:
             started = c0 >= 0
-        dots = sweep(BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rows, row_ok, dots,
-                     ga0, gb0, cols0, ok0, ga1, gb1, cols1, ok1, A, san, sad, B, sbn_, sbd_, dim, started,
-                     (c0 + step >= n_cols) & final, HAS_A, HAS_B, SPAN, FUSED, PARTNER, DOTS_WANTED,
-                     BLOCK_M, BLOCK_D, PRECISION)
+        dots = _walk_step(c0, dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
+                          rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB, LSE_B, W_B, G,
+                          n_cols, col_offset, dim, scale, hard, started, final,
+                          HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL, HAS_B, B_ROW, B_COL, B_MASK, B_PEN,
+                          B_PEN_COL, SPAN, False, False, False, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    if FUSED:
+        if FIRST:
+            started = last_c0 > 0
+        else:
+            started = last_c0 >= 0
+        dots = _walk_step(last_c0, dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx,
+                          rows, rows_g, row_ok, lse_r, w_r, A, san, sad, RA, LSE_A, W_A, B, sbn_, sbd_, RB, LSE_B,
+                          W_B, G, n_cols, col_offset, dim, scale, hard, started, final,
+                          HAS_A, A_ROW, A_COL, A_MASK, A_PEN, A_PEN_COL, HAS_B, B_ROW, B_COL, B_MASK, B_PEN,
+                          B_PEN_COL, SPAN, FUSED, PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     return dots
