@@ -59,9 +59,9 @@ else
         --impls ours-fused inf-cl --out "$WORK/speed"
     step large 60 "$PY" bench/speed.py --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
         --out "$WORK/speed" --no-plot
-    # The two configs sm_90 is offered (paired 64 x 64; each segment alone at 64 x 128) against the
-    # paired walk at 64 x 128, which moves fewer bytes and spills in some backward variants
-    # (bench/RESULTS.md, tests/traffic_model.py); each pinned (no tuning).
+    # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
+    # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
+    # spills in some backward variants (bench/RESULTS.md, tests/traffic_model.py); each pinned.
     TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
 fi
 for tile in $TILES; do
