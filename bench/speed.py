@@ -131,7 +131,7 @@ CHUNK_ROWS: int | None = None  # eager-chunked's rows per chunk (--chunk-rows); 
 
 def impl_chunked(w: Workload, device: str):
     options = check_options(directions=w.directions, partition=w.partition, doc_anchor_weight=1.0,
-                            normalize=True, reduction="mean", backend="torch")
+                            normalize=True, reduction="mean")
 
     def run(q, d, n):
         n_pairs = q.shape[0]

@@ -101,7 +101,7 @@ def _options(directions):
     from samtone_kernels._options import check_options
 
     return check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=True,
-                         reduction="mean", backend="torch")
+                         reduction="mean")
 
 
 if __name__ == "__main__":

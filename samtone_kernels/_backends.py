@@ -1,61 +1,18 @@
-"""The backends behind ``fused_samtone_loss``: one contract, one registry.
-
-A backend is two functions and two checks (``Backend``):
-
-- ``prepare(embeddings, options) -> embeddings``: whatever the backend needs done to the local
-  ``[queries, docs(, hard_negatives)]`` before they are gathered across devices (upcasting,
-  normalisation, copies);
-- ``row_stats(rows, options) -> (lse [A, n], pos [n])``: the per-anchor log-partitions (row 0 the
-  query anchors', row 1, with document anchors, the documents') and the positive logits
-  ``scale * q_i . d_i``, differentiable;
-- ``unavailable(x)``: why it cannot run on embeddings like ``x`` (an exception to raise when the
-  user asked for it by name), or None;
-- ``auto(x)``: whether ``backend="auto"`` picks it for ``x``.
+"""The backends behind ``fused_samtone_loss``: one registry over the contract of ``_contract``.
 
 ``fused_samtone_loss`` keeps validation, gathering, the partition, the non-finite rule and the
 reduction, so every backend shares those semantics exactly. A new backend is one ``Backend`` entry
-in ``REGISTRY``; ``"auto"`` tries the entries in order.
+in ``REGISTRY``; ``"auto"`` tries the entries in order. The backend's name is checked here, where it
+is resolved (``check_backend_name``), before anything runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
-from ._options import LossOptions, interpreting
+from ._constants import interpreting
+from ._contract import Backend, LossOptions, Rows
 from ._torch_impl import prepare_torch, row_stats_torch
-
-
-@dataclass(frozen=True)
-class Rows:
-    """The inputs of ``row_stats``, prepared (and gathered).
-
-    q, d : [n, D] the anchors, this process's pairs.
-    q_all, d_all : [N, D] the candidate queries and positives (the same tensors as ``q``, ``d`` unless
-        the batch was gathered across devices); anchor i is pair ``offset + i`` among them.
-    n_all : [N, H, D] the candidate hard negatives, or None.
-    scale : 1 / temperature, a float or a 0-dim tensor (which may require grad).
-    group_ids : [N] int64 global group ids, or None.
-    """
-
-    q: torch.Tensor
-    d: torch.Tensor
-    q_all: torch.Tensor
-    d_all: torch.Tensor
-    n_all: torch.Tensor | None
-    scale: float | torch.Tensor
-    group_ids: torch.Tensor | None = None
-    offset: int = 0
-
-
-class Backend(NamedTuple):
-    prepare: Callable[[list[torch.Tensor], LossOptions], list[torch.Tensor]]
-    row_stats: Callable[[Rows, LossOptions], tuple[torch.Tensor, torch.Tensor]]
-    unavailable: Callable[[torch.Tensor], Exception | None]
-    auto: Callable[[torch.Tensor], bool]
 
 
 def triton_available() -> bool:
@@ -103,10 +60,17 @@ REGISTRY: dict[str, Backend] = {
 }
 
 
+def check_backend_name(name: str) -> str:
+    """``name`` if it is "auto" or a ``REGISTRY`` key, else a ``ValueError`` naming the choices."""
+    if name != "auto" and name not in REGISTRY:
+        raise ValueError(f"backend: expected one of {('auto', *REGISTRY)}, got {name!r}")
+    return name
+
+
 def resolve_backend(name: str, x: torch.Tensor) -> Backend:
-    """The backend ``name`` ("auto" or a ``REGISTRY`` key, validated by ``check_options``) runs for
-    embeddings like ``x``; a backend asked for by name that cannot run raises its reason."""
-    if name == "auto":
+    """The backend ``name`` ("auto" or a ``REGISTRY`` key) runs for embeddings like ``x``; an unknown
+    name, or a backend asked for by name that cannot run, raises its reason."""
+    if check_backend_name(name) == "auto":
         return next(backend for backend in REGISTRY.values() if backend.auto(x))
     backend = REGISTRY[name]
     reason = backend.unavailable(x)

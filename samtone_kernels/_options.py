@@ -4,64 +4,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-ALL_DIRECTIONS = ("q2d", "q2q", "d2q", "d2d")
-PARTITIONS = ("per_anchor", "joint")
-HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
-REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every input dtype (one table)
-NORM_EPS = 1e-12  # normalize=True divides by max(|x|, NORM_EPS), as torch.nn.functional.normalize
+from ._constants import ALL_DIRECTIONS, FLOAT_DTYPES, HARDNESS_MODES, PARTITIONS, REDUCTIONS
+from ._contract import LossOptions
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run under its interpreter (``TRITON_INTERPRET=1``, read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """Validated options of ``fused_samtone_loss`` (everything but the tensors)."""
-
-    directions: tuple[str, ...]
-    partition: str
-    doc_anchor_weight: float
-    normalize: bool
-    reduction: str
-    backend: str
-    hardness_mode: str | None = None
-    hardness_strength: float = 0.0
-    gather_across_devices: bool = False
-
-    @property
-    def q2q(self) -> bool:
-        return "q2q" in self.directions
-
-    @property
-    def d2q(self) -> bool:
-        return "d2q" in self.directions
-
-    @property
-    def d2d(self) -> bool:
-        return "d2d" in self.directions
-
-    @property
-    def doc_anchor(self) -> bool:
-        """True when documents are anchors (d2q, d2d or both): there is a log Zd row."""
-        return self.d2q or self.d2d
-
-    @property
-    def hardness(self) -> float:
-        """The hardness penalty's strength alpha (0 when no mode is set)."""
-        return self.hardness_strength if self.hardness_mode is not None else 0.0
-
-
-def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, backend, hardness_mode=None,
+def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, hardness_mode=None,
                   hardness_strength=0.0, gather_across_devices=False) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
@@ -105,10 +57,6 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
         raise TypeError(f"gather_across_devices: expected a bool, got {type(gather_across_devices).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    from ._backends import REGISTRY  # here, not at the top: the backends import this module
-
-    if backend != "auto" and backend not in REGISTRY:
-        raise ValueError(f"backend: expected one of {('auto', *REGISTRY)}, got {backend!r}")
     if hardness_mode not in HARDNESS_MODES:
         raise ValueError(f"hardness_mode: expected one of {HARDNESS_MODES}, got {hardness_mode!r}")
     if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, numbers.Real):
@@ -116,8 +64,7 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
     strength = float(hardness_strength)
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
-    return LossOptions(canonical, partition, weight, normalize, reduction, backend, hardness_mode, strength,
-                       gather_across_devices)
+    return LossOptions(canonical, partition, weight, normalize, reduction, hardness_mode, strength, gather_across_devices)
 
 
 def check_temperature(temperature) -> float | torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._options import NORM_EPS
+from ._constants import NORM_EPS
 
 # Elements of one float32 temporary (16 MiB): large enough that chunking costs nothing measurable.
 CHUNK_ELEMENTS = 1 << 22

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._options import NORM_EPS, LossOptions
-
-if TYPE_CHECKING:
-    from ._backends import Rows
+from ._constants import NORM_EPS
+from ._contract import LossOptions, Rows
 
 # Budget of one chunk's logit buffers (bytes). Above it, the anchors are split into chunks of rows.
 CHUNK_BYTES = 1 << 30

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._options import FLOAT_DTYPES
+from ._constants import FLOAT_DTYPES
 
 _DTYPES = list(FLOAT_DTYPES)  # a dtype crosses the wire as its index here
 _warned_single_process = False

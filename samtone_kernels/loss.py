@@ -1,7 +1,8 @@
 """Public entry point: ``fused_samtone_loss``.
 
-Every backend (``_backends.REGISTRY``) computes the per-anchor log-partitions ``lse`` [A, N] and the
-positive logits [N] (the fused backend in one op, so that their gradients share its buffers); the
+Every backend (``_backends.REGISTRY``, over the contract of ``_contract``) computes the per-anchor
+log-partitions ``lse`` [A, N] and the positive logits [N] (the fused backend in one op, so that their
+gradients share its buffers); the
 partition, the non-finite check and the reduction are assembled here once, in torch, so all
 backends share those semantics exactly.
 """
@@ -12,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backends import Rows, resolve_backend, triton_available
-from ._options import LossOptions, check_inputs, check_options, check_temperature
+from ._backends import resolve_backend, triton_available
+from ._contract import LossOptions, Rows
+from ._options import check_inputs, check_options, check_temperature
 from .distributed import gather_batch
 
 __all__ = ["fused_samtone_loss", "triton_available"]
@@ -123,12 +125,12 @@ def fused_samtone_loss(
     """
     options = check_options(
         directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-        normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
+        normalize=normalize, reduction=reduction, hardness_mode=hardness_mode,
         hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
-    backend = resolve_backend(options.backend, queries)
+    backend = resolve_backend(backend, queries)
     if hard_negatives is not None and hard_negatives.shape[1] == 0:
         hard_negatives = None
 

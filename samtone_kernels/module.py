@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._backends import check_backend_name
 from ._options import check_options, check_temperature
 from .loss import fused_samtone_loss
 
@@ -50,7 +51,7 @@ class SamToNeLoss(nn.Module):
         super().__init__()
         options = check_options(
             directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-            normalize=normalize, reduction=reduction, backend=backend, hardness_mode=hardness_mode,
+            normalize=normalize, reduction=reduction, hardness_mode=hardness_mode,
             hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
         )
         if isinstance(temperature, torch.Tensor):
@@ -61,7 +62,7 @@ class SamToNeLoss(nn.Module):
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
         self.reduction = options.reduction
-        self.backend = options.backend
+        self.backend = check_backend_name(backend)
         self.hardness_mode = options.hardness_mode
         self.hardness_strength = options.hardness_strength
         self.gather_across_devices = options.gather_across_devices

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
 
 from samtone_kernels._triton import kernels as K  # noqa: E402
-from samtone_kernels._triton import plan  # noqa: E402
+from samtone_kernels import _plan as plan  # noqa: E402
 
 DIRECTION_SETS = [("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
                   ("q2d", "q2q", "d2q", "d2d")]

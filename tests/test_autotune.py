@@ -18,7 +18,7 @@ import triton
 
 from helpers import DEVICE, DIRECTION_SETS, HARDNESS_MODES, JOINT_ONLY_SETS
 from samtone_kernels import _triton, fused_samtone_loss
-from samtone_kernels._backends import Rows
+from samtone_kernels._contract import Rows
 from samtone_kernels._options import check_options
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's autotuner path (GPU: the real one)")
@@ -84,7 +84,7 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
     """Anchors that are pairs 5..21 of the candidates: the anchor and candidate launches of a
     gathered batch."""
     options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean", backend="triton")
+                            normalize=False, reduction="mean")
     g = torch.Generator().manual_seed(7)
     q, d = (torch.randn(29, 9, generator=g).requires_grad_() for _ in range(2))
     n = torch.randn(29, 1, 9, generator=g).requires_grad_()

@@ -17,9 +17,10 @@ import traffic_model
 from counting import count_kernel_work
 from helpers import DIRECTION_SETS
 from samtone_kernels import _triton, fused_samtone_loss
-from samtone_kernels._backends import Rows
+from samtone_kernels._contract import Rows
 from samtone_kernels._options import check_options
-from samtone_kernels._triton import kernels, plan
+from samtone_kernels import _plan as plan
+from samtone_kernels._triton import kernels
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts under the interpreter")
 
@@ -41,7 +42,7 @@ def _count(directions, n_pairs, dim, n_hard, dtype=torch.float32, shared=True):
             loss = fused_samtone_loss(*inputs, directions=directions, backend="triton")
         else:  # the same pairs passed as a gathered batch: anchor and candidate launches apart
             options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
-                                    normalize=False, reduction="mean", backend="triton")
+                                    normalize=False, reduction="mean")
             lse, pos = _triton.row_stats_triton(Rows(q, d, q * 1, d * 1, n, 20.0), options)
             loss = lse.sum() - pos.sum()
         torch.autograd.grad(loss, inputs)

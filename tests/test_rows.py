@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from helpers import DEVICE
 from samtone_kernels import _rows
-from samtone_kernels._options import NORM_EPS
+from samtone_kernels._constants import NORM_EPS
 from samtone_kernels._rows import normalize_rows, row_chunks
 
 

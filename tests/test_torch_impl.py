@@ -224,12 +224,12 @@ def test_row_chunks_match_the_reference(dtype, case, tensor_temperature):
 def test_row_chunks_give_the_unchunked_values_and_gradients():
     """Chunks of 1, 3 and all 11 anchor rows of a gathered-style slice (offset 5 among 19 candidates,
     groups, hard negatives, hardness, a tensor scale): the same statistics and gradients."""
-    from samtone_kernels._backends import Rows
+    from samtone_kernels._contract import Rows
     from samtone_kernels._options import check_options
     from samtone_kernels._torch_impl import _LIVE_BUFFERS, chunk_rows, row_bytes, row_lse_torch
 
     options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean", backend="torch", hardness_mode="all_negatives",
+                            normalize=False, reduction="mean", hardness_mode="all_negatives",
                             hardness_strength=2.0)
     g = torch.Generator().manual_seed(0)
     groups = torch.randint(0, 6, (19,), generator=g)
@@ -295,7 +295,7 @@ def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
     computed apart, 3 more units."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from samtone_kernels._backends import Rows
+    from samtone_kernels._contract import Rows
     from samtone_kernels._options import check_options
     from samtone_kernels._torch_impl import row_lse_torch
 
@@ -304,7 +304,7 @@ def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
     q, d = (torch.randn(n_pairs, dim, generator=g, requires_grad=True) for _ in range(2))
     n = torch.randn(n_pairs, n_hard, dim, generator=g, requires_grad=True) if n_hard else None
     options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False,
-                            reduction="mean", backend="torch")
+                            reduction="mean")
     inputs = [q, d] + ([n] if n_hard else [])
     rows = Rows(q, d, q * 1, d * 1, n, 2.0)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bench import speed  # bench/speed.py's peak-memory measurement
 from helpers import DEVICE, DIRECTION_SETS, Case, cases, run_and_compare
 from samtone_kernels import fused_samtone_loss
-from samtone_kernels._backends import Rows
+from samtone_kernels._contract import Rows
 
 triton = pytest.importorskip("triton")
 from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch in conftest)
@@ -254,7 +254,7 @@ def test_shared_candidates_match_separate_ones(normalize):
     from samtone_kernels._options import check_options
 
     options = check_options(directions=ALL_FOUR, partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=normalize, reduction="mean", backend="auto")
+                            normalize=normalize, reduction="mean")
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     q, d, n = _inputs(19, 13, 2, seed=4)
     results = []
@@ -357,7 +357,7 @@ def test_anchor_slice_with_offset_matches_torch(directions):
     from samtone_kernels._torch_impl import row_stats_torch
 
     options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean", backend="auto")
+                            normalize=False, reduction="mean")
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     results = []
     for row_stats in (_triton.row_stats_triton, row_stats_torch):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from samtone_kernels._triton import plan  # noqa: E402
+from samtone_kernels import _plan as plan  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._options import NORM_EPS, interpreting
+from .._constants import NORM_EPS, interpreting
 from .tiles import grad_walk, inv_norms, lse_walk
 
 INTERPRETING = interpreting()  # read once: the configs below are fixed when the kernels are defined

@@ -9,18 +9,14 @@ input dtype. The fakes read the same plan, so they cannot disagree with what the
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 
-from .._options import LossOptions
+from .. import _plan as plan
+from .._contract import LossOptions, Rows
 from .._rows import inverse_norms, normalize_rows, row_chunks
-from . import plan
 from .kernels import EPILOGUE, bucket, epilogue_kernel, grad_kernel, lse_kernel
-
-if TYPE_CHECKING:
-    from .._backends import Rows
 
 # Set by tests: fill every buffer the kernels must write with NaN before launching them.
 POISON_OUTPUTS = False

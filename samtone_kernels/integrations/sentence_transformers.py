@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fused_samtone_loss
+from .._backends import check_backend_name
 from .._options import check_options, check_temperature
 from ..gradcache import GradCache
 
@@ -121,7 +122,7 @@ class SamToNeLoss(nn.Module):
         if not isinstance(directions, str) and isinstance(directions, Sequence):
             directions = tuple(_DIRECTIONS.get(name, name) for name in directions)  # long names too
         options = check_options(directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-                                normalize=normalize, reduction="mean", backend=backend, hardness_mode=hardness_mode,
+                                normalize=normalize, reduction="mean", hardness_mode=hardness_mode,
                                 hardness_strength=hardness_strength, gather_across_devices=gather_across_devices)
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -140,7 +141,7 @@ class SamToNeLoss(nn.Module):
         self.partition = options.partition
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
-        self.backend = options.backend
+        self.backend = check_backend_name(backend)
         if not isinstance(mask_duplicate_positives, bool):
             raise TypeError(f"mask_duplicate_positives: expected a bool, got {type(mask_duplicate_positives).__name__}")
         self.gather_across_devices = options.gather_across_devices
