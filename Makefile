@@ -44,7 +44,7 @@ compat:
 		$(COMPAT_TESTS)
 
 bench: $(STAMP)
-	$(PY) bench/speed.py $(BENCH_ARGS)
+	$(PY) -m bench.speed $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .hypothesis

@@ -1,6 +1,8 @@
-"""Benchmarks and experiments: ``python bench/speed.py`` (speed and memory against the peers),
-``python -m bench.quality`` (retrieval quality), ``python bench/cached_memory.py``. A package so that
-the tests import them as ``bench.speed`` and ``bench.quality``."""
+"""Benchmarks and experiments, run as modules from the repository root: ``python -m bench.speed``
+(speed and memory against the peers), ``python -m bench.quality`` (retrieval quality),
+``python -m bench.cached_memory``, ``python -m bench.torch_chunks``. The scripts are thin: the
+harness (timing, peak memory, result files) is ``bench.harness``, the workloads and implementations
+``bench.peers``; the tests import those (and ``bench.quality``), not the scripts."""
 
 import argparse
 

@@ -1,30 +1,33 @@
 """Peak memory of one training step with and without gradient caching, as the batch grows.
 
 A small BERT built from a local config (no download; the tokenizer of the packaged MiniLM) is trained
-one step with ``SamToNeLoss`` (sentence-transformers integration) at several batch sizes: uncached
+one step with ``SamToNeRankingLoss`` (sentence-transformers integration) at several batch sizes: uncached
 (the encoder's activations of the whole batch are alive at the backward) and cached
 (``mini_batch_size``: one mini-batch's activations at a time). Peak memory is the peak of torch's
-allocation events on CPU (``bench/speed.py``'s ``peak_memory_bytes``), above what the model and its
+allocation events on CPU (``bench/harness.py``'s ``peak_memory_bytes``), above what the model and its
 parameters' gradients hold before the step.
 
-    python bench/cached_memory.py                      # batches 64 and 512, mini-batch 16
-    python bench/cached_memory.py --batches 64 128 --mini-batch 16 --hidden 64
+    python -m bench.cached_memory                      # batches 64 and 512, mini-batch 16
+    python -m bench.cached_memory --batches 64 128 --mini-batch 16 --hidden 64
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bench import HelpFormatter  # noqa: E402
-from bench.speed import peak_memory_bytes  # noqa: E402
-from samtone_kernels.integrations.sentence_transformers import SamToNeLoss  # noqa: E402
+try:
+    from bench import HelpFormatter
+    from bench.harness import peak_memory_bytes
+except ModuleNotFoundError as exc:  # run by path (python bench/cached_memory.py): no package bench to import
+    if exc.name != "bench":
+        raise
+    raise SystemExit("bench/cached_memory.py is part of the bench package: run `python -m bench.cached_memory` "
+                     "from the repository root") from None
+from samtone_kernels.integrations.sentence_transformers import SamToNeRankingLoss
 
 WORDS = ("sort list file read parse json email image resize password hash socket open close write yaml "
          "crop token stream buffer queue thread lock timer cache index query table join merge split").split()
@@ -55,7 +58,7 @@ def tiny_model(path: str, hidden: int, layers: int):
 
 
 def step_peak(model, batch: int, mini_batch: int | None) -> int:
-    loss_fn = SamToNeLoss(model, directions=("q2d", "q2q"), mini_batch_size=mini_batch, backend="torch")
+    loss_fn = SamToNeRankingLoss(model, directions=("q2d", "q2q"), mini_batch_size=mini_batch, backend="torch")
     features = [model.preprocess(texts(batch, 1)), model.preprocess(texts(batch, 2))]
 
     def step():
@@ -67,7 +70,8 @@ def step_peak(model, batch: int, mini_batch: int | None) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.cached_memory", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 512], help="batch sizes (default: 64 512)")
     parser.add_argument("--mini-batch", type=int, default=16, help="cached mini-batch rows (default: 16)")
     parser.add_argument("--hidden", type=int, default=128, help="BERT hidden size (default: 128)")
@@ -77,7 +81,7 @@ def main() -> None:
         os.environ.setdefault(name, "1")
     with tempfile.TemporaryDirectory() as path:
         model = tiny_model(path, args.hidden, args.layers)
-        print(f"BERT hidden {args.hidden}, {args.layers} layers, 12-word texts, SamToNeLoss (torch backend), "
+        print(f"BERT hidden {args.hidden}, {args.layers} layers, 12-word texts, SamToNeRankingLoss (torch backend), "
               f"torch {torch.__version__}")
         print(f"| batch | uncached | cached, mini-batch {args.mini_batch} |")
         print("| --- | --- | --- |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole device check in one call: the GPU tests, then the target rows of bench/speed.py, with
+# The whole device check in one call: the GPU tests, then the target rows of `python -m bench.speed`, with
 # everything it made in the folder named by its argument (the device's $OUT; three files come back:
 # the log, a summary and a tarball of the speed results).
 #
@@ -45,7 +45,7 @@ mkdir -p "$WORK/speed"
 
 if [ "$DRY" = 1 ]; then
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py -k "hint"
-    step speed 120 "$PY" bench/speed.py --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
+    step speed 120 "$PY" -m bench.speed --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
         --impls ours-fused ours-eager eager-chunked --out "$WORK/speed" --no-plot
     TILES="16,32,16,4,1,0,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
 else
@@ -53,11 +53,11 @@ else
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
         tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
     unset SAMTONE_TRITON_CONFIG
-    step samtone 150 "$PY" bench/speed.py --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
+    step samtone 150 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
         --impls ours-fused ours-eager eager-chunked torch.compile sentence-transformers --out "$WORK/speed"
-    step infonce 60 "$PY" bench/speed.py --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
+    step infonce 60 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
         --impls ours-fused inf-cl --out "$WORK/speed"
-    step large 60 "$PY" bench/speed.py --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
+    step large 60 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
         --out "$WORK/speed" --no-plot
     # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
     # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
@@ -65,7 +65,7 @@ else
     TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
 fi
 for tile in $TILES; do
-    step "tile $tile" 40 env SAMTONE_TRITON_CONFIG="$tile" "$PY" bench/speed.py --workloads samtone \
+    step "tile $tile" 40 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
         --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
 done
 

@@ -1,8 +1,8 @@
 """The torch backend's row chunks: time and peak memory of forward + backward, unchunked against
 chunked, in one run (ratios; absolute CPU times mean little on a shared machine).
 
-    python bench/torch_chunks.py                       # N = 256 .. 4096, D = 128, SamToNe and bi-SamToNe
-    python bench/torch_chunks.py --sizes 512 --dim 64 --repeats 3
+    python -m bench.torch_chunks                       # N = 256 .. 4096, D = 128, SamToNe and bi-SamToNe
+    python -m bench.torch_chunks --sizes 512 --dim 64 --repeats 3
 
 Rows: ``default`` is what ``fused_samtone_loss(backend="torch")`` does (one chunk while the logits
 fit ``CHUNK_BYTES``, 1 GiB: the unchunked path); ``chunked`` forces chunks of N / 8 anchor rows
@@ -17,17 +17,19 @@ its own).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from bench import HelpFormatter  # noqa: E402
-from bench.speed import peak_memory_bytes, time_ms  # noqa: E402
-from samtone_kernels import _torch_impl, fused_samtone_loss  # noqa: E402
+try:
+    from bench import HelpFormatter
+    from bench.harness import peak_memory_bytes, time_ms
+except ModuleNotFoundError as exc:  # run by path (python bench/torch_chunks.py): no package bench to import
+    if exc.name != "bench":
+        raise
+    raise SystemExit("bench/torch_chunks.py is part of the bench package: run `python -m bench.torch_chunks` "
+                     "from the repository root") from None
+from samtone_kernels import _torch_impl, fused_samtone_loss
 
 WORKLOADS = {"samtone": ("q2d", "q2q"), "bi-samtone": ("q2d", "q2q", "d2q", "d2d"), "symmetric": ("q2d", "d2q")}
 
@@ -61,7 +63,7 @@ def measure_d2q(n_pairs: int, dim: int, directions: tuple[str, ...], apart: bool
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.torch_chunks", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="D (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (default: %(default)s)")

@@ -15,13 +15,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import helpers
+from samtone_kernels import fused_samtone_loss
 
-from samtone_kernels import fused_samtone_loss  # noqa: E402
-
-DIRECTION_SETS = [("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
-                  ("q2d", "q2q", "d2q", "d2d"), ("q2d", "d2d"), ("q2d", "q2q", "d2d")]
-HARDNESS_MODES = [None, "in_batch_negatives", "hard_negatives", "all_negatives"]
+DIRECTION_SETS = helpers.DIRECTION_SETS + helpers.JOINT_ONLY_SETS  # the partition is picked per set below
+HARDNESS_MODES = [None, *helpers.HARDNESS_MODES]
 
 
 def configurations(count: int, seed: int):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import reference
 from samtone_kernels import fused_samtone_loss
+from samtone_kernels.integrations.sentence_transformers import DIRECTION_NAMES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -221,7 +222,7 @@ def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_tempera
 
 
 # sentence-transformers' MultipleNegativesRankingLoss: its direction names, and every configuration it can express
-ST_NAMES = {"q2d": "query_to_doc", "q2q": "query_to_query", "d2q": "doc_to_query", "d2d": "doc_to_doc"}
+ST_NAMES = {ours: theirs for theirs, ours in DIRECTION_NAMES.items()}
 
 
 def mnrl_configurations():

@@ -1,38 +1,44 @@
-"""bench/speed.py's own pieces: the work count, the agreement check, OOM handling, the CLI's files."""
+"""The speed benchmark's pieces (bench.peers, bench.harness): the work count, the agreement check, OOM
+handling, the CLI's files."""
 
 from __future__ import annotations
 
 import csv
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import reference
-from bench import cached_memory, speed
+from bench import cached_memory, harness, peers
+from bench.speed import main as speed_main  # the CLI's sweep, run in-process with a peer patched
 from helpers import require
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-@pytest.mark.parametrize("name", list(speed.WORKLOADS))
+
+@pytest.mark.parametrize("name", list(peers.WORKLOADS))
 @pytest.mark.parametrize("n_pairs", [1, 5])
 def test_pair_count_counts_the_kept_entries(name, n_pairs):
-    w = speed.WORKLOADS[name]
+    w = peers.WORKLOADS[name]
     rng = np.random.default_rng(0)
     n = rng.standard_normal((n_pairs, w.n_hard, 2)) if w.n_hard else None
     blocks = reference.build_blocks(rng.standard_normal((n_pairs, 2)), rng.standard_normal((n_pairs, 2)), n)
     keep = {"q2d": blocks.keep_qd, "q2q": blocks.keep_qq, "d2q": blocks.keep_dq, "d2d": blocks.keep_dd}
-    assert speed.pair_count(w, n_pairs) == sum(int(keep[x].sum()) for x in w.directions)
-    assert speed.flop_count(w, n_pairs) == 6 * w.dim * speed.pair_count(w, n_pairs)
+    assert peers.pair_count(w, n_pairs) == sum(int(keep[x].sum()) for x in w.directions)
+    assert peers.flop_count(w, n_pairs) == 6 * w.dim * peers.pair_count(w, n_pairs)
 
 
 def test_agreement_check():
-    assert speed.agrees(1.00005, 1.0, torch.float32)
-    assert not speed.agrees(1.001, 1.0, torch.float32)
-    assert speed.agrees(1.01, 1.0, torch.bfloat16)
-    assert not speed.agrees(1.1, 1.0, torch.bfloat16)
-    assert not speed.agrees(float("nan"), 1.0, torch.float32)
+    assert harness.agrees(1.00005, 1.0, torch.float32)
+    assert not harness.agrees(1.001, 1.0, torch.float32)
+    assert harness.agrees(1.01, 1.0, torch.bfloat16)
+    assert not harness.agrees(1.1, 1.0, torch.bfloat16)
+    assert not harness.agrees(float("nan"), 1.0, torch.float32)
 
 
 def _read(out: pathlib.Path, suffix: str):
@@ -40,14 +46,16 @@ def _read(out: pathlib.Path, suffix: str):
     return path
 
 
-def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path, capsys):
+def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path):
     require("sentence_transformers")
     require("matplotlib")
-    code = speed.main(["--quick", "--workloads", "samtone", "symmetric-infonce", "--device", "cpu",
-                       "--impls", "ours-fused", "ours-eager", "eager-chunked", "sentence-transformers", "inf-cl",
-                       "--repeats", "1", "--out", str(tmp_path)])
-    assert code == 0
-    printed = capsys.readouterr().out
+    command = [sys.executable, "-m", "bench.speed", "--quick", "--workloads", "samtone", "symmetric-infonce",
+               "--device", "cpu", "--impls", "ours-fused", "ours-eager", "eager-chunked", "sentence-transformers",
+               "inf-cl", "--repeats", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code = done.returncode
+    assert code == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = done.stdout
     assert "# torch" in printed or "torch " in printed
     assert "needs a CUDA GPU" in printed  # ours-fused on CPU says so instead of vanishing
     assert "inf-cl: no samtone row" in printed or "inf-cl: not installed" in printed
@@ -59,7 +67,7 @@ def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path, capsys):
                      for impl in ("ours-eager", "eager-chunked", "sentence-transformers")}
     for r in rows:
         assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0
-        assert speed.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
+        assert harness.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
     data = json.loads(_read(tmp_path, "json").read_text())
     assert data["header"][0].startswith("# date") and len(data["rows"]) == len(rows)
     assert _read(tmp_path, "png").stat().st_size > 0
@@ -73,21 +81,21 @@ def test_chunked_baseline_runs_in_chunks_and_restores_the_budget(monkeypatch):
     calls = []
     block = _torch_impl.row_lse_block
     monkeypatch.setattr(_torch_impl, "row_lse_block", lambda q, *a, **k: calls.append(q.shape[0]) or block(q, *a, **k))
-    monkeypatch.setattr(speed, "CHUNK_ROWS", 8)
-    w = speed.WORKLOADS["samtone"]
-    q, d, n = speed.make_inputs(w, 32, "cpu", torch.float32)
-    value = speed.impl_chunked(w, "cpu")(q, d, n)
+    monkeypatch.setattr(peers, "CHUNK_ROWS", 8)
+    w = peers.WORKLOADS["samtone"]
+    q, d, n = peers.make_inputs(w, 32, "cpu", torch.float32)
+    value = peers.impl_chunked(w, "cpu")(q, d, n)
     assert calls == [8, 8, 8, 8]
     assert _torch_impl.CHUNK_BYTES == 1 << 30
-    assert speed.agrees(float(value.detach()), float(speed.impl_eager(w, "cpu")(q, d, n).detach()), torch.float32)
+    assert harness.agrees(float(value.detach()), float(peers.impl_eager(w, "cpu")(q, d, n).detach()), torch.float32)
 
 
 def test_wrong_loss_is_flagged_and_fails_the_run(tmp_path, monkeypatch):
     def wrong(w, device):
-        return lambda q, d, n: speed.impl_eager(w, device)(q, d, n) + 1.0
+        return lambda q, d, n: peers.impl_eager(w, device)(q, d, n) + 1.0
 
-    monkeypatch.setitem(speed.IMPLEMENTATIONS, "ours-eager", (wrong, None))
-    code = speed.main(["--quick", "--workloads", "samtone", "--device", "cpu", "--impls", "ours-eager",
+    monkeypatch.setitem(peers.IMPLEMENTATIONS, "ours-eager", (wrong, None))
+    code = speed_main(["--quick", "--workloads", "samtone", "--device", "cpu", "--impls", "ours-eager",
                        "--repeats", "1", "--out", str(tmp_path), "--no-plot"])
     assert code == 1
     with open(_read(tmp_path, "csv")) as f:
@@ -100,11 +108,11 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
         def run(q, d, n):
             if q.shape[0] > 16:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return speed.impl_eager(w, device)(q, d, n)
+            return peers.impl_eager(w, device)(q, d, n)
         return run
 
-    monkeypatch.setitem(speed.IMPLEMENTATIONS, "torch.compile", (runs_out, None))
-    code = speed.main(["--workloads", "gte", "--device", "cpu", "--sizes", "16", "32", "48", "--dim", "8",
+    monkeypatch.setitem(peers.IMPLEMENTATIONS, "torch.compile", (runs_out, None))
+    code = speed_main(["--workloads", "gte", "--device", "cpu", "--sizes", "16", "32", "48", "--dim", "8",
                        "--impls", "ours-eager", "torch.compile", "--repeats", "1", "--out", str(tmp_path),
                        "--no-plot"])
     assert code == 0
@@ -126,9 +134,9 @@ def test_cpu_peak_memory_counts_allocations_and_frees():
         del a, b
         return torch.ones(n // 2)  # kept: half a block
 
-    peak = speed.peak_memory_bytes(fn, "cpu")
+    peak = harness.peak_memory_bytes(fn, "cpu")
     assert 2 * 4 * n <= peak < 2 * 4 * n + 4096
-    assert speed.peak_memory_bytes(lambda: torch.ones(n // 4).sum(), "cpu") < 4 * n // 2
+    assert harness.peak_memory_bytes(lambda: torch.ones(n // 4).sum(), "cpu") < 4 * n // 2
 
 
 def test_cached_memory_script_shows_caching_bounds_the_step(tmp_path):

@@ -12,15 +12,12 @@ import socket
 import sys
 import time
 
+import distributed_worker  # tests/ is importable under pytest, and the spawned workers inherit its path
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import distributed_worker  # noqa: E402
-
-from samtone_kernels import distributed, fused_samtone_loss  # noqa: E402
+from samtone_kernels import distributed, fused_samtone_loss
 
 DEADLINE_S = 240
 

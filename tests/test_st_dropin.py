@@ -22,7 +22,7 @@ from helpers import require
 from samtone_kernels.integrations.sentence_transformers import (
     FusedCachedMultipleNegativesRankingLoss,
     FusedMultipleNegativesRankingLoss,
-    SamToNeLoss,
+    SamToNeRankingLoss,
     duplicate_groups,
 )
 
@@ -518,7 +518,7 @@ def test_cached_replays_autocast(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------------
-# SamToNeLoss: its own vocabulary, sentence-transformers' direction names, and the same caching
+# SamToNeRankingLoss: its own vocabulary, sentence-transformers' direction names, and the same caching
 # --------------------------------------------------------------------------------------------------
 def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
     """mini_batch_size: the same GradCache path; gradients equal the uncached loss on the same
@@ -534,7 +534,7 @@ def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
                    for b, e in st_gradcache._minibatch_ranges(f, 3, None)])
         for f in features
     ]
-    plain = SamToNeLoss(model, **kwargs)
+    plain = SamToNeRankingLoss(model, **kwargs)
     assert plain.directions == ("q2d", "q2q", "d2d")
     groups = duplicate_groups(features[1])
     assert groups[0] == groups[3] and groups[1] == groups[4]
@@ -542,20 +542,20 @@ def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
     expected_loss.backward()
     expected = _grads(model)
     model.zero_grad(set_to_none=True)
-    cached = SamToNeLoss(model, mini_batch_size=3, **kwargs)
+    cached = SamToNeRankingLoss(model, mini_batch_size=3, **kwargs)
     loss, got = _cached_step(model, cached, features, seed=11)
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
     _assert_grads_close(got, expected, rtol=1e-9)
     assert cached.get_config_dict()["mini_batch_size"] == 3
     with pytest.raises(ValueError, match="mini_batch_size"):
-        SamToNeLoss(model, mini_batch_size=0)
+        SamToNeRankingLoss(model, mini_batch_size=0)
     with pytest.raises(ValueError, match="mini_batch_num_tokens"):
-        SamToNeLoss(model, mini_batch_num_tokens=64)
+        SamToNeRankingLoss(model, mini_batch_num_tokens=64)
 
 
 def test_samtone_loss_merges_the_candidate_columns(tiny_model):
     model = tiny_model()
     calls = []
     model.register_forward_hook(lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0]))
-    SamToNeLoss(model, mask_duplicate_positives=True)(_features(model), None).backward()
+    SamToNeRankingLoss(model, mask_duplicate_positives=True)(_features(model), None).backward()
     assert calls == [7, 14]  # anchors, then positives and negatives in one forward

@@ -3,13 +3,15 @@ duplicate masking from tokens, and real SentenceTransformerTrainer steps."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import ST_NAMES, mnrl_configurations, require
 from samtone_kernels import fused_samtone_loss
-from samtone_kernels.integrations.sentence_transformers import SamToNeLoss, duplicate_groups
+from samtone_kernels.integrations.sentence_transformers import SamToNeRankingLoss, duplicate_groups
 
 
 @pytest.mark.parametrize("dirs,st_mode,partition", list(mnrl_configurations()))
@@ -20,7 +22,7 @@ def test_equals_mnrl_on_the_same_embeddings(dirs, st_mode, partition, n_hard):
     columns = [torch.tensor(rng.standard_normal((6, 12)), dtype=torch.float32) for _ in range(2 + n_hard)]
     mnrl = losses.MultipleNegativesRankingLoss(model=None, scale=20.0, partition_mode=st_mode,
                                                directions=tuple(ST_NAMES[x] for x in dirs))
-    ours = SamToNeLoss(None, temperature=1 / 20.0, directions=dirs, partition=partition, backend="torch")
+    ours = SamToNeRankingLoss(None, temperature=1 / 20.0, directions=dirs, partition=partition, backend="torch")
     torch.testing.assert_close(ours.compute_loss_from_embeddings(columns, None),
                                mnrl.compute_loss_from_embeddings(columns, None), rtol=2e-6, atol=2e-5)
 
@@ -49,13 +51,13 @@ def test_forward_masks_duplicate_positives_and_matches_the_function():
     anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
     positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [9, 10], [13, 14]])}  # pairs 0 and 2 share one
     negatives = {"input_ids": torch.tensor([[15, 16], [17, 18], [19, 1], [2, 3]])}
-    loss_fn = SamToNeLoss(model, directions=("q2d", "q2q", "d2q", "d2d"), mask_duplicate_positives=True)
+    loss_fn = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"), mask_duplicate_positives=True)
     got = loss_fn([anchors, positives, negatives], None)
     q, d, n = (model(f)["sentence_embedding"] for f in (anchors, positives, negatives))
     expected = fused_samtone_loss(q, d, n[:, None], temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"),
                                   normalize=True, group_ids=torch.tensor([0, 1, 0, 2]))
     torch.testing.assert_close(got, expected)
-    unmasked = SamToNeLoss(model, directions=("q2d", "q2q", "d2q", "d2d"))([anchors, positives, negatives], None)
+    unmasked = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"))([anchors, positives, negatives], None)
     assert not torch.allclose(unmasked, got)  # the duplicate positive was a negative without masking
     config = loss_fn.get_config_dict()
     assert config["directions"] == ("q2d", "q2q", "d2q", "d2d") and config["mask_duplicate_positives"]
@@ -64,11 +66,11 @@ def test_forward_masks_duplicate_positives_and_matches_the_function():
 
 def test_options_are_checked_at_construction():
     with pytest.raises(ValueError, match="d2d"):
-        SamToNeLoss(None, directions=("q2d", "d2d"))
+        SamToNeRankingLoss(None, directions=("q2d", "d2d"))
     with pytest.raises(ValueError, match="temperature"):
-        SamToNeLoss(None, temperature=-1.0)
+        SamToNeRankingLoss(None, temperature=-1.0)
     with pytest.raises(ValueError, match="embeddings"):
-        SamToNeLoss(None).compute_loss_from_embeddings([torch.randn(3, 4)])
+        SamToNeRankingLoss(None).compute_loss_from_embeddings([torch.randn(3, 4)])
 
 
 def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypatch):
@@ -85,7 +87,7 @@ def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypat
     anchors = [f"how do I do {t} in python" for t in topics] * 2
     positives = [f"example code for {t}" for t in topics] + [f"a short guide to {t}" for t in topics]
     data = datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
-    loss = SamToNeLoss(model, temperature=0.05, directions=("q2d", "q2q"), mask_duplicate_positives=True)
+    loss = SamToNeRankingLoss(model, temperature=0.05, directions=("q2d", "q2q"), mask_duplicate_positives=True)
 
     def dataset_loss():
         with torch.no_grad():
@@ -104,4 +106,41 @@ def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypat
     assert after < before, (before, after)
     model.save_pretrained(str(tmp_path / "model"))
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "SamToNeLoss" in card and "moiseev-etal-2023-samtone" in card
+    assert "SamToNeRankingLoss" in card and "moiseev-etal-2023-samtone" in card
+
+
+def test_old_name_warns_and_is_the_ranking_loss():
+    import samtone_kernels.integrations.sentence_transformers as m
+
+    with pytest.warns(DeprecationWarning, match="SamToNeRankingLoss"):
+        from samtone_kernels.integrations.sentence_transformers import SamToNeLoss
+    assert SamToNeLoss is SamToNeRankingLoss
+    with pytest.warns(DeprecationWarning, match="SamToNeRankingLoss"):
+        assert m.SamToNeLoss is SamToNeRankingLoss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from samtone_kernels.integrations.sentence_transformers import SamToNeRankingLoss as new  # no warning
+    assert new is SamToNeRankingLoss
+
+
+def test_embeddings_instead_of_tokenised_columns_raise_type_error():
+    loss_fn = SamToNeRankingLoss(_BagOfTokens())
+    with pytest.raises(TypeError, match=r"tokenised columns.*samtone_kernels\.SamToNeLoss takes embeddings"):
+        loss_fn(torch.randn(4, 8), None)
+    with pytest.raises(TypeError, match="tokenised columns"):
+        loss_fn(torch.randn(4, 8), torch.randn(4, 8))  # as the core SamToNeLoss(queries, docs)
+
+
+def test_cached_loss_masks_duplicate_positives():
+    require("sentence_transformers.base.losses.gradcache")
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [9, 10], [13, 14]])}  # pairs 0 and 2 share one
+    features = [anchors, positives]
+    kwargs = dict(directions=("q2d", "q2q", "d2d"), partition="joint", mask_duplicate_positives=True)
+    expected = SamToNeRankingLoss(model, **kwargs)(features, None)
+    got = SamToNeRankingLoss(model, mini_batch_size=3, **kwargs)(features, None)  # the group ids reach the cache
+    torch.testing.assert_close(got, expected)
+    unmasked = SamToNeRankingLoss(model, mini_batch_size=3, **{**kwargs, "mask_duplicate_positives": False})
+    assert not torch.allclose(unmasked(features, None), got)

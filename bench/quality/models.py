@@ -86,18 +86,19 @@ def finetune_minilm(loss_name: str, queries: list[str], codes: list[str], batche
                     seed: int, device: str, max_length: int, doc_of: np.ndarray | None = None,
                     log_every: int = 0) -> Callable[[list[str]], np.ndarray]:
     """Fine-tune all-MiniLM-L6-v2 itself (one encoder for both sides: SDE) through the library's
-    sentence-transformers loss, ``SamToNeLoss``, as a user of ``SentenceTransformerTrainer`` would:
+    sentence-transformers loss, ``SamToNeRankingLoss``, as a user of ``SentenceTransformerTrainer`` would:
     one call of the loss on the tokenised (anchor, positive) columns per batch. A loss with "groups"
     sets ``mask_duplicate_positives``: identical documents in a batch share a group. Pair k is
     (queries[k], codes[doc_of[k]]). Returns encode(texts) -> [n, 384] numpy (L2-normalised)."""
-    from samtone_kernels.integrations.sentence_transformers import SamToNeLoss
+    from samtone_kernels.integrations.sentence_transformers import SamToNeRankingLoss
 
     from .data import load_minilm, log
 
     torch.manual_seed(seed)
     model = load_minilm(device, max_length)
     cfg = dict(LOSSES[loss_name])
-    loss_fn = SamToNeLoss(model, temperature=TEMPERATURE, mask_duplicate_positives=cfg.pop("groups", False), **cfg)
+    loss_fn = SamToNeRankingLoss(model, temperature=TEMPERATURE, mask_duplicate_positives=cfg.pop("groups", False),
+                                 **cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     doc_of = np.arange(len(queries)) if doc_of is None else doc_of
     tokenize = getattr(model, "preprocess", None) or model.tokenize  # newer sentence-transformers name it preprocess
