@@ -61,7 +61,7 @@ else
         --out "$WORK/speed" --no-plot
     # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
     # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
-    # spills in some backward variants (bench/RESULTS.md, tests/traffic_model.py); each pinned.
+    # spills in some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py); each pinned.
     TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
 fi
 for tile in $TILES; do

@@ -1,45 +1,73 @@
-"""The one table that drives the kernels: which logit blocks the loss has, and from it which rows each
-launch owns, which candidate segments it walks, in which role, with which entries removed.
+"""The one table of the loss's logit blocks, and what every backend derives from it.
 
-Nothing here touches a tensor. The launchers (``ops.py``), the fake implementations and the GPU
-compile check (``tests/compile_for_gpu.py``) all read the launches from ``forward_launches`` and
-``backward_launches``; adding a direction means adding its rows to ``BLOCKS`` (and to the reference).
+Nothing here touches a tensor. A *block* is one anchor kind against one candidate *segment* of N rows:
+the queries "q", the positive documents "d", or a block of hard negatives "n" (``hard_negatives[:, k]``).
+``BLOCKS`` says, per block, which direction selects it, who the anchors and the candidates are, which
+entries it removes (``SELF``: the anchor's own pair; ``GROUP``: the other pairs of its group), and
+whether the hardness penalty applies (``HARDNESS`` says to which entries). The gradient of a block
+reaches both its anchors and its candidates (the penalty is a constant: ``stop_grad``).
 
-A *block* is one anchor kind against one candidate segment. A tile of the block's logits
-``S = scale * X Y^T`` serves every block that has the same two tensors, in either order:
+Readers:
 
-* as a **row** block, the tile's rows are anchors (X anchors, Y candidates): the gradient
-  coefficient is ``w_i exp(S_ij - lse_i)`` with the row's statistics;
-* as a **column** block, the tile's columns are anchors (Y anchors, X candidates; the logit
-  ``s(y_j, x_i)`` is the same number): ``w_j exp(S_ij - lse_j)`` with the column's statistics.
+* the torch backend (``_torch_impl``) builds its masks and penalties block by block from ``BLOCKS``;
+* the fused kernels (``_triton``) take their launches from ``forward_launches`` and
+  ``backward_launches``, each segment's part in a launch as one integer *role* (``Launch.roles``:
+  the ``ROW`` / ``COL`` / ``DROP_*`` / ``PEN_*`` bits), and the grad kernel's last step from
+  ``Launch.finish`` (``FUSED`` / ``PARTNER`` / ``DOTS`` bits);
+* the fake implementations, the work count (``tile_units``) and the GPU compile check read the same
+  launches. The NumPy reference (``reference/``) stays independent: it is the definition, and the tests
+  hold the backends that read this table to it.
 
-A program owning rows of X sums both into one coefficient tile G and adds ``G Y`` to X's gradient
-(derivation in the package docstring). With the candidates being the anchors themselves (no gathered
-batch), every tensor's whole gradient comes from one launch that owns its rows, so no launch reads
-what another wrote. Across devices a tile's transpose may belong to another rank: anchors then take
-their row blocks, and the gathered candidates their column blocks, in launches of their own.
+A new direction is one ``Block`` row here (and its definition in the reference); a new mask rule is one
+bit of ``drops`` read by ``_torch_impl.dropped`` and ``_triton.tiles.keep_mask``.
+
+A tile of logits ``S = scale * X Y^T`` serves every block that has the same two tensors, in either
+order: as a **row** block its rows are anchors (X anchors, Y candidates, the rows' statistics); as a
+**column** block its columns are anchors (Y anchors, X candidates; ``s(y_j, x_i)`` is the same
+number, with the columns' statistics). With the candidates being the anchors themselves (one
+process, the whole batch), each tensor's whole gradient comes from one launch that owns its rows, so
+no launch reads what another wrote. Across devices a tile's transpose may belong to another rank:
+anchors then take their row blocks, and the gathered candidates their column blocks, in launches of
+their own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SELF = 1  # drop the entry of the anchor's own pair (the anchor itself, or its own hard negatives)
-GROUP = 2  # drop the other pairs of the anchor's group (group ids; never applied to hard negatives)
+#: What a block removes from its anchor's softmax (``Block.drops``).
+SELF = 1  # the entry of the anchor's own pair (the anchor itself, or its own hard negatives)
+GROUP = 2  # the other pairs of the anchor's group (group ids; never applied to hard negatives)
+#: Which entries of a penalised block take the hardness penalty (``HARDNESS``): pair bits of the entry.
+OWN = 1  # the anchor's own pair (its positive, or its own hard negatives)
+OTHER = 2  # another pair
 
 SEGMENTS = ("q", "d", "n")  # candidate segments: queries, positive documents, hard negatives
+
+#: Every valid direction set, in canonical order: those of either partition, and those whose document
+#: anchors have no "d2q" (only one joint softmax holds their positive: partition="joint" only).
+DIRECTION_SETS = (("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
+                  ("q2d", "q2q", "d2q", "d2d"))
+JOINT_ONLY_SETS = (("q2d", "d2d"), ("q2d", "q2q", "d2d"))
 
 
 @dataclass(frozen=True)
 class Block:
     """One logit block: ``anchor`` rows against the ``segment`` columns, selected by ``direction``.
-    ``hardness``: the block takes the hardness penalty of ``hardness_mode`` (q2d only)."""
+
+    ``drops``: ``SELF | GROUP`` bits of the entries it removes. ``hardness``: the block takes the
+    hardness penalty of ``hardness_mode`` (the q2d softmax only), on the entries ``HARDNESS`` names.
+    """
 
     direction: str
     anchor: str
     segment: str
-    mask: int
+    drops: int
     hardness: bool = False
+
+    def penalty(self, hardness_mode: str | None) -> int:
+        """``OWN | OTHER`` bits of the entries that take the hardness penalty (0: none)."""
+        return HARDNESS[hardness_mode][self.segment] if self.hardness else 0
 
 
 BLOCKS = (
@@ -51,26 +79,69 @@ BLOCKS = (
     Block("d2d", "d", "n", SELF),  # ... and the hard negatives of the other pairs
 )
 
-#: Hardness modes: which q2d entries take the penalty, for a positive and a hard-negative column,
-#: as bits over the entry's pairs (SELF: the anchor's own pair, 2: another pair).
-OTHER = 2
+#: Hardness modes: which entries of the q2d blocks take the penalty, per segment (positive documents,
+#: hard negatives), as pair bits (``OWN``, ``OTHER``).
 HARDNESS = {
     None: {"d": 0, "n": 0},
     "in_batch_negatives": {"d": OTHER, "n": OTHER},
-    "hard_negatives": {"d": 0, "n": SELF},
-    "all_negatives": {"d": OTHER, "n": SELF | OTHER},
+    "hard_negatives": {"d": 0, "n": OWN},
+    "all_negatives": {"d": OTHER, "n": OWN | OTHER},
 }
+
+# A segment's part in a kernel launch, as the bits of one integer constexpr (``Launch.roles``).
+ROW = 1  # the program's rows are anchors of the block (the segment's rows their candidates)
+COL = 2  # the segment's rows are anchors of the block and the program's rows their candidates
+DROP_SELF = 4  # SELF: the block removes the own pair's entry
+DROP_GROUP = 8  # GROUP: the block removes the other pairs of the group
+PEN_OWN = 16  # the hardness penalty on the own pair's entry
+PEN_OTHER = 32  # ... on other pairs' entries
+PEN_COL = 64  # the penalty is in the column role's softmax (else the row role's)
+
+# The grad kernel's last step (``Launch.finish``), as the bits of one integer constexpr.
+FUSED = 1  # the last sweep writes the gradient in the input dtype (else an epilogue kernel does)
+PARTNER = 2  # ... with the positive logit's term (the anchors q and d)
+DOTS = 4  # ... and each row's <x, grad> (the temperature's gradient)
+
+
+def encode_directions(directions) -> str:
+    """The directions as one value for a custom op's schema: ``"q2d,q2q"``."""
+    return ",".join(directions)
+
+
+def decode_directions(key: str) -> tuple[str, ...]:
+    return tuple(key.split(","))
 
 
 @dataclass(frozen=True)
 class Walk:
     """How a launch walks one candidate segment: as row blocks, column blocks, or both at once.
-    ``penalised``: "row" or "col", the role whose block takes the hardness penalty (at most one)."""
+    ``drops``: the ``SELF | GROUP`` bits of the walked blocks (equal for both roles: the relations are
+    symmetric). ``penalised``: "row" or "col", the role whose block takes the hardness penalty (at
+    most one)."""
 
     row: bool = False
     col: bool = False
-    mask: int = 0
+    drops: int = 0
     penalised: str | None = None
+
+    def role(self, has_groups: bool, hardness_mode: str | None, document: str) -> int:
+        """The integer role (bits above). Without group ids the GROUP bit is cleared (nothing to
+        compare). ``document``: the segment whose q2d entries the penalty reads ("d" or "n")."""
+        role = ROW * self.row | COL * self.col
+        role |= DROP_SELF * bool(self.drops & SELF) | DROP_GROUP * bool(self.drops & GROUP and has_groups)
+        if self.penalised is not None and hardness_mode is not None:
+            pen = HARDNESS[hardness_mode][document]
+            role |= PEN_OWN * bool(pen & OWN) | PEN_OTHER * bool(pen & OTHER)
+            if pen:
+                role |= PEN_COL * (self.penalised == "col")
+        return role
+
+
+def describe_role(role: int) -> str:
+    """A role as its bit names, for messages and the compile check: ``"ROW|DROP_SELF"``."""
+    names = {ROW: "ROW", COL: "COL", DROP_SELF: "DROP_SELF", DROP_GROUP: "DROP_GROUP", PEN_OWN: "PEN_OWN",
+             PEN_OTHER: "PEN_OTHER", PEN_COL: "PEN_COL"}
+    return "|".join(name for bit, name in names.items() if role & bit) or "0"
 
 
 @dataclass(frozen=True)
@@ -88,39 +159,28 @@ class Launch:
     walks: dict[str, Walk] = field(default_factory=dict)
     candidates_are_anchors: bool = False
 
-    def flags(self, has_groups: bool, hardness_mode: str | None = None,
-              has_hard_negatives: bool = True) -> dict[str, int | bool]:
-        """The kernels' constexpr flags: ``{Q,D,N}_ROW``, ``{Q,D}_COL``, ``{Q,D,N}_MASK`` and
-        ``{Q,D,N}_PEN``. Without group ids the GROUP bit is cleared (nothing to compare); without
-        hard negatives their segment is not walked (so a walk with N_ROW has at least one block of
-        them: the kernels rely on it to know their last walk at compile time). PEN holds
-        the pair bits (SELF, OTHER) of the entries that take the hardness penalty; on the Q segment
-        it applies to the column role (queries anchor the tile's columns), on D and N to the row
-        role; the bits depend on whether the entry's document is a positive or a hard negative."""
-        out: dict[str, int | bool] = {}
+    def roles(self, has_groups: bool, hardness_mode: str | None = None,
+              has_hard_negatives: bool = True) -> dict[str, int]:
+        """The kernels' role constexprs ``Q_ROLE``, ``D_ROLE``, ``N_ROLE`` (0: the segment is not
+        walked). Without hard negatives their segment is not walked, so a launch with ``N_ROLE`` has
+        at least one block of them (the kernels rely on it to know their last walk at compile time).
+        The penalty sits on the column role of the Q segment (queries anchor the tile's columns) and
+        on the row role of D and N; its entries depend on whether the entry's document is a positive
+        or a hard negative."""
+        out = {}
         for seg in SEGMENTS:
             walk = self.walks.get(seg, Walk()) if seg != "n" or has_hard_negatives else Walk()
-            key = seg.upper()
-            out[f"{key}_ROW"] = walk.row
-            if seg != "n":  # hard negatives are never anchors
-                out[f"{key}_COL"] = walk.col
-            out[f"{key}_MASK"] = walk.mask if has_groups else walk.mask & ~GROUP
-            pen = 0
-            if walk.penalised:
-                assert walk.penalised == ("col" if seg == "q" else "row"), (self, seg)
-                document = seg if walk.penalised == "row" else self.rows[0]  # "d" or "n"
-                pen = HARDNESS[hardness_mode][document]
-            out[f"{key}_PEN"] = pen
+            document = seg if walk.penalised != "col" else self.rows[0]  # "d" or "n"
+            out[f"{seg.upper()}_ROLE"] = walk.role(has_groups, hardness_mode, document)
         return out
 
-
-    def finish_flags(self, normed: bool, want_dots: bool) -> dict[str, bool]:
-        """The grad kernel's epilogue flags: FUSED, its last sweep writes the gradient in the input
+    def finish(self, normed: bool, want_dots: bool) -> int:
+        """The grad kernel's ``FINISH`` bits: FUSED, its last sweep writes the gradient in the input
         dtype (not with NORMED, whose row sums need the whole float32 row first: the epilogue kernel
-        finishes those); PARTNER, the positive logit's term (the anchors q and d); DOTS_WANTED, the
-        rows' <x, grad> for the temperature's gradient."""
+        finishes those); PARTNER, the positive logit's term (the anchors q and d); DOTS, the rows'
+        <x, grad> for the temperature's gradient."""
         fused = bool(self.walks) and not normed
-        return dict(FUSED=fused, PARTNER=fused and self.rows in ("q", "d"), DOTS_WANTED=fused and want_dots)
+        return FUSED * fused | PARTNER * (fused and self.rows in ("q", "d")) | DOTS * (fused and want_dots)
 
 
 def selected(directions) -> list[Block]:
@@ -132,13 +192,20 @@ def _block(blocks, anchor, segment) -> Block | None:
     return found[0] if found else None
 
 
+def _row_walk(block: Block) -> Walk:
+    return Walk(row=True, drops=block.drops, penalised="row" if block.hardness else None)
+
+
+def _col_walk(block: Block) -> Walk:
+    return Walk(col=True, drops=block.drops, penalised="col" if block.hardness else None)
+
+
 def forward_launches(directions) -> list[Launch]:
     """One launch per anchor kind: its rows' log-partition over every segment of its blocks."""
     blocks = selected(directions)
     launches = []
     for anchor in ("q", "d"):
-        walks = {b.segment: Walk(row=True, mask=b.mask, penalised="row" if b.hardness else None)
-                 for b in blocks if b.anchor == anchor}
+        walks = {b.segment: _row_walk(b) for b in blocks if b.anchor == anchor}
         if walks:
             launches.append(Launch(anchor, anchor, walks))
     return launches
@@ -162,21 +229,19 @@ def backward_launches(directions, shared: bool) -> list[Launch]:
             for y in SEGMENTS:
                 as_row, as_col = _block(blocks, x, y), _block(blocks, y, x)
                 if as_row and as_col:
-                    assert as_row.mask == as_col.mask, (as_row, as_col)  # the relations are symmetric
+                    assert as_row.drops == as_col.drops, (as_row, as_col)  # the relations are symmetric
                 if as_row or as_col:
                     penalised = "row" if as_row and as_row.hardness else "col" if as_col and as_col.hardness else None
-                    walks[y] = Walk(row=as_row is not None, col=as_col is not None, mask=(as_row or as_col).mask,
+                    walks[y] = Walk(row=as_row is not None, col=as_col is not None, drops=(as_row or as_col).drops,
                                     penalised=penalised)
             if walks or x != "n":
                 launches.append(Launch(x, x if any(w.row for w in walks.values()) else None, walks))
         return launches
     for x in ("q", "d"):
-        walks = {b.segment: Walk(row=True, mask=b.mask, penalised="row" if b.hardness else None)
-                 for b in blocks if b.anchor == x}
+        walks = {b.segment: _row_walk(b) for b in blocks if b.anchor == x}
         launches.append(Launch(x, x if walks else None, walks))
     for x in SEGMENTS:
-        walks = {b.anchor: Walk(col=True, mask=b.mask, penalised="col" if b.hardness else None)
-                 for b in blocks if b.segment == x}
+        walks = {b.anchor: _col_walk(b) for b in blocks if b.segment == x}
         if walks:
             launches.append(Launch(f"{x}_all", None, walks, candidates_are_anchors=True))
     return launches

@@ -10,8 +10,11 @@ unchunked path. With several chunks, each is checkpointed: its logits are freed 
 and recomputed in the backward, one chunk at a time, so the peak is O(c * M) instead of O(N * M),
 for one more logit matmul per block (4 matmuls where 3 are textbook).
 
-Work: in one process and one chunk the d2q logits D Q^T are the transposed first block of the q2d
-logits Q D^T, so one matmul (and its two backward matmuls) serves both directions.
+Blocks, masks and hardness come from ``_plan.BLOCKS``, the table the fused kernels read: one logit
+matmul per block, minus the removed entries (``dropped``), plus the penalty (``penalised``).
+
+Work: in one process and one chunk the d2q logits D Q^T are the transposed q2d logits Q D^T of the
+positives, so one matmul (and its two backward matmuls) serves both directions.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import _plan
 from ._constants import NORM_EPS
 from ._contract import LossOptions, Rows
 
@@ -80,35 +84,37 @@ def budget_for_rows(rows: int, n_cand: int, n_cols: int, options: LossOptions, i
     return rows * row_bytes(n_cand, n_cols, options, itemsize)
 
 
-def drop_masks(n_anchor: int, n_cand: int, n_blocks: int, offset: int, group_ids: torch.Tensor | None,
-               device: torch.device):
-    """Masks of the entries left out of the four logit blocks (True = not in the sums), None for a
-    block that keeps every entry.
-
-    Anchor i is pair ``offset + i`` of the N = ``n_cand`` candidate pairs (``offset`` > 0 when the
-    anchors are one rank's slice of a gathered batch). Returns ``(drop_qd [n, M] or None, drop_qq
-    [n, N], drop_dq [n, N] or None, drop_dd [n, M])`` with M = N * n_blocks and document column (j, k)
-    at index k * N + j. For anchor i and j != i in i's group (``group_ids`` [N], global), column
-    (j, 0) and q_j are dropped; q2q also drops q_i itself and d2d every column (i, k) of pair i.
-    Without groups q2d and d2q drop nothing (None: no masking pass).
-    """
-    rows = torch.arange(n_anchor, device=device)[:, None] + offset
-    eye = rows == torch.arange(n_cand, device=device)[None, :]
-    own_pair = eye.repeat(1, n_blocks)
-    if group_ids is None:
-        return None, eye, None, own_pair
-    same_group = group_ids[offset:offset + n_anchor, None] == group_ids[None, :]
-    other_in_group = same_group & ~eye
-    hard = torch.zeros(n_anchor, n_cand * (n_blocks - 1), dtype=torch.bool, device=device)
-    group_cols = torch.cat([other_in_group, hard], dim=1)
-    return group_cols, same_group, other_in_group, own_pair | group_cols
+def _pairs(n_cols: int, width: int, device: torch.device) -> torch.Tensor:
+    """[W] the pair index of each column of a segment of ``width`` columns per pair (a hard-negative
+    segment ``n_all.reshape(N * H, D)`` has H columns per pair, in pair order)."""
+    return torch.arange(n_cols, device=device) // width
 
 
-def document_columns(docs: torch.Tensor, hard_negatives: torch.Tensor | None) -> torch.Tensor:
-    """[M, D] document columns: block 0 the positives, block k the k-th hard negative of every pair."""
-    if hard_negatives is None or hard_negatives.shape[1] == 0:
-        return docs
-    return torch.cat([docs, hard_negatives.transpose(0, 1).reshape(-1, docs.shape[1])], dim=0)
+def dropped(block: _plan.Block, rows_g: torch.Tensor, col_pairs: torch.Tensor,
+            group_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[n, W] mask of the entries ``block`` removes (True = not in the sums), or None when it removes
+    none: the anchor's own pair (``SELF``) and the other pairs of its group (``GROUP``, only with group
+    ids). ``rows_g`` [n] and ``col_pairs`` [W] are global pair indices."""
+    own = rows_g[:, None] == col_pairs[None, :]
+    drop = own if block.drops & _plan.SELF else None
+    if block.drops & _plan.GROUP and group_ids is not None:
+        mates = (group_ids[rows_g][:, None] == group_ids[col_pairs][None, :]) & ~own
+        drop = mates if drop is None else drop | mates
+    return drop
+
+
+def penalised(s: torch.Tensor, block: _plan.Block, options: LossOptions, scale: float | torch.Tensor,
+              rows_g: torch.Tensor, col_pairs: torch.Tensor) -> torch.Tensor:
+    """The logits s [n, W] of ``block`` plus the hardness penalty ``alpha * stop_grad(x . y)`` on the
+    entries ``_plan.HARDNESS`` names (the raw similarity is s / scale)."""
+    pen = block.penalty(options.hardness_mode) if options.hardness else 0
+    if not pen:
+        return s
+    raw = s.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
+    if pen != _plan.OWN | _plan.OTHER:
+        own = rows_g[:, None] == col_pairs[None, :]
+        raw = raw * (own if pen == _plan.OWN else ~own)
+    return s + options.hardness * raw
 
 
 def row_lse_torch(
@@ -140,14 +146,16 @@ def row_lse_torch(
     [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
     A = 2) log Zd (d2q + d2d).
     """
-    cols = document_columns(d_all, n_all)
-    step = chunk_rows(q_all.shape[0], cols.shape[0], options, q.element_size(), budget)
+    if n_all is not None and n_all.shape[1] == 0:
+        n_all = None
+    n_cols = d_all.shape[0] * (1 + (0 if n_all is None else n_all.shape[1]))
+    step = chunk_rows(q_all.shape[0], n_cols, options, q.element_size(), budget)
     if step >= q.shape[0]:
-        return row_lse_block(q, d, q_all, cols, scale, group_ids, offset, options,
+        return row_lse_block(q, d, q_all, d_all, n_all, scale, group_ids, offset, options,
                              anchors_are_candidates=q is q_all and d is d_all and offset == 0)
     # Each chunk is checkpointed: its logits are recomputed in the backward (one chunk alive at a time).
-    return torch.cat([checkpoint(row_lse_block, q[r0:r0 + step], d[r0:r0 + step], q_all, cols, scale, group_ids,
-                                 offset + r0, options, use_reentrant=False)
+    return torch.cat([checkpoint(row_lse_block, q[r0:r0 + step], d[r0:r0 + step], q_all, d_all, n_all, scale,
+                                 group_ids, offset + r0, options, use_reentrant=False)
                       for r0 in range(0, q.shape[0], step)], dim=1)
 
 
@@ -155,83 +163,70 @@ def row_lse_block(
     q: torch.Tensor,
     d: torch.Tensor,
     q_all: torch.Tensor,
-    cols: torch.Tensor,
+    d_all: torch.Tensor,
+    n_all: torch.Tensor | None,
     scale: float | torch.Tensor,
     group_ids: torch.Tensor | None,
     offset: int,
     options: LossOptions,
     anchors_are_candidates: bool = False,
 ) -> torch.Tensor:
-    """Log-partitions of the query and document anchors ``q``, ``d``, from their whole logit rows.
+    """Log-partitions of the query and document anchors ``q``, ``d``, from their whole logit rows,
+    built block by block from ``_plan.BLOCKS`` (the same table the fused kernels read).
 
     Parameters
     ----------
     q, d : [n, D] anchor embeddings, already normalised if asked, in the compute dtype.
-    q_all : [N, D] candidate queries (the same tensor as ``q`` unless the batch was gathered across
-        devices or ``q`` is a chunk of it); anchor i is pair ``offset + i`` among them.
-    cols : [M, D] document columns, ``document_columns(d_all, n_all)``.
+    q_all, d_all : [N, D] candidate queries and positives (the same tensors as ``q``, ``d`` unless the
+        batch was gathered across devices or ``q`` is a chunk of it); anchor i is pair ``offset + i``.
+    n_all : [N, H, D] candidate hard negatives (H >= 1), or None.
     scale : 1 / temperature (float or 0-dim tensor).
     group_ids : [N] int64 (global) or None.
-    anchors_are_candidates : ``q`` is ``q_all`` and ``d`` is ``cols``' first block (one process, one
-        chunk): the d2q logits are then the transposed first block of the q2d ones, and one matmul
-        serves both.
+    anchors_are_candidates : ``q`` is ``q_all`` and ``d`` is ``d_all`` (one process, one chunk): a block
+        whose transpose is also a block (q2d's positives and d2q) is then computed once, and autograd
+        adds both blocks' gradients into it before its two backward matmuls (symmetric InfoNCE: 3
+        matmuls, not 6).
 
     Returns
     -------
     [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
     A = 2) log Zd (d2q + d2d).
     """
-    n_anchor, n_cand = q.shape[0], q_all.shape[0]
-    n_blocks = cols.shape[0] // n_cand
-    drop_qd, drop_qq, drop_dq, drop_dd = drop_masks(n_anchor, n_cand, n_blocks, offset, group_ids, q.device)
-
-    def masked(s: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-        return s if drop is None else s.masked_fill(drop, float("-inf"))
-
-    def lse(parts: list[torch.Tensor]) -> torch.Tensor:  # one block alone is not copied into a cat
-        return torch.logsumexp(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), dim=1)
-
+    device = q.device
     # The temperature scales the [n, D] anchors, not the N x M logits: no N x M pass for it, forward
     # or backward (d scale = sum(dQs * Q) over n x D).
-    q_s = q * scale
-    s_qd = q_s @ cols.T
-    d_parts = []
-    d_s = d * scale if options.d2d or (options.d2q and not anchors_are_candidates) else None
-    if options.d2q:
-        # D Q^T = (Q D^T)^T where the anchors are the candidates: one matmul for q2d and d2q, and
-        # autograd adds both blocks' gradients into its output before its two backward matmuls
-        # (symmetric InfoNCE: 3 matmuls, not 6).
-        if anchors_are_candidates:  # the whole block where there are no hard negatives (no slice to undo)
-            s_dq = (s_qd if cols.shape[0] == n_cand else s_qd[:, :n_cand]).T
-        else:
-            s_dq = d_s @ q_all.T
-        d_parts.append(masked(s_dq, drop_dq))
-        del s_dq
-    if options.hardness:
-        # The hardness penalty alpha * stop_grad(raw similarity) on the selected q2d negatives; the raw
-        # similarity is s / scale.
-        pen = hardness_mask(n_anchor, n_cand, n_blocks, offset, options.hardness_mode, q.device)
-        raw = s_qd.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
-        s_qd = s_qd + options.hardness * raw * pen
-        del raw
-    q_parts = [masked(s_qd, drop_qd)]
-    del s_qd  # N x M blocks: not held past their use
-    if options.q2q:
-        q_parts.append(masked(q_s @ q_all.T, drop_qq))
-    rows = [lse(q_parts)]
-    if options.d2d:
-        d_parts.append(masked(d_s @ cols.T, drop_dd))
-    if d_parts:
-        rows.append(lse(d_parts))
-    return torch.stack(rows)
+    anchors = {"q": q, "d": d}
+    scaled: dict[str, torch.Tensor] = {}  # made when a block first needs them
+    segments = {"q": (q_all, 1), "d": (d_all, 1)}  # (rows, columns per pair)
+    if n_all is not None:
+        segments["n"] = (n_all.reshape(-1, n_all.shape[-1]), n_all.shape[1])  # a view: column (j, k) at j H + k
+    rows_g = torch.arange(q.shape[0], device=device) + offset
+    blocks = [b for b in _plan.selected(options.directions) if b.segment in segments]
+    transposed = {(b.anchor, b.segment) for b in blocks} if anchors_are_candidates else set()
+    parts: dict[str, list[torch.Tensor]] = {"q": [], "d": []}
 
+    def add(block: _plan.Block, s: torch.Tensor, row_pairs: torch.Tensor, col_pairs: torch.Tensor) -> None:
+        s = penalised(s, block, options, scale, row_pairs, col_pairs)
+        drop = dropped(block, row_pairs, col_pairs, group_ids)
+        parts[block.anchor].append(s if drop is None else s.masked_fill(drop, float("-inf")))
 
-def hardness_mask(n_anchor: int, n_cand: int, n_blocks: int, offset: int, mode: str, device) -> torch.Tensor:
-    """[n, M] float mask of the q2d entries that take the hardness penalty: "in_batch_negatives" the
-    columns of other pairs, "hard_negatives" the anchor's own hard negatives, "all_negatives" every
-    column but the anchor's own positive (column (j, k) at k * N + j; anchor i is pair offset + i)."""
-    rows = torch.arange(n_anchor, device=device)[:, None] + offset
-    own = (rows == torch.arange(n_cand, device=device)[None, :]).repeat(1, n_blocks)
-    hard = (torch.arange(n_cand * n_blocks, device=device) >= n_cand)[None, :]
-    chosen = {"in_batch_negatives": ~own, "hard_negatives": own & hard, "all_negatives": ~own | hard}[mode]
-    return chosen.float()
+    done = set()
+    for block in blocks:
+        if (block.anchor, block.segment) in done:
+            continue
+        candidates, width = segments[block.segment]
+        col_pairs = _pairs(candidates.shape[0], width, device)
+        if block.anchor not in scaled:
+            scaled[block.anchor] = anchors[block.anchor] * scale
+        s = scaled[block.anchor] @ candidates.T
+        partner = (block.segment, block.anchor)
+        if block.anchor != block.segment and partner in transposed:
+            # The partner block's logits are this one's transpose (s(y_j, x_i) = S_ij): its entries
+            # before this block's penalty; its rows are this block's columns.
+            partner_block = next(b for b in blocks if (b.anchor, b.segment) == partner)
+            add(partner_block, s.T, col_pairs, rows_g)
+            done.add(partner)
+        add(block, s, rows_g, col_pairs)
+        del s  # N x M blocks: not held past their use
+    lse = [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in parts.values() if p]
+    return torch.stack(lse)

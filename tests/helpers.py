@@ -12,21 +12,14 @@ import torch
 from hypothesis import strategies as st
 
 import reference
-from samtone_kernels import fused_samtone_loss
+from samtone_kernels import _plan, fused_samtone_loss
 from samtone_kernels.integrations.sentence_transformers import DIRECTION_NAMES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-DIRECTION_SETS = [
-    ("q2d",),
-    ("q2d", "q2q"),
-    ("q2d", "d2q"),
-    ("q2d", "q2q", "d2q"),
-    ("q2d", "d2q", "d2d"),
-    ("q2d", "q2q", "d2q", "d2d"),
-]
+DIRECTION_SETS = list(_plan.DIRECTION_SETS)
 # Document anchors without d2q: only one joint softmax holds their positive (partition="joint").
-JOINT_ONLY_SETS = [("q2d", "d2d"), ("q2d", "q2q", "d2d")]
+JOINT_ONLY_SETS = list(_plan.JOINT_ONLY_SETS)
 HARDNESS_MODES = ["in_batch_negatives", "hard_negatives", "all_negatives"]
 
 # Unit roundoff of each dtype; every tolerance below is built from these, in this one place.

@@ -1,4 +1,4 @@
-"""tests/counting.py on hand-written kernels whose FLOPs and bytes are known exactly.
+"""tools/kernel_analysis/counting.py on hand-written kernels whose FLOPs and bytes are known exactly.
 
 Interpreter only: conftest sets TRITON_INTERPRET=1 before triton is imported when no CUDA device is
 present; on a CUDA machine the kernels are compiled, the interpreter hooks never fire, and these skip.
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
-from counting import count_kernel_work
+from tools.kernel_analysis.counting import count_kernel_work
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="counts only under the Triton interpreter")

@@ -1,6 +1,6 @@
 """The fused kernels compile to GPU machine code (sm_90, sm_80, sm_89) on a machine without a GPU, as
 the JIT specialises them, within the shared memory the autotuner's prune allows and without register
-spills in 16-bit (``compile_for_gpu.py``).
+spills in 16-bit (``tools/kernel_analysis/compile_for_gpu.py``).
 
 The compile runs in a subprocess, so it starts as soon as the run's tests are collected (``start``,
 called by conftest when this test is selected) and runs on every core but one (CI's two cores: one
@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).with_name("compile_for_gpu.py")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 _job: tuple[subprocess.Popen, tempfile.TemporaryFile] | None = None
 
 
@@ -32,7 +32,7 @@ def start() -> bool:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                    COMPILE_WORKERS=os.environ.get("COMPILE_WORKERS", str(max(1, cores - 1))))
         log = tempfile.TemporaryFile("w+")
-        _job = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        _job = subprocess.Popen([sys.executable, "-m", "tools.kernel_analysis.compile_for_gpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 text=True), log
     return _job is not None
 

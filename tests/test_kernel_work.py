@@ -1,4 +1,4 @@
-"""The work the fused kernels execute, counted under the interpreter (``counting.py``): matmul FLOPs
+"""The work the fused kernels execute, counted under the interpreter (``tools/kernel_analysis/counting.py``): matmul FLOPs
 against the textbook count, and bytes of global loads and stores per textbook FLOP.
 
 Textbook: each logit block (anchor kind x candidate segment, N x N x D) costs 3 tile matmuls of
@@ -13,14 +13,14 @@ import pytest
 import torch
 import triton
 
-import traffic_model
-from counting import count_kernel_work
 from helpers import DIRECTION_SETS
+from samtone_kernels import _plan as plan
 from samtone_kernels import _triton, fused_samtone_loss
 from samtone_kernels._contract import Rows
 from samtone_kernels._options import check_options
-from samtone_kernels import _plan as plan
 from samtone_kernels._triton import kernels
+from tools.kernel_analysis import traffic_model
+from tools.kernel_analysis.counting import count_kernel_work
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts under the interpreter")
 

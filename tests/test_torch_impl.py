@@ -255,8 +255,8 @@ def test_row_chunks_bound_the_peak_memory(monkeypatch):
     """Forward + backward of SamToNe at N = 512, D = 16 (logits: 512 x 1024 per anchor row block,
     32 [N, D] copies each): with a budget of 32 rows per chunk the peak allocation falls to a small
     fraction of the unchunked one and stays within the budget plus O(N D), measured with torch's
-    allocation events (bench/speed.py)."""
-    from bench import speed
+    allocation events (bench/harness.py)."""
+    from bench import harness
     from samtone_kernels import _torch_impl
 
     n_pairs, dim = 512, 16
@@ -273,7 +273,7 @@ def test_row_chunks_bound_the_peak_memory(monkeypatch):
     for name, chunk_bytes in (("unchunked", 1 << 40), ("chunked", budget)):
         monkeypatch.setattr(_torch_impl, "CHUNK_BYTES", chunk_bytes)
         step()
-        peaks[name] = speed.peak_memory_bytes(step, "cpu")
+        peaks[name] = harness.peak_memory_bytes(step, "cpu")
     print(f"torch backend peak, N = {n_pairs}, D = {dim}: unchunked {peaks['unchunked'] / copy:.1f} copies, "
           f"chunked (32 rows) {peaks['chunked'] / copy:.1f}")
     assert peaks["unchunked"] >= 2 * n_pairs * 2 * n_pairs * 4  # the check can fail: N x 2N float32 logits

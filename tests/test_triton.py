@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench import speed  # bench/speed.py's peak-memory measurement
+from bench import harness  # the benchmarks' peak-memory measurement
 from helpers import DEVICE, DIRECTION_SETS, Case, cases, run_and_compare
 from samtone_kernels import fused_samtone_loss
 from samtone_kernels._contract import Rows
@@ -178,7 +178,7 @@ def test_saved_tensors_are_linear_in_n():
 
 def _peak_bytes_per_backend(monkeypatch, inputs, directions) -> dict[str, int]:
     """Peak allocation of forward + backward with normalisation, per backend, measured with torch's
-    allocation events (bench/speed.py). Row chunks are made small, as they are relative to the
+    allocation events (bench/harness.py). Row chunks are made small, as they are relative to the
     embeddings at large N. The interpreter leaves reference cycles that hold a launch's tensors until
     Python's cycle collector runs, so on CPU every launch is followed by a collection of the two young
     generations, where a launch's own cycles live (a full collection gives the same figures at twice
@@ -204,7 +204,7 @@ def _peak_bytes_per_backend(monkeypatch, inputs, directions) -> dict[str, int]:
             loss = fused_samtone_loss(*inputs, directions=directions, normalize=True, backend=backend)
             return torch.autograd.grad(loss, inputs)
         step()
-        peaks[backend] = speed.peak_memory_bytes(step, DEVICE.type)
+        peaks[backend] = harness.peak_memory_bytes(step, DEVICE.type)
     return peaks
 
 
@@ -341,9 +341,9 @@ def test_custom_op_opcheck():
     q, d, n = _inputs(11, 9, 1)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
-    for args in [(q, d, None, None, n, groups, scale, 0, True, True, True, True),
-                 (q, d, q, d, n, groups, scale, 0, True, True, True, False),
-                 (q[2:7], d[2:7], q, d, None, None, scale, 2, True, False, False, True)]:
+    for args in [(q, d, None, None, n, groups, scale, 0, "q2d,q2q,d2q,d2d", True),
+                 (q, d, q, d, n, groups, scale, 0, "q2d,q2q,d2q,d2d", False),
+                 (q[2:7], d[2:7], q, d, None, None, scale, 2, "q2d,q2q", True)]:
         torch.library.opcheck(_triton.row_lse_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -406,7 +406,7 @@ def compare_row_statistics(n_pairs: int, dim: int, dtype: torch.dtype, stride: i
     s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
     expected = torch.logsumexp(s, dim=1)
     ours = _triton.row_lse_op(qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0,
-                              True, True, True, False)
+                              "q2d,q2q,d2q,d2d", False)
     torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
 
 
@@ -433,7 +433,7 @@ def test_gpu_samtone_peak_is_three_copies():
     n_pairs, dim = 16384, 768
     q, d = _inputs(n_pairs, dim, 1, dtype=torch.bfloat16)[:2]
     fused_samtone_loss(q, d, normalize=True, backend="triton").backward()  # autotune outside the count
-    peak = speed.peak_memory_bytes(lambda: torch.autograd.grad(
+    peak = harness.peak_memory_bytes(lambda: torch.autograd.grad(
         fused_samtone_loss(q, d, normalize=True, backend="triton"), [q, d]), "cuda")
     assert peak <= 3.1 * n_pairs * dim * 2, peak / (n_pairs * dim * 2)
 
@@ -450,7 +450,7 @@ def test_gpu_n_65536_forward_and_memory():
         return torch.autograd.grad(losses[-1], [q, d, n])
 
     step()  # autotuning (which allocates for its timing) outside the count
-    peak = speed.peak_memory_bytes(step, "cuda")
+    peak = harness.peak_memory_bytes(step, "cuda")
     assert torch.isfinite(losses[-1])
     # By construction: the gradients of q and d (2 copies) and of n with its float32 buffer (1 + 2),
     # plus O(N); nothing N x N (one N x N float32 block would be 128 copies here).

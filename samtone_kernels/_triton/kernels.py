@@ -2,14 +2,14 @@
 per tensor that owns its rows, which writes the gradient itself unless NORMED), ``epilogue_kernel``
 (a float32 gradient buffer to the input dtype, for NORMED launches and those with no walk).
 
-The walks a launch makes are its constexpr flags, from ``plan.Launch.flags``: ``{Q,D,N}_ROW`` (the
-program's rows are anchors of that segment's block), ``{Q,D}_COL`` (the segment's rows are anchors
-and the program's rows their candidates), ``{Q,D,N}_MASK`` (``plan.SELF | plan.GROUP`` bits) and
-``{Q,D,N}_PEN`` (the q2d entries that take the hardness penalty, ``plan.HARDNESS``); and for the
-grad kernel ``FUSED``, ``PARTNER``, ``DOTS_WANTED`` (``plan.Launch.finish_flags``). The walk itself
-is a config choice: PAIRED (the Q and D segments together, column tile by column tile, or each
-alone), SPAN (column tiles per sweep of a lone segment in the backward); the hard-negative blocks
-come last.
+The walks a launch makes are its role constexprs ``Q_ROLE``, ``D_ROLE``, ``N_ROLE``, one integer per
+candidate segment from ``_plan.Launch.roles``: ROW (the program's rows are anchors of that segment's
+block), COL (the segment's rows are anchors and the program's rows their candidates), DROP_SELF /
+DROP_GROUP (the entries the block removes) and PEN_OWN / PEN_OTHER / PEN_COL (the q2d entries that
+take the hardness penalty, ``_plan.HARDNESS``), read with ``tiles.has``; and for the grad kernel
+``FINISH`` (``_plan.Launch.finish``: FUSED, PARTNER, DOTS). The walk itself is a config choice:
+PAIRED (the Q and D segments together, column tile by column tile, or each alone), SPAN (column
+tiles per sweep of a lone segment in the backward); the hard-negative blocks come last.
 
 Autotuning: the key holds every flag (each variant tunes its own tiles), the dtype, D, H and the
 batch sizes rounded up to a power of two (``rows_bucket``, ``cols_bucket``), so a new batch size
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._constants import NORM_EPS, interpreting
-from .tiles import grad_walk, inv_norms, lse_walk
+from .tiles import COL, DOTS, PARTNER, ROW, grad_walk, has, inv_norms, lse_walk
 
 INTERPRETING = interpreting()  # read once: the configs below are fixed when the kernels are defined
 _EPS = tl.constexpr(NORM_EPS)
@@ -39,12 +39,10 @@ _EPS = tl.constexpr(NORM_EPS)
 #: num_stages, PAIRED, SPAN). PAIRED: the Q and D segments are walked together (their two logit tiles
 #: from one load of the row tile); SPAN: column tiles of a lone segment per sweep over D in the
 #: backward (a paired walk stages its two tiles). Kept: those whose every launch variant compiles
-#: without register spills in bfloat16 (tests/compile_for_gpu.py, bench/RESULTS.md). On sm_90 the
-#: paired walk with two tiles per sweep fits at 64 x 64 only; on sm_80 / sm_89 (no wgmma: the dot
-#: operands live in registers) it spills at every tile tried, so those devices walk each segment
-#: alone, one tile per sweep, at 64 x 128. That walk spills on sm_90 in one variant (normalised,
-#: without hard negatives: 24 B), so sm_90 gets one config and no tuning. Speed is not measured yet;
-#: the prune also drops what shared memory cannot hold.
+#: without register spills in bfloat16 (``tools/kernel_analysis/compile_for_gpu.py --sweep``; the
+#: figures are in bench/RESULTS.md): on sm_90 the paired walk at 64 x 64; on sm_80 / sm_89 (no wgmma:
+#: the dot operands live in registers) each segment alone, one tile per sweep, at 64 x 128. The prune
+#: also drops what shared memory cannot hold.
 GPU_TILES = {
     90: ((64, 64, 64, 8, 3, True, 2),),
     80: ((64, 128, 64, 8, 3, False, 1),),
@@ -138,175 +136,194 @@ def bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-_FLAGS = ["Q_ROW", "Q_MASK", "D_ROW", "D_MASK", "D_PEN", "N_ROW", "N_MASK", "N_PEN", "NORMED", "PRECISION"]
+_FLAGS = ["Q_ROLE", "D_ROLE", "N_ROLE", "NORMED", "PRECISION"]
 _AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.autotune(configs=configs(grad=False), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *_FLAGS],
                  **_AUTOTUNE)
 @triton.jit
-def lse_kernel(X, sxn, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD, NEG, snn, snh, snd, RNEG, G, SCALE, LSE,
-               n_rows, n_cols, row_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
-               Q_ROW: tl.constexpr, Q_MASK: tl.constexpr, D_ROW: tl.constexpr, D_MASK: tl.constexpr,
-               D_PEN: tl.constexpr, N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
-               NORMED: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def lse_kernel(X, stride_x_row, stride_x_dim, X_INV_NORMS, Q, stride_q_row, stride_q_dim, Q_INV_NORMS,
+               D, stride_d_row, stride_d_dim, D_INV_NORMS, NEG, stride_neg_row, stride_neg_k, stride_neg_dim,
+               NEG_INV_NORMS, GROUP_IDS, SCALE, LSE, n_rows, n_cols, row_offset, dim, n_hard, rows_bucket, cols_bucket,
+               hardness, Q_ROLE: tl.constexpr, D_ROLE: tl.constexpr, N_ROLE: tl.constexpr, NORMED: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                PAIRED: tl.constexpr = DEFAULT_WALK[0]):
     """LSE[rows] = log sum over the kept candidates of exp(scale * X[rows] . y) (plus the hardness
-    penalty ``hardness * X[rows] . y`` on the entries D_PEN, N_PEN select). Anchor row i is candidate
-    pair ``row_offset + i`` (the masks compare those indices); candidates Q, D [n_cols], NEG
-    [n_cols, n_hard] (inverse norms RNEG [n_hard, n_cols])."""
-    tl.static_assert(Q_ROW or D_ROW)
+    penalty ``hardness * X[rows] . y`` on the entries the roles' PEN bits select). Anchor row i is
+    candidate pair ``row_offset + i`` (the masks compare those indices); candidates Q, D [n_cols], NEG
+    [n_cols, n_hard] (inverse norms NEG_INV_NORMS [n_hard, n_cols]). The roles hold ROW only: every
+    walked segment is a row block of the anchors X."""
+    tl.static_assert(has(Q_ROLE, ROW) or has(D_ROLE, ROW))
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_g = rows + row_offset
     row_ok = rows < n_rows
     scale = tl.load(SCALE)
-    hard = hardness / scale
-    rx = inv_norms(RX, rows, row_ok, BLOCK_M, NORMED)
+    penalty = hardness / scale
+    x_inv_norm = inv_norms(X_INV_NORMS, rows, row_ok, BLOCK=BLOCK_M, NORMED=NORMED)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PAIRED:  # the Q and D tiles of each column tile together
-        m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, D, sdn, sdd, RD, G, n_cols,
-                        dim, scale, hard, Q_ROW, Q_MASK, 0, D_ROW, D_MASK, D_PEN, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
-                        PRECISION)
+        m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
+                        Q, stride_q_row, stride_q_dim, Q_INV_NORMS, D, stride_d_row, stride_d_dim, D_INV_NORMS,
+                        GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE, B_ROLE=D_ROLE, NORMED=NORMED,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     else:
-        if Q_ROW:
-            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, Q, sqn, sqd, RQ, Q, sqn, sqd, RQ, G, n_cols,
-                            dim, scale, hard, True, Q_MASK, 0, False, 0, 0, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
-                            PRECISION)
-        if D_ROW:
-            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, D, sdn, sdd, RD, D, sdn, sdd, RD, G, n_cols,
-                            dim, scale, hard, True, D_MASK, D_PEN, False, 0, 0, NORMED, BLOCK_M, BLOCK_N, BLOCK_D,
-                            PRECISION)
-    if N_ROW:
+        if has(Q_ROLE, ROW):
+            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
+                            Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q, stride_q_row, stride_q_dim, Q_INV_NORMS,
+                            GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE, B_ROLE=0, NORMED=NORMED,
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        if has(D_ROLE, ROW):
+            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
+                            D, stride_d_row, stride_d_dim, D_INV_NORMS, D, stride_d_row, stride_d_dim, D_INV_NORMS,
+                            GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=D_ROLE, B_ROLE=0, NORMED=NORMED,
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    if has(N_ROLE, ROW):
         for k in range(0, n_hard):
-            NEG_K = NEG + k * snh
-            m, l = lse_walk(m, l, X, sxn, sxd, rx, rows, rows_g, row_ok, NEG_K, snn, snd, RNEG + k * n_cols,
-                            NEG_K, snn, snd, RNEG, G, n_cols, dim, scale, hard, True, N_MASK, N_PEN, False, 0, 0,
-                            NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            NEG_K = NEG + k * stride_neg_k
+            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
+                            NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols,
+                            NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS, GROUP_IDS, n_cols, dim, scale,
+                            penalty, A_ROLE=N_ROLE, B_ROLE=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                            BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     # Rows past N never reach the store, and a row with nothing kept (a document whose only
     # candidates are its group's, with d2d alone) has m = -inf: give both l = 1 so log() sees no
     # zero; the latter's log-partition is then -inf, log(0).
     tl.store(LSE + rows, m + tl.log(tl.where(row_ok & (l > 0), l, 1.0)), mask=row_ok)
 
 
-@triton.autotune(configs=configs(grad=True), key=["rows_bucket", "cols_bucket", "dim", "n_hard", "Q_COL", "Q_PEN",
-                                                  "D_COL", *_FLAGS, "FUSED", "PARTNER", "DOTS_WANTED"], **_AUTOTUNE)
+@triton.autotune(configs=configs(grad=True), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *_FLAGS, "FINISH"],
+                 **_AUTOTUNE)
 @triton.jit
-def grad_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, Q, sqn, sqd, RQ, D, sdn, sdd, RD,
-                NEG, snn, snh, snd, RNEG, G, SCALE, LSE_R, W_R, LSE_Q, W_Q, LSE_D, W_D, P, spn, spd, POS, FACTOR,
-                DOTS, n_rows, n_cols, row_offset, col_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
-                Q_ROW: tl.constexpr, Q_COL: tl.constexpr, Q_MASK: tl.constexpr, Q_PEN: tl.constexpr,
-                D_ROW: tl.constexpr, D_COL: tl.constexpr, D_MASK: tl.constexpr, D_PEN: tl.constexpr,
-                N_ROW: tl.constexpr, N_MASK: tl.constexpr, N_PEN: tl.constexpr,
-                NORMED: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PARTNER: tl.constexpr,
-                DOTS_WANTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PAIRED: tl.constexpr = DEFAULT_WALK[0], SPAN: tl.constexpr = DEFAULT_WALK[1]):
-    """The gradient of X's rows: sum over the walked segments of G Y (``tiles.coefficient``).
+def grad_kernel(OUT, stride_out_row, stride_out_block, stride_out_dim, BUF, stride_buf_row, stride_buf_block,
+                stride_buf_dim, X, stride_x_row, stride_x_block, stride_x_dim, X_INV_NORMS,
+                Q, stride_q_row, stride_q_dim, Q_INV_NORMS, D, stride_d_row, stride_d_dim, D_INV_NORMS,
+                NEG, stride_neg_row, stride_neg_k, stride_neg_dim, NEG_INV_NORMS, GROUP_IDS, SCALE, ROW_LSE, ROW_W,
+                Q_LSE, Q_W, D_LSE, D_W, POS_ROWS, stride_pos_row, stride_pos_dim, POS_COEF, FACTOR, DOTS_OUT,
+                n_rows, n_cols, row_offset, col_offset, dim, n_hard, rows_bucket, cols_bucket, hardness,
+                Q_ROLE: tl.constexpr, D_ROLE: tl.constexpr, N_ROLE: tl.constexpr, NORMED: tl.constexpr,
+                PRECISION: tl.constexpr, FINISH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, PAIRED: tl.constexpr = DEFAULT_WALK[0], SPAN: tl.constexpr = DEFAULT_WALK[1]):
+    """The gradient of X's rows: sum over the walked segments of ``coef @ Y`` (``tiles.coefficient``).
 
     X [n_rows, K, D] (axis 1 of the grid walks the K row blocks of hard negatives; K = 1 otherwise,
-    inverse norms RX [K, n_rows]); BUF (float32) and OUT (X's dtype) are shaped like X. Row
-    statistics LSE_R, W_R (local row index) serve the row blocks, LSE_Q, W_Q and LSE_D, W_D the
+    inverse norms X_INV_NORMS [K, n_rows]); BUF (float32) and OUT (X's dtype) are shaped like X. Row
+    statistics ROW_LSE, ROW_W (local row index) serve the row blocks, Q_LSE, Q_W and D_LSE, D_W the
     column blocks of the Q and D segments. Column j of Q and D is pair ``col_offset + j``; row i is
-    pair ``row_offset + i``. ``{Q,D,N}_PEN``: the q2d entries whose softmax took the hardness penalty
-    (column role on Q, row role on D, N).
+    pair ``row_offset + i``. The roles' PEN bits: the q2d entries whose softmax took the hardness
+    penalty (column role on Q, row role on D, N).
 
     The walks (``tiles.grad_walk``): with PAIRED, the Q and D segments together, their tiles at the
     same columns from one load of the row tile and added in one sweep over D (``tiles.sweep``: one
     read-modify-write of BUF for both); otherwise each segment alone, SPAN column tiles per sweep;
-    then each block of hard negatives, SPAN column tiles per sweep. Without FUSED every sweep leaves
+    then each block of hard negatives, SPAN column tiles per sweep. Without FINISH every sweep leaves
     BUF unscaled for ``epilogue_kernel``; with FUSED the program's last sweep writes OUT = FACTOR * BUF
-    (+ POS_i P_i with PARTNER: the positive logit's term) and, with DOTS_WANTED, DOTS [n_rows * K] =
-    <x, OUT> per row.
+    (+ POS_COEF_i POS_ROWS_i with PARTNER: the positive logit's term) and, with DOTS, DOTS_OUT
+    [n_rows * K] = <x, OUT> per row.
     """
-    tl.static_assert(Q_ROW or Q_COL or D_ROW or D_COL)  # so the hard negatives' walk is never the first
-    WALK_Q: tl.constexpr = Q_ROW or Q_COL
-    WALK_D: tl.constexpr = D_ROW or D_COL
+    WALK_Q: tl.constexpr = has(Q_ROLE, ROW | COL)
+    WALK_D: tl.constexpr = has(D_ROLE, ROW | COL)
+    WALK_N: tl.constexpr = has(N_ROLE, ROW)
+    tl.static_assert(WALK_Q or WALK_D)  # so the hard negatives' walk is never the first
     tl.static_assert(SPAN == 1 or SPAN == 2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_g = rows + row_offset
     row_ok = rows < n_rows
     blk = tl.program_id(1).to(tl.int64)
-    X = X + blk * sxk
-    OUT = OUT + blk * sok
-    BUF = BUF + blk * sbk
+    X = X + blk * stride_x_block
+    OUT = OUT + blk * stride_out_block
+    BUF = BUF + blk * stride_buf_block
     scale = tl.load(SCALE)
-    hard = hardness / scale
+    penalty = hardness / scale
     factor = tl.load(FACTOR)
-    rx = inv_norms(RX + blk * n_rows, rows, row_ok, BLOCK_M, NORMED)
-    lse_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    w_r = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if Q_ROW or D_ROW or N_ROW:
-        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)
-        w_r = tl.load(W_R + rows, mask=row_ok, other=0.0)
-    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if PARTNER:
-        pos = tl.load(POS + rows, mask=row_ok, other=0.0)
+    x_inv_norm = inv_norms(X_INV_NORMS + blk * n_rows, rows, row_ok, BLOCK=BLOCK_M, NORMED=NORMED)
+    row_lse = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_w = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if has(Q_ROLE, ROW) or has(D_ROLE, ROW) or WALK_N:
+        row_lse = tl.load(ROW_LSE + rows, mask=row_ok, other=0.0)
+        row_w = tl.load(ROW_W + rows, mask=row_ok, other=0.0)
+    pos_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if has(FINISH, PARTNER):
+        pos_coef = tl.load(POS_COEF + rows, mask=row_ok, other=0.0)
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROW
-    # comes with at least one block: plan.Launch.flags), else D's, else Q's. Only that walk's last
-    # step writes the gradient (FUSED); its ``final`` is a true scalar.
+    # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROLE
+    # comes with at least one block: plan.Launch.roles), else D's, else Q's. Only that walk's last
+    # step writes the gradient (FINISH); its ``final`` is a true scalar.
     true = n_cols > 0
     if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
-        dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
-                         rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, D, sdn, sdd, RD, LSE_D, W_D, G,
-                         n_cols, col_offset, dim, scale, hard, true, True, Q_ROW, Q_COL, Q_MASK, Q_PEN, True,
-                         True, D_ROW, D_COL, D_MASK, D_PEN, False, True, 1, FUSED and not N_ROW, PARTNER,
-                         DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
+                         stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
+                         x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, Q, stride_q_row, stride_q_dim, Q_INV_NORMS,
+                         Q_LSE, Q_W, D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W, GROUP_IDS, n_cols,
+                         col_offset, dim, scale, penalty, true, A_ROLE=Q_ROLE, B_ROLE=D_ROLE, FIRST=True, SPAN=1,
+                         FINISH=0 if WALK_N else FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                         BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     else:  # each segment alone, SPAN column tiles per sweep
         if WALK_Q:
-            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
-                             rows_g, row_ok, lse_r, w_r, Q, sqn, sqd, RQ, LSE_Q, W_Q, Q, sqn, sqd, RQ, LSE_Q, W_Q, G,
-                             n_cols, col_offset, dim, scale, hard, true, True, Q_ROW, Q_COL, Q_MASK,
-                             Q_PEN, True, False, False, False, 0, 0, False, True, SPAN,
-                             FUSED and not (WALK_D or N_ROW), PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N,
-                             BLOCK_D, PRECISION)
+            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
+                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
+                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, Q, stride_q_row, stride_q_dim,
+                             Q_INV_NORMS, Q_LSE, Q_W, Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q_LSE, Q_W,
+                             GROUP_IDS, n_cols, col_offset, dim, scale, penalty, true, A_ROLE=Q_ROLE, B_ROLE=0,
+                             FIRST=True, SPAN=SPAN, FINISH=0 if WALK_D or WALK_N else FINISH, NORMED=NORMED,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
         if WALK_D:
-            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
-                             rows_g, row_ok, lse_r, w_r, D, sdn, sdd, RD, LSE_D, W_D, D, sdn, sdd, RD, LSE_D, W_D, G,
-                             n_cols, col_offset, dim, scale, hard, true, True, D_ROW, D_COL, D_MASK, D_PEN,
-                             False, False, False, False, 0, 0, False, not WALK_Q, SPAN, FUSED and not N_ROW,
-                             PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    if N_ROW:
+            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
+                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
+                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, D, stride_d_row, stride_d_dim,
+                             D_INV_NORMS, D_LSE, D_W, D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W,
+                             GROUP_IDS, n_cols, col_offset, dim, scale, penalty, true, A_ROLE=D_ROLE, B_ROLE=0,
+                             FIRST=not WALK_Q, SPAN=SPAN, FINISH=0 if WALK_N else FINISH, NORMED=NORMED,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    if WALK_N:
         for k in range(0, n_hard):
-            NEG_K = NEG + k * snh
-            RNEG_K = RNEG + k * n_cols
-            dots = grad_walk(dots, BUF, sbn, sbd, OUT, son, sod, X, sxn, sxd, P, spn, spd, pos, factor, rx, rows,
-                             rows_g, row_ok, lse_r, w_r, NEG_K, snn, snd, RNEG_K, LSE_D, W_D, NEG_K, snn, snd, RNEG_K,
-                             LSE_D, W_D, G, n_cols, col_offset, dim, scale, hard, k == n_hard - 1,
-                             True, True, False, N_MASK, N_PEN, False, False, False, False, 0, 0, False,
-                             False, SPAN, FUSED, PARTNER, DOTS_WANTED, NORMED, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    if FUSED and DOTS_WANTED:
-        tl.store(DOTS + rows * tl.num_programs(1) + blk, dots, mask=row_ok)
+            NEG_K = NEG + k * stride_neg_k
+            NEG_INV_NORMS_K = NEG_INV_NORMS + k * n_cols
+            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
+                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
+                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, NEG_K, stride_neg_row, stride_neg_dim,
+                             NEG_INV_NORMS_K, D_LSE, D_W, NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS_K,
+                             D_LSE, D_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, k == n_hard - 1,
+                             A_ROLE=N_ROLE, B_ROLE=0, FIRST=False, SPAN=SPAN, FINISH=FINISH, NORMED=NORMED,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    if has(FINISH, DOTS):
+        tl.store(DOTS_OUT + rows * tl.num_programs(1) + blk, dots, mask=row_ok)
 
 
 @triton.jit
-def _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER: tl.constexpr):
-    """Columns ``cols`` of the gradient g = factor * BUF (+ pos_r * P_i for an anchor of the positive
-    logit), float32 [BLOCK_R, BLOCK_D]."""
-    g = tl.load(BUF + (i * sbn + k * sbk)[:, None] + cols[None, :] * sbd, mask=m, other=0.0) * factor
+def _gradient_chunk(BUF, stride_buf_row, stride_buf_block, stride_buf_dim, POS_ROWS, stride_pos_row, stride_pos_dim,
+                    i, k, cols, m, factor, pos_coef, HAS_PARTNER: tl.constexpr):
+    """Columns ``cols`` of the gradient g = factor * BUF (+ pos_coef * POS_ROWS_i for an anchor of the
+    positive logit), float32 [BLOCK_R, BLOCK_D]."""
+    g = tl.load(BUF + (i * stride_buf_row + k * stride_buf_block)[:, None] + cols[None, :] * stride_buf_dim, mask=m,
+                other=0.0) * factor
     if HAS_PARTNER:
-        g += pos_r[:, None] * tl.load(P + (i * spn)[:, None] + cols[None, :] * spd, mask=m, other=0.0).to(tl.float32)
+        partner = tl.load(POS_ROWS + (i * stride_pos_row)[:, None] + cols[None, :] * stride_pos_dim, mask=m, other=0.0)
+        g += pos_coef[:, None] * partner.to(tl.float32)
     return g
 
 
 @triton.jit
-def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX, P, spn, spd, RP, POS, FACTOR,
-                    DOTS, n_rows, n_seg, dim, HAS_PARTNER: tl.constexpr, NORMED: tl.constexpr,
-                    DOTS_WANTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def epilogue_kernel(OUT, stride_out_row, stride_out_block, stride_out_dim, BUF, stride_buf_row, stride_buf_block,
+                    stride_buf_dim, X, stride_x_row, stride_x_block, stride_x_dim, X_INV_NORMS, POS_ROWS,
+                    stride_pos_row, stride_pos_dim, POS_INV_NORMS, POS_COEF, FACTOR, DOTS_OUT, n_rows, n_seg, dim,
+                    HAS_PARTNER: tl.constexpr, NORMED: tl.constexpr, DOTS_WANTED: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT (input dtype) = the gradient of x [n_rows, n_seg, D] from its float32 buffer, g = factor * BUF
-    (+ POS_i * unit(P_i) for an anchor of the positive logit), taken back through the normalisation
-    with NORMED (OUT = r g - r^3 (g . x) x where |x| > eps, else r g); DOTS = <unit(x), g> per row
-    when DOTS_WANTED. A first pass over D makes the row sums that NORMED and DOTS need, a second
-    writes: no temporaries. Not autotuned (it may write over BUF)."""
+    (+ POS_COEF_i * unit(POS_ROWS_i) for an anchor of the positive logit), taken back through the
+    normalisation with NORMED (OUT = r g - r^3 (g . x) x where |x| > eps, else r g); DOTS_OUT =
+    <unit(x), g> per row when DOTS_WANTED. A first pass over D makes the row sums that NORMED and the
+    dots need, a second writes: no temporaries. Not autotuned (it may write over BUF)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows * n_seg
     i, k = (rows // n_seg).to(tl.int64), (rows % n_seg).to(tl.int64)
     factor = tl.load(FACTOR)
-    r = inv_norms(RX, rows, ok, BLOCK_R, NORMED)  # RX [n_rows, n_seg], row-major
-    pos_r = tl.zeros((BLOCK_R,), tl.float32)  # the positive logit's coefficient times r of the partner
+    r = inv_norms(X_INV_NORMS, rows, ok, BLOCK=BLOCK_R, NORMED=NORMED)  # X_INV_NORMS [n_rows, n_seg], row-major
+    pos_coef = tl.zeros((BLOCK_R,), tl.float32)  # the positive logit's coefficient times r of the partner
     if HAS_PARTNER:
-        pos_r = tl.load(POS + i, mask=ok, other=0.0) * inv_norms(RP, i, ok, BLOCK_R, NORMED)
+        pos_coef = tl.load(POS_COEF + i, mask=ok, other=0.0) * inv_norms(POS_INV_NORMS, i, ok, BLOCK=BLOCK_R,
+                                                                          NORMED=NORMED)
     offs = tl.arange(0, BLOCK_D)
     gx = tl.zeros((BLOCK_R,), tl.float32)
     xx = tl.zeros((BLOCK_R,), tl.float32)
@@ -314,23 +331,28 @@ def epilogue_kernel(OUT, son, sok, sod, BUF, sbn, sbk, sbd, X, sxn, sxk, sxd, RX
         for d0 in range(0, dim, BLOCK_D):  # pass 1: g . x and |x|^2 of each row
             cols = d0 + offs
             m = ok[:, None] & (cols < dim)[None, :]
-            g = _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER)
-            x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            g = _gradient_chunk(BUF, stride_buf_row, stride_buf_block, stride_buf_dim, POS_ROWS, stride_pos_row,
+                                stride_pos_dim, i, k, cols, m, factor, pos_coef, HAS_PARTNER=HAS_PARTNER)
+            x = tl.load(X + (i * stride_x_row + k * stride_x_block)[:, None] + cols[None, :] * stride_x_dim, mask=m,
+                        other=0.0).to(tl.float32)
             gx += tl.sum(g * x, 1)
             xx += tl.sum(x * x, 1)
     if DOTS_WANTED:
-        tl.store(DOTS + rows, r * gx, mask=ok)  # <unit(x), g> = r (g . x)
+        tl.store(DOTS_OUT + rows, r * gx, mask=ok)  # <unit(x), g> = r (g . x)
     # Derivation: y = r x with r = 1 / max(|x|, eps); above eps dy = r (I - y y^T) dx, so
     # dL/dx = r g - r^3 (g . x) x; at or below eps r is constant and dL/dx = r g.
     c = tl.where(tl.sqrt(xx) > _EPS, r * r * r * gx, 0.0)
     for d0 in range(0, dim, BLOCK_D):  # pass 2: write the gradient
         cols = d0 + offs
         m = ok[:, None] & (cols < dim)[None, :]
-        g = _gradient_chunk(BUF, sbn, sbk, sbd, P, spn, spd, i, k, cols, m, factor, pos_r, HAS_PARTNER)
+        g = _gradient_chunk(BUF, stride_buf_row, stride_buf_block, stride_buf_dim, POS_ROWS, stride_pos_row,
+                            stride_pos_dim, i, k, cols, m, factor, pos_coef, HAS_PARTNER=HAS_PARTNER)
         if NORMED:
-            x = tl.load(X + (i * sxn + k * sxk)[:, None] + cols[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(X + (i * stride_x_row + k * stride_x_block)[:, None] + cols[None, :] * stride_x_dim, mask=m,
+                        other=0.0).to(tl.float32)
             g = r[:, None] * g - c[:, None] * x
-        tl.store(OUT + (i * son + k * sok)[:, None] + cols[None, :] * sod, g.to(OUT.dtype.element_ty), mask=m)
+        tl.store(OUT + (i * stride_out_row + k * stride_out_block)[:, None] + cols[None, :] * stride_out_dim,
+                 g.to(OUT.dtype.element_ty), mask=m)
 
 
 # The epilogue is memory-bound: fixed tiles, no autotuning.

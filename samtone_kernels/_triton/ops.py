@@ -41,12 +41,14 @@ def _empty(shape, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return out
 
 
-def _directions(q2q: bool, d2q: bool, d2d: bool) -> tuple[str, ...]:
-    return ("q2d",) + ("q2q",) * q2q + ("d2q",) * d2q + ("d2d",) * d2d
-
-
 def _as3(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 3 else x.unsqueeze(1)
+
+
+def _strided(name: str, x3: torch.Tensor) -> dict:
+    """The kernel arguments of a [rows, K, D] tensor: ``NAME`` and ``stride_name_{row,block,dim}``."""
+    return {name.upper(): x3, f"stride_{name}_row": x3.stride(0), f"stride_{name}_block": x3.stride(1),
+            f"stride_{name}_dim": x3.stride(2)}
 
 
 class _Batch:
@@ -101,12 +103,14 @@ class _Batch:
             neg, rneg = d.unsqueeze(1), self.placeholder
         else:
             rneg = self.norm("n_all")
-        return dict(Q=q, sqn=q.stride(0), sqd=q.stride(1), RQ=rq, D=d, sdn=d.stride(0), sdd=d.stride(1), RD=rd,
-                    NEG=neg, snn=neg.stride(0), snh=neg.stride(1), snd=neg.stride(2), RNEG=rneg)
+        return dict(Q=q, stride_q_row=q.stride(0), stride_q_dim=q.stride(1), Q_INV_NORMS=rq,
+                    D=d, stride_d_row=d.stride(0), stride_d_dim=d.stride(1), D_INV_NORMS=rd,
+                    NEG=neg, stride_neg_row=neg.stride(0), stride_neg_k=neg.stride(1), stride_neg_dim=neg.stride(2),
+                    NEG_INV_NORMS=rneg)
 
-    def flags(self, launch: plan.Launch, kernel) -> dict:
-        flags = launch.flags(self.has_groups, self.hardness_mode if self.hardness else None, self.n_hard > 0)
-        return {k: v for k, v in flags.items() if k in kernel.arg_names}
+    def roles(self, launch: plan.Launch) -> dict[str, int]:
+        """The launch's ``Q_ROLE``, ``D_ROLE``, ``N_ROLE`` for this batch (``plan.Launch.roles``)."""
+        return launch.roles(self.has_groups, self.hardness_mode if self.hardness else None, self.n_hard > 0)
 
 
 def _grid(n_rows: int, blocks: int = 1):
@@ -116,25 +120,26 @@ def _grid(n_rows: int, blocks: int = 1):
 @torch.library.custom_op("samtone_kernels::row_lse", mutates_args=())
 def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_all: torch.Tensor | None,
                n_all: torch.Tensor | None, groups: torch.Tensor | None, scale: torch.Tensor, offset: int,
-               q2q: bool, d2q: bool, d2d: bool, normed: bool, hardness: float = 0.0,
-               hardness_mode: str = "") -> torch.Tensor:
+               directions: str, normed: bool, hardness: float = 0.0, hardness_mode: str = "") -> torch.Tensor:
     """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
     ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
     0), with d2q or d2d log Zd (row 1), and last the positive logits ``scale * q_i . d_i``.
     ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
+    ``directions``: the selected directions as one value (``plan.encode_directions``: "q2d,q2q").
     ``normed``: every embedding is used as its unit vector (the kernels scale logit tiles).
     ``hardness``, ``hardness_mode`` ("" for none): the q2d softmax's hardness penalty."""
     batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
-    launches = plan.forward_launches(_directions(q2q, d2q, d2d))
+    launches = plan.forward_launches(plan.decode_directions(directions))
     stats = _empty((len(launches) + 1, batch.n_anchor), q)
     segments = batch.segments(anchors=False)
     for a, launch in enumerate(launches):
         x = batch.tensor(launch.rows)
         lse_kernel[_grid(batch.n_anchor)](
-            X=x, sxn=x.stride(0), sxd=x.stride(1), RX=batch.norm(launch.rows), **segments, G=batch.groups,
+            X=x, stride_x_row=x.stride(0), stride_x_dim=x.stride(1), X_INV_NORMS=batch.norm(launch.rows), **segments,
+            GROUP_IDS=batch.groups,
             SCALE=scale, LSE=stats[a], n_rows=batch.n_anchor, n_cols=batch.n_cand, row_offset=offset,
             dim=batch.dim, n_hard=batch.n_hard, rows_bucket=bucket(batch.n_anchor), cols_bucket=bucket(batch.n_cand),
-            hardness=batch.hardness, **batch.flags(launch, lse_kernel), NORMED=normed,
+            hardness=batch.hardness, **batch.roles(launch), NORMED=normed,
             PRECISION=_precision(q.dtype),
         )
     r_q, r_d = batch.norm("q"), batch.norm("d")
@@ -147,8 +152,9 @@ def row_lse_op(q: torch.Tensor, d: torch.Tensor, q_all: torch.Tensor | None, d_a
 
 
 @row_lse_op.register_fake
-def _(q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness=0.0, hardness_mode=""):
-    return q.new_empty((3 if d2q or d2d else 2, q.shape[0]), dtype=torch.float32)
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness=0.0, hardness_mode=""):
+    return q.new_empty((len(plan.forward_launches(plan.decode_directions(directions))) + 1, q.shape[0]),
+                       dtype=torch.float32)
 
 
 class _Backward:
@@ -191,7 +197,7 @@ class _Backward:
                 buf = _empty(x3[rows].shape, x) if buf is None else buf.fill_(float("nan"))
             # Without NORMED the grad kernel's last sweep writes the gradient itself (FUSED); with it,
             # the normalisation's row sums need the whole buffer first, so the epilogue finishes it.
-            fused = launch.finish_flags(self.batch.normed, self.want_dots)["FUSED"]
+            fused = bool(launch.finish(self.batch.normed, self.want_dots) & plan.FUSED)
             row_dots = _empty(((rows.stop - rows.start) * k,), x) if self.want_dots else None
             if launch.walks:
                 self._grad(launch, x, out, rows, buf, row_dots)
@@ -219,7 +225,7 @@ class _Backward:
     def _grad(self, launch: plan.Launch, x: torch.Tensor, out: torch.Tensor, rows: slice, buf: torch.Tensor,
               row_dots: torch.Tensor | None) -> None:
         """``grad_kernel`` over rows ``rows`` of the launch's tensor: into the float32 ``buf``, and when
-        ``launch.finish_flags`` says FUSED on into ``out`` (its last sweep writes the gradient, and
+        ``launch.finish`` says FUSED on into ``out`` (its last sweep writes the gradient, and
         ``row_dots``)."""
         b = self.batch
         r0 = rows.start
@@ -236,16 +242,15 @@ class _Backward:
         n_cols = b.n_anchor if launch.candidates_are_anchors else b.n_cand
         _, p, _, pos = self._partner(launch, x, rows)
         grad_kernel[_grid(n_rows, blocks)](
-            OUT=out3, son=out3.stride(0), sok=out3.stride(1), sod=out3.stride(2),
-            BUF=buf3, sbn=buf3.stride(0), sbk=buf3.stride(1), sbd=buf3.stride(2),
-            X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
-            **b.segments(launch.candidates_are_anchors), G=b.groups, SCALE=self.scale,
-            LSE_R=lse_r[r0:] if launch.anchor else lse_r, W_R=w_r[r0:] if launch.anchor else w_r,
-            LSE_Q=lse_q, W_Q=w_q, LSE_D=lse_d, W_D=w_d, P=p, spn=p.stride(0), spd=p.stride(-1), POS=pos,
-            FACTOR=self.factor, DOTS=row_dots if row_dots is not None else b.placeholder,
+            **_strided("out", out3), **_strided("buf", buf3), **_strided("x", x3), X_INV_NORMS=rx,
+            **b.segments(launch.candidates_are_anchors), GROUP_IDS=b.groups, SCALE=self.scale,
+            ROW_LSE=lse_r[r0:] if launch.anchor else lse_r, ROW_W=w_r[r0:] if launch.anchor else w_r,
+            Q_LSE=lse_q, Q_W=w_q, D_LSE=lse_d, D_W=w_d,
+            POS_ROWS=p, stride_pos_row=p.stride(0), stride_pos_dim=p.stride(-1), POS_COEF=pos,
+            FACTOR=self.factor, DOTS_OUT=row_dots if row_dots is not None else b.placeholder,
             n_rows=n_rows, n_cols=n_cols, row_offset=row_offset, col_offset=col_offset, dim=b.dim,
             n_hard=b.n_hard, rows_bucket=bucket(n_rows), cols_bucket=bucket(n_cols), hardness=b.hardness,
-            **b.flags(launch, grad_kernel), **launch.finish_flags(b.normed, row_dots is not None), NORMED=b.normed,
+            **b.roles(launch), FINISH=launch.finish(b.normed, row_dots is not None), NORMED=b.normed,
             PRECISION=self.precision,
         )
 
@@ -262,11 +267,10 @@ class _Backward:
         if b.normed:
             rx = rx[rows].contiguous()
         epilogue_kernel[(triton.cdiv(n_x * k, EPILOGUE["BLOCK_R"]),)](
-            OUT=out3, son=out3.stride(0), sok=out3.stride(1), sod=out3.stride(2),
-            BUF=buf3, sbn=buf3.stride(0), sbk=buf3.stride(1), sbd=buf3.stride(2),
-            X=x3, sxn=x3.stride(0), sxk=x3.stride(1), sxd=x3.stride(2), RX=rx,
-            P=p, spn=p.stride(0), spd=p.stride(-1), RP=r_p, POS=pos, FACTOR=self.factor,
-            DOTS=row_dots if row_dots is not None else b.placeholder, n_rows=n_x, n_seg=k, dim=b.dim,
+            **_strided("out", out3), **_strided("buf", buf3), **_strided("x", x3), X_INV_NORMS=rx,
+            POS_ROWS=p, stride_pos_row=p.stride(0), stride_pos_dim=p.stride(-1), POS_INV_NORMS=r_p, POS_COEF=pos,
+            FACTOR=self.factor, DOTS_OUT=row_dots if row_dots is not None else b.placeholder, n_rows=n_x, n_seg=k,
+            dim=b.dim,
             HAS_PARTNER=partner is not None, NORMED=b.normed, DOTS_WANTED=row_dots is not None, **EPILOGUE,
         )
 
@@ -283,8 +287,8 @@ def _outputs(shared: bool, directions) -> dict[str, bool]:
 @torch.library.custom_op("samtone_kernels::row_lse_backward", mutates_args=())
 def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
                         q_all: torch.Tensor | None, d_all: torch.Tensor | None, n_all: torch.Tensor | None,
-                        groups: torch.Tensor | None, scale: torch.Tensor, offset: int, q2q: bool, d2q: bool,
-                        d2d: bool, normed: bool, hardness: float, hardness_mode: str, want_dots: bool
+                        groups: torch.Tensor | None, scale: torch.Tensor, offset: int, directions: str,
+                        normed: bool, hardness: float, hardness_mode: str, want_dots: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
@@ -297,8 +301,8 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
     unit vectors and the gradients are taken back through the normalisation (the epilogue).
     """
     batch = _Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
-    directions = _directions(q2q, d2q, d2d)
-    backward = _Backward(batch, grad_stats, stats, scale, 2 if d2q or d2d else 1, want_dots)
+    directions = plan.decode_directions(directions)
+    backward = _Backward(batch, grad_stats, stats, scale, len(plan.forward_launches(directions)), want_dots)
     grads = {launch.rows: backward.run(launch) for launch in plan.backward_launches(directions, batch.shared)
              if batch.tensor(launch.rows) is not None}  # without hard negatives, no launch for them
     grads["n_all"] = grads.get("n_all", grads.get("n"))
@@ -311,11 +315,11 @@ def row_lse_backward_op(grad_stats: torch.Tensor, stats: torch.Tensor, q: torch.
 
 
 @row_lse_backward_op.register_fake
-def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness,
+def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness,
       hardness_mode, want_dots):
     shared = q_all is None
     q_all, d_all = (q, d) if shared else (q_all, d_all)
-    have = _outputs(shared, _directions(q2q, d2q, d2d))
+    have = _outputs(shared, plan.decode_directions(directions))
 
     def rows(x, present):
         return x.new_empty(x.shape if present else (0, *x.shape[1:]))
@@ -327,9 +331,9 @@ def _(grad_stats, stats, q, d, q_all, d_all, n_all, groups, scale, offset, q2q, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_all, d_all, n_all, groups, scale, offset, q2q, d2q, d2d, normed, hardness, hardness_mode = inputs
+    q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness, hardness_mode = inputs
     ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
-    ctx.flags = (offset, q2q, d2q, d2d, normed, hardness, hardness_mode)
+    ctx.flags = (offset, directions, normed, hardness, hardness_mode)
 
 
 def _backward(ctx, grad_stats):
@@ -343,7 +347,7 @@ def _backward(ctx, grad_stats):
     # Homogeneity (package docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input in
     # every role it plays (anchor and candidate); the op summed the dots before casting.
     dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
-    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None, None, None
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None
 
 
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -381,6 +385,6 @@ def row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, to
     if q_all is q and d_all is d:
         q_all = d_all = None
     stats = row_lse_op(q, d, q_all, d_all, rows.n_all, rows.group_ids, scale.float(), rows.offset,
-                       options.q2q, options.d2q, options.d2d, normed_for(options, q.dtype),
+                       plan.encode_directions(options.directions), normed_for(options, q.dtype),
                        options.hardness, options.hardness_mode or "")
     return stats[:-1], stats[-1]

@@ -35,30 +35,26 @@ import time
 from multiprocessing import Pool
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET=0"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
-
-from samtone_kernels._triton import kernels as K  # noqa: E402
 from samtone_kernels import _plan as plan  # noqa: E402
+from samtone_kernels._triton import kernels as K  # noqa: E402
+from tools.kernel_analysis.ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
 
-DIRECTION_SETS = [("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
-                  ("q2d", "q2q", "d2q", "d2d")]
-JOINT_ONLY_SETS = [("q2d", "d2d"), ("q2d", "q2q", "d2d")]
+DIRECTION_SETS, JOINT_ONLY_SETS = list(plan.DIRECTION_SETS), list(plan.JOINT_ONLY_SETS)
 DTYPES = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "fp32": ("*fp32", 4)}
 ARCHS = (90, 80, 89)
-EMBEDDINGS = {"X", "Q", "D", "NEG", "P"}  # in the input dtype; OUT too for the epilogue
-FLOAT32 = {"SCALE", "LSE", "LSE_R", "W_R", "LSE_Q", "W_Q", "LSE_D", "W_D", "RX", "RQ", "RD", "RNEG", "RP", "BUF",
-           "POS", "FACTOR", "DOTS"}
-LAST_STRIDES = {"sxd", "sqd", "sdd", "snd", "sod", "sbd", "spd"}
+EMBEDDINGS = {"X", "Q", "D", "NEG", "POS_ROWS"}  # in the input dtype; OUT too for the epilogue
+FLOAT32 = {"SCALE", "LSE", "ROW_LSE", "ROW_W", "Q_LSE", "Q_W", "D_LSE", "D_W", "X_INV_NORMS", "Q_INV_NORMS",
+           "D_INV_NORMS", "NEG_INV_NORMS", "POS_INV_NORMS", "BUF", "POS_COEF", "FACTOR", "DOTS_OUT"}
+LAST_STRIDES = {"stride_x_dim", "stride_q_dim", "stride_d_dim", "stride_neg_dim", "stride_out_dim", "stride_buf_dim",
+                "stride_pos_dim"}
 KERNELS = {"lse_kernel": K.lse_kernel.fn, "grad_kernel": K.grad_kernel.fn, "epilogue_kernel": K.epilogue_kernel}
 
 
 def types(dtype: str) -> dict:
     ptr = DTYPES[dtype][0]
     out = {name: "*fp32" for name in FLOAT32}
-    out.update({name: ptr for name in EMBEDDINGS}, G="*i64")
+    out.update({name: ptr for name in EMBEDDINGS}, GROUP_IDS="*i64")
     out["OUT"] = ptr  # the gradient, in the input dtype (the grad kernel's BUF is float32)
     return out
 
@@ -84,9 +80,9 @@ def variants(everything: bool = True):
         for kernel, launch, dots in [(k, la, dots) for k, la in launches for dots in (False, True)]:
             if not everything and dots != (i % 2 == 0):
                 continue
-            flags = {k: v for k, v in launch.flags(groups, hardness, has_hard).items() if k in kernel.fn.arg_names}
+            flags = launch.roles(groups, hardness, has_hard)
             if kernel is K.grad_kernel:
-                flags.update(launch.finish_flags(normed, dots))
+                flags["FINISH"] = launch.finish(normed, dots)
             item = (kernel.fn.__name__, {**flags, "NORMED": normed})
             if item not in seen:
                 seen.append(item)
@@ -98,15 +94,14 @@ def variants(everything: bool = True):
 def heaviest_backward(normed: bool = False) -> dict:
     """The queries' launch of bidirectional SamToNe (every walk, both roles) with groups and the
     hardness penalty; without ``normed`` its last sweep writes the gradient, the positive logit's
-    term and the dots (``plan.Launch.finish_flags``)."""
+    term and the dots (``plan.Launch.finish``)."""
     launch = plan.backward_launches(DIRECTION_SETS[-1], shared=True)[0]
-    return {**launch.flags(True, "all_negatives"), **launch.finish_flags(normed, True), "NORMED": normed}
+    return {**launch.roles(True, "all_negatives"), "FINISH": launch.finish(normed, True), "NORMED": normed}
 
 
 def heaviest_forward() -> dict:
     launch = plan.forward_launches(DIRECTION_SETS[-1])[0]  # queries: every segment
-    flags = launch.flags(True, "all_negatives")
-    return {**{k: v for k, v in flags.items() if k in K.lse_kernel.fn.arg_names}, "NORMED": True}
+    return {**launch.roles(True, "all_negatives"), "NORMED": True}
 
 
 def precisions(dtype: str):

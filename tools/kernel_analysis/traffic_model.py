@@ -14,19 +14,15 @@ it: the vectors loaded per tile (statistics, inverse norms, group ids: about 8 /
 only the rows inside the mask); the epilogue makes one pass, as it does with ``normalize=False`` and
 no temperature gradient (otherwise it reads its inputs twice).
 
-    python tests/traffic_model.py      # the table of bench/RESULTS.md: bytes per textbook FLOP
+    python -m tools.kernel_analysis.traffic_model      # the table of bench/RESULTS.md: bytes per textbook FLOP
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from samtone_kernels import _plan as plan  # noqa: E402
+from samtone_kernels import _plan as plan
 
 
 @dataclass(frozen=True)
