@@ -160,33 +160,31 @@ def lse_kernel(X, stride_x_row, stride_x_dim, X_INV_NORMS, Q, stride_q_row, stri
     row_ok = rows < n_rows
     scale = tl.load(SCALE)
     penalty = hardness / scale
-    x_inv_norm = inv_norms(X_INV_NORMS, rows, row_ok, BLOCK=BLOCK_M, NORMED=NORMED)
+    x = (X, stride_x_row, stride_x_dim)
+    row = (rows, rows_g, row_ok, inv_norms(X_INV_NORMS, rows, row_ok, BLOCK=BLOCK_M, NORMED=NORMED), None, None)
+    seg_q = (Q, stride_q_row, stride_q_dim, Q_INV_NORMS, None, None)  # no column statistics: row blocks only
+    seg_d = (D, stride_d_row, stride_d_dim, D_INV_NORMS, None, None)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PAIRED:  # the Q and D tiles of each column tile together
-        m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
-                        Q, stride_q_row, stride_q_dim, Q_INV_NORMS, D, stride_d_row, stride_d_dim, D_INV_NORMS,
-                        GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE, B_ROLE=D_ROLE, NORMED=NORMED,
-                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        m, l = lse_walk(m, l, x, row, seg_q, seg_d, GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE,
+                        B_ROLE=D_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                        PRECISION=PRECISION)
     else:
         if has(Q_ROLE, ROW):
-            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
-                            Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q, stride_q_row, stride_q_dim, Q_INV_NORMS,
-                            GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE, B_ROLE=0, NORMED=NORMED,
-                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            m, l = lse_walk(m, l, x, row, seg_q, seg_q, GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=Q_ROLE,
+                            B_ROLE=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                            PRECISION=PRECISION)
         if has(D_ROLE, ROW):
-            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
-                            D, stride_d_row, stride_d_dim, D_INV_NORMS, D, stride_d_row, stride_d_dim, D_INV_NORMS,
-                            GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=D_ROLE, B_ROLE=0, NORMED=NORMED,
-                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            m, l = lse_walk(m, l, x, row, seg_d, seg_d, GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=D_ROLE,
+                            B_ROLE=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                            PRECISION=PRECISION)
     if has(N_ROLE, ROW):
         for k in range(0, n_hard):
-            NEG_K = NEG + k * stride_neg_k
-            m, l = lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok,
-                            NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols,
-                            NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS, GROUP_IDS, n_cols, dim, scale,
-                            penalty, A_ROLE=N_ROLE, B_ROLE=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                            BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            seg_n = (NEG + k * stride_neg_k, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols, None, None)
+            m, l = lse_walk(m, l, x, row, seg_n, seg_n, GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE=N_ROLE,
+                            B_ROLE=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                            PRECISION=PRECISION)
     # Rows past N never reach the store, and a row with nothing kept (a document whose only
     # candidates are its group's, with d2d alone) has m = -inf: give both l = 1 so log() sees no
     # zero; the latter's log-partition is then -inf, log(0).
@@ -246,47 +244,39 @@ def grad_kernel(OUT, stride_out_row, stride_out_block, stride_out_dim, BUF, stri
     pos_coef = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if has(FINISH, PARTNER):
         pos_coef = tl.load(POS_COEF + rows, mask=row_ok, other=0.0)
+    x = (X, stride_x_row, stride_x_dim)
+    row = (rows, rows_g, row_ok, x_inv_norm, row_lse, row_w)
+    dst = (BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, factor)
+    partner = (POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef)
+    seg_q = (Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q_LSE, Q_W)
+    seg_d = (D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W)
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROLE
     # comes with at least one block: plan.Launch.roles), else D's, else Q's. Only that walk's last
     # step writes the gradient (FINISH); its ``final`` is a true scalar.
     true = n_cols > 0
     if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
-        dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
-                         stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                         x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, Q, stride_q_row, stride_q_dim, Q_INV_NORMS,
-                         Q_LSE, Q_W, D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W, GROUP_IDS, n_cols,
-                         col_offset, dim, scale, penalty, true, A_ROLE=Q_ROLE, B_ROLE=D_ROLE, FIRST=True, SPAN=1,
-                         FINISH=0 if WALK_N else FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                         BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        dots = grad_walk(dots, dst, x, partner, row, seg_q, seg_d, GROUP_IDS, n_cols, col_offset, dim, scale, penalty,
+                         true, A_ROLE=Q_ROLE, B_ROLE=D_ROLE, FIRST=True, SPAN=1, FINISH=0 if WALK_N else FINISH,
+                         NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     else:  # each segment alone, SPAN column tiles per sweep
         if WALK_Q:
-            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
-                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, Q, stride_q_row, stride_q_dim,
-                             Q_INV_NORMS, Q_LSE, Q_W, Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q_LSE, Q_W,
-                             GROUP_IDS, n_cols, col_offset, dim, scale, penalty, true, A_ROLE=Q_ROLE, B_ROLE=0,
-                             FIRST=True, SPAN=SPAN, FINISH=0 if WALK_D or WALK_N else FINISH, NORMED=NORMED,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            dots = grad_walk(dots, dst, x, partner, row, seg_q, seg_q, GROUP_IDS, n_cols, col_offset, dim, scale,
+                             penalty, true, A_ROLE=Q_ROLE, B_ROLE=0, FIRST=True, SPAN=SPAN,
+                             FINISH=0 if WALK_D or WALK_N else FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M,
+                             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
         if WALK_D:
-            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
-                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, D, stride_d_row, stride_d_dim,
-                             D_INV_NORMS, D_LSE, D_W, D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W,
-                             GROUP_IDS, n_cols, col_offset, dim, scale, penalty, true, A_ROLE=D_ROLE, B_ROLE=0,
-                             FIRST=not WALK_Q, SPAN=SPAN, FINISH=0 if WALK_N else FINISH, NORMED=NORMED,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            dots = grad_walk(dots, dst, x, partner, row, seg_d, seg_d, GROUP_IDS, n_cols, col_offset, dim, scale,
+                             penalty, true, A_ROLE=D_ROLE, B_ROLE=0, FIRST=not WALK_Q, SPAN=SPAN,
+                             FINISH=0 if WALK_N else FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                             BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     if WALK_N:
         for k in range(0, n_hard):
-            NEG_K = NEG + k * stride_neg_k
-            NEG_INV_NORMS_K = NEG_INV_NORMS + k * n_cols
-            dots = grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
-                             stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                             x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, NEG_K, stride_neg_row, stride_neg_dim,
-                             NEG_INV_NORMS_K, D_LSE, D_W, NEG_K, stride_neg_row, stride_neg_dim, NEG_INV_NORMS_K,
-                             D_LSE, D_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, k == n_hard - 1,
-                             A_ROLE=N_ROLE, B_ROLE=0, FIRST=False, SPAN=SPAN, FINISH=FINISH, NORMED=NORMED,
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+            seg_n = (NEG + k * stride_neg_k, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols, D_LSE, D_W)
+            dots = grad_walk(dots, dst, x, partner, row, seg_n, seg_n, GROUP_IDS, n_cols, col_offset, dim, scale,
+                             penalty, k == n_hard - 1, A_ROLE=N_ROLE, B_ROLE=0, FIRST=False, SPAN=SPAN,
+                             FINISH=FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                             PRECISION=PRECISION)
     if has(FINISH, DOTS):
         tl.store(DOTS_OUT + rows * tl.num_programs(1) + blk, dots, mask=row_ok)
 

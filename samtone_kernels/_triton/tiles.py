@@ -2,12 +2,23 @@
 their keep-mask and hardness penalty, the forward's online log-sum-exp walk, and the backward's walk:
 coefficient tiles, and sweeps over D that add their ``coef @ Y`` to the rows' gradient.
 
-Every helper works on one block of rows ``rows`` (local indices, ``row_ok`` in range) against the
-columns of one or two candidate segments (A and B: the queries and the documents of a paired walk),
-in tiles of BLOCK_N columns, with D looped in BLOCK_D chunks. Global pair indices (``rows_g``,
-``cols + col_offset``) are what the masks compare. A segment's part is one integer constexpr, its
-*role* (``_plan.Launch.roles``: ROW, COL, DROP_*, PEN_* bits; 0 when the segment is not walked),
-read with ``has``; the grad kernel's last step is the FINISH bits (``_plan.Launch.finish``).
+Every helper works on one block of rows against the columns of one or two candidate segments (A and
+B: the queries and the documents of a paired walk), in tiles of BLOCK_N columns, with D looped in
+BLOCK_D chunks. What they pass around, as tuples (Triton flattens them; nothing is copied):
+
+- ``x = (X, stride_row, stride_dim)``: the program's row tensor;
+- ``row = (rows, rows_g, row_ok, inv_norm, lse, w)``: its block of rows (local and global pair
+  indices, in range, inverse norms, and the statistics of the rows as anchors);
+- ``seg = (Y, stride_row, stride_dim, INV_NORMS, LSE, W)``: a candidate segment, with the statistics
+  of its rows as anchors (read by the COL role only);
+- ``dst = (BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, factor)``: the
+  float32 buffer of the rows' gradient and the gradient itself;
+- ``partner = (POS_ROWS, stride_row, stride_dim, pos_coef)``: the positive logit's partner rows.
+
+Global pair indices (``rows_g``, ``cols + col_offset``) are what the masks compare. A segment's part
+is one integer constexpr, its *role* (``_plan.Launch.roles``: ROW, COL, DROP_*, PEN_* bits; 0 when
+the segment is not walked), read with ``has``; the grad kernel's last step is the FINISH bits
+(``_plan.Launch.finish``).
 """
 
 from __future__ import annotations
@@ -75,14 +86,17 @@ def penalised(s, rows_g, cols_g, penalty, ROLE: tl.constexpr):
 
 
 @triton.jit
-def logit_pair(X, stride_x_row, stride_x_dim, x_inv_norm, rows, row_ok, A, stride_a_row, stride_a_dim, A_INV_NORMS,
-               B, stride_b_row, stride_b_dim, B_INV_NORMS, cols, col_ok, dim, scale, A_ROLE: tl.constexpr,
-               B_ROLE: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def logit_pair(x, row, seg_a, seg_b, cols, col_ok, dim, scale, A_ROLE: tl.constexpr, B_ROLE: tl.constexpr,
+               NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PRECISION: tl.constexpr):
     """The logit tiles of columns ``cols`` of segments A and B (each if its role is not 0), from one
     load of each X chunk: (a_inv_norm, s_a, b_inv_norm, s_b), the columns' inverse norms and the
     [BLOCK_M, BLOCK_N] logits (a segment not walked gives a zero tile that nothing reads). Two tiles
     cost one read of the row tile where a walk of each segment apart would read it twice."""
+    X, stride_x_row, stride_x_dim = x
+    rows, _, row_ok, x_inv_norm, _, _ = row
+    A, stride_a_row, stride_a_dim, A_INV_NORMS, _, _ = seg_a
+    B, stride_b_row, stride_b_dim, B_INV_NORMS, _, _ = seg_b
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_D)
@@ -91,13 +105,13 @@ def logit_pair(X, stride_x_row, stride_x_dim, x_inv_norm, rows, row_ok, A, strid
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
         k_ok = ks[None, :] < dim
-        x = tl.load(x_rows + ks[None, :] * stride_x_dim, mask=row_ok[:, None] & k_ok, other=0.0)
+        x_chunk = tl.load(x_rows + ks[None, :] * stride_x_dim, mask=row_ok[:, None] & k_ok, other=0.0)
         if A_ROLE != 0:
             a = tl.load(A + c64 * stride_a_row + ks[None, :] * stride_a_dim, mask=col_ok[:, None] & k_ok, other=0.0)
-            acc_a = tl.dot(x, tl.trans(a), acc_a, input_precision=PRECISION)
+            acc_a = tl.dot(x_chunk, tl.trans(a), acc_a, input_precision=PRECISION)
         if B_ROLE != 0:
             b = tl.load(B + c64 * stride_b_row + ks[None, :] * stride_b_dim, mask=col_ok[:, None] & k_ok, other=0.0)
-            acc_b = tl.dot(x, tl.trans(b), acc_b, input_precision=PRECISION)
+            acc_b = tl.dot(x_chunk, tl.trans(b), acc_b, input_precision=PRECISION)
     a_inv_norm = inv_norms(A_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
     b_inv_norm = inv_norms(B_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
     if NORMED:
@@ -107,9 +121,10 @@ def logit_pair(X, stride_x_row, stride_x_dim, x_inv_norm, rows, row_ok, A, strid
 
 
 @triton.jit
-def lse_fold(m, l, s, rows_g, row_ok, cols, col_ok, GROUP_IDS, penalty, ROLE: tl.constexpr):
+def lse_fold(m, l, s, row, cols, col_ok, GROUP_IDS, penalty, ROLE: tl.constexpr):
     """Fold a logit tile (global column index = local index) into the running (max m, sum l) of each
     anchor row; the role's PEN bits: the hardness penalty's entries (``penalised``)."""
+    _, rows_g, row_ok, _, _, _ = row
     if has(ROLE, PEN_OWN | PEN_OTHER):
         s = penalised(s, rows_g, cols, penalty, ROLE=ROLE)
     s = tl.where(keep_mask(rows_g, row_ok, cols, col_ok, GROUP_IDS, ROLE=ROLE), s, float("-inf"))
@@ -121,36 +136,36 @@ def lse_fold(m, l, s, rows_g, row_ok, cols, col_ok, GROUP_IDS, penalty, ROLE: tl
 
 
 @triton.jit
-def lse_walk(m, l, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok, A, stride_a_row, stride_a_dim,
-             A_INV_NORMS, B, stride_b_row, stride_b_dim, B_INV_NORMS, GROUP_IDS, n_cols, dim, scale, penalty,
-             A_ROLE: tl.constexpr, B_ROLE: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def lse_walk(m, l, x, row, seg_a, seg_b, GROUP_IDS, n_cols, dim, scale, penalty, A_ROLE: tl.constexpr,
+             B_ROLE: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Fold segments A and B (each if its role is not 0) into the rows' running (m, l), the tiles of
     both at the same columns from one load of the row tile."""
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        _, s_a, _, s_b = logit_pair(
-            X, stride_x_row, stride_x_dim, x_inv_norm, rows, row_ok, A, stride_a_row, stride_a_dim, A_INV_NORMS,
-            B, stride_b_row, stride_b_dim, B_INV_NORMS, cols, col_ok, dim, scale, A_ROLE=A_ROLE, B_ROLE=B_ROLE,
-            NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        _, s_a, _, s_b = logit_pair(x, row, seg_a, seg_b, cols, col_ok, dim, scale, A_ROLE=A_ROLE, B_ROLE=B_ROLE,
+                                    NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                                    PRECISION=PRECISION)
         if A_ROLE != 0:
-            m, l = lse_fold(m, l, s_a, rows_g, row_ok, cols, col_ok, GROUP_IDS, penalty, ROLE=A_ROLE)
+            m, l = lse_fold(m, l, s_a, row, cols, col_ok, GROUP_IDS, penalty, ROLE=A_ROLE)
         if B_ROLE != 0:
-            m, l = lse_fold(m, l, s_b, rows_g, row_ok, cols, col_ok, GROUP_IDS, penalty, ROLE=B_ROLE)
+            m, l = lse_fold(m, l, s_b, row, cols, col_ok, GROUP_IDS, penalty, ROLE=B_ROLE)
     return m, l
 
 
 @triton.jit
-def coefficient(s, y_inv_norm, rows_g, row_ok, row_lse, row_w, cols, col_ok, col_offset, COL_LSE, COL_W, GROUP_IDS,
-                penalty, ROLE: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def coefficient(s, y_inv_norm, row, seg, cols, col_ok, col_offset, GROUP_IDS, penalty, ROLE: tl.constexpr,
+                NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The gradient coefficient [BLOCK_M, BLOCK_N] (float32) of a logit tile s, for every block the
-    tile serves: ROW, the rows are anchors, ``row_w exp(S - row_lse)`` (row statistics); COL, the
-    columns are anchors (``s(y_j, x_i) = S_ij``), ``w_j exp(S - lse_j)`` with the columns'
-    statistics COL_LSE, COL_W (local column index). PEN bits: the hardness penalty's entries, in the
-    softmax of the column role (PEN_COL) or the row role; it weighs P, while the coefficient multiplies
-    the unpenalised tiles (stop-gradient). With NORMED the columns' inverse norms go into it, so that
-    ``coef @ Y`` sums unit vectors."""
+    tile serves: ROW, the rows are anchors, ``w_i exp(S - lse_i)`` (the row statistics); COL, the
+    columns are anchors (``s(y_j, x_i) = S_ij``), ``w_j exp(S - lse_j)`` with the segment's statistics
+    (local column index). PEN bits: the hardness penalty's entries, in the softmax of the column role
+    (PEN_COL) or the row role; it weighs P, while the coefficient multiplies the unpenalised tiles
+    (stop-gradient). With NORMED the columns' inverse norms go into it, so that ``coef @ Y`` sums
+    unit vectors."""
+    _, rows_g, row_ok, _, row_lse, row_w = row
+    _, _, _, _, COL_LSE, COL_W = seg
     keep = keep_mask(rows_g, row_ok, cols + col_offset, col_ok, GROUP_IDS, ROLE=ROLE)
     s_row = s
     s_col = s
@@ -172,47 +187,43 @@ def coefficient(s, y_inv_norm, rows_g, row_ok, row_lse, row_w, cols, col_ok, col
 
 
 @triton.jit
-def coefficients(c0, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok, row_lse, row_w,
-                 A, stride_a_row, stride_a_dim, A_INV_NORMS, A_LSE, A_W, B, stride_b_row, stride_b_dim, B_INV_NORMS,
-                 B_LSE, B_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, A_ROLE: tl.constexpr,
+def coefficients(c0, x, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, A_ROLE: tl.constexpr,
                  B_ROLE: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """The coefficient tiles (coef_a, coef_b) of columns ``c0 ..`` of segments A and B, cast to the
-    dot's operand type (the float32 tiles die here), and those columns (cols, col_ok)."""
+    """The staged tiles ``(coef_a, coef_b, cols, col_ok)`` of columns ``c0 ..`` of segments A and B:
+    the coefficient tiles cast to the dot's operand type (the float32 tiles die here), and their
+    columns."""
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    a_inv_norm, s_a, b_inv_norm, s_b = logit_pair(
-        X, stride_x_row, stride_x_dim, x_inv_norm, rows, row_ok, A, stride_a_row, stride_a_dim, A_INV_NORMS,
-        B, stride_b_row, stride_b_dim, B_INV_NORMS, cols, col_ok, dim, scale, A_ROLE=A_ROLE, B_ROLE=B_ROLE,
-        NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    a_inv_norm, s_a, b_inv_norm, s_b = logit_pair(x, row, seg_a, seg_b, cols, col_ok, dim, scale, A_ROLE=A_ROLE,
+                                                  B_ROLE=B_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                                  BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    A = seg_a[0]
+    B = seg_b[0]
     coef_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=A.dtype.element_ty)
     coef_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=B.dtype.element_ty)
     if A_ROLE != 0:
-        coef_a = coefficient(s_a, a_inv_norm, rows_g, row_ok, row_lse, row_w, cols, col_ok, col_offset, A_LSE, A_W,
-                             GROUP_IDS, penalty, ROLE=A_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M,
-                             BLOCK_N=BLOCK_N).to(A.dtype.element_ty)
+        coef_a = coefficient(s_a, a_inv_norm, row, seg_a, cols, col_ok, col_offset, GROUP_IDS, penalty, ROLE=A_ROLE,
+                             NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N).to(A.dtype.element_ty)
     if B_ROLE != 0:
-        coef_b = coefficient(s_b, b_inv_norm, rows_g, row_ok, row_lse, row_w, cols, col_ok, col_offset, B_LSE, B_W,
-                             GROUP_IDS, penalty, ROLE=B_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M,
-                             BLOCK_N=BLOCK_N).to(B.dtype.element_ty)
+        coef_b = coefficient(s_b, b_inv_norm, row, seg_b, cols, col_ok, col_offset, GROUP_IDS, penalty, ROLE=B_ROLE,
+                             NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N).to(B.dtype.element_ty)
     return coef_a, coef_b, cols, col_ok
 
 
 @triton.jit
-def _times_chunk(acc, coef, Y, stride_y_row, stride_y_dim, cols, col_ok, ks, k_ok, PRECISION: tl.constexpr):
-    """acc + coef @ Y[cols, ks]."""
+def _times_chunk(acc, coef, seg, cols, col_ok, ks, k_ok, PRECISION: tl.constexpr):
+    """acc + coef @ Y[cols, ks] for the segment ``seg``."""
+    Y, stride_y_row, stride_y_dim, _, _, _ = seg
     y = tl.load(Y + cols.to(tl.int64)[:, None] * stride_y_row + ks[None, :] * stride_y_dim,
                 mask=col_ok[:, None] & k_ok, other=0.0)
     return tl.dot(coef, y, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X, stride_x_row, stride_x_dim,
-          POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor, rows, row_ok, dots,
-          coef_a0, coef_b0, cols0, ok0, coef_a1, coef_b1, cols1, ok1, A, stride_a_row, stride_a_dim,
-          B, stride_b_row, stride_b_dim, dim, started, last, A_ROLE: tl.constexpr, B_ROLE: tl.constexpr,
-          SPAN: tl.constexpr, FINISH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-          PRECISION: tl.constexpr):
+def sweep(dst, x, partner, row, dots, staged0, staged1, seg_a, seg_b, dim, started, last, A_ROLE: tl.constexpr,
+          B_ROLE: tl.constexpr, SPAN: tl.constexpr, FINISH: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One sweep over D: the rows' float32 buffer (+)= the staged coefficient tiles times their
     candidates, ``coef_a0 A[cols0] + coef_b0 B[cols0] (+ coef_a1 A[cols1] + coef_b1 B[cols1] with SPAN
     = 2)``, one read-modify-write of BUF for all of them. ``started``: an earlier sweep stored the
@@ -223,6 +234,12 @@ def sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_d
     here), so ``grad_walk`` compiles FINISH into its last step only. A barrier after the sweep orders
     its stores before the next sweep's loads of the same rows, which other threads of the program may
     make."""
+    BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, factor = dst
+    X, stride_x_row, stride_x_dim = x
+    POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef = partner
+    rows, _, row_ok, _, _, _ = row
+    coef_a0, coef_b0, cols0, ok0 = staged0
+    coef_a1, coef_b1, cols1, ok1 = staged1
     offs_k = tl.arange(0, BLOCK_D)
     r64 = rows.to(tl.int64)[:, None]
     # The flags as row vectors for the masks: under the interpreter they can be Python bools (the sizes
@@ -234,16 +251,14 @@ def sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_d
         k_ok = ks[None, :] < dim
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         if A_ROLE != 0:
-            acc = _times_chunk(acc, coef_a0, A, stride_a_row, stride_a_dim, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
+            acc = _times_chunk(acc, coef_a0, seg_a, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
         if B_ROLE != 0:
-            acc = _times_chunk(acc, coef_b0, B, stride_b_row, stride_b_dim, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
+            acc = _times_chunk(acc, coef_b0, seg_b, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
         if SPAN == 2:
             if A_ROLE != 0:
-                acc = _times_chunk(acc, coef_a1, A, stride_a_row, stride_a_dim, cols1, ok1, ks, k_ok,
-                                   PRECISION=PRECISION)
+                acc = _times_chunk(acc, coef_a1, seg_a, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
             if B_ROLE != 0:
-                acc = _times_chunk(acc, coef_b1, B, stride_b_row, stride_b_dim, cols1, ok1, ks, k_ok,
-                                   PRECISION=PRECISION)
+                acc = _times_chunk(acc, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
         ok = row_ok[:, None] & k_ok
         buf = BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim
         acc += tl.load(buf, mask=ok & started_rows[:, None], other=0.0)
@@ -251,14 +266,14 @@ def sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_d
             out_ok = ok & last_rows[:, None]
             grad = acc * factor
             if has(FINISH, PARTNER):
-                partner = tl.load(POS_ROWS + r64 * stride_pos_row + ks[None, :] * stride_pos_dim, mask=out_ok,
-                                  other=0.0)
-                grad += pos_coef[:, None] * partner.to(tl.float32)
+                partner_chunk = tl.load(POS_ROWS + r64 * stride_pos_row + ks[None, :] * stride_pos_dim, mask=out_ok,
+                                        other=0.0)
+                grad += pos_coef[:, None] * partner_chunk.to(tl.float32)
             tl.store(OUT + r64 * stride_out_row + ks[None, :] * stride_out_dim, grad.to(OUT.dtype.element_ty),
                      mask=out_ok)
             if has(FINISH, DOTS):
-                x = tl.load(X + r64 * stride_x_row + ks[None, :] * stride_x_dim, mask=out_ok, other=0.0).to(tl.float32)
-                dots += tl.sum(grad * x, 1)  # x is 0 unless last
+                x_chunk = tl.load(X + r64 * stride_x_row + ks[None, :] * stride_x_dim, mask=out_ok, other=0.0)
+                dots += tl.sum(grad * x_chunk.to(tl.float32), 1)  # x is 0 unless last
             tl.store(buf, acc, mask=ok & (last_rows == 0)[:, None])
         else:
             tl.store(buf, acc, mask=ok)
@@ -267,38 +282,25 @@ def sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_d
 
 
 @triton.jit
-def _walk_step(c0, dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X, stride_x_row,
-               stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor, x_inv_norm, rows, rows_g,
-               row_ok, row_lse, row_w, A, stride_a_row, stride_a_dim, A_INV_NORMS, A_LSE, A_W, B, stride_b_row,
-               stride_b_dim, B_INV_NORMS, B_LSE, B_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, started,
-               last, A_ROLE: tl.constexpr, B_ROLE: tl.constexpr, SPAN: tl.constexpr, FINISH: tl.constexpr,
+def _walk_step(c0, dots, dst, x, partner, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale, penalty,
+               started, last, A_ROLE: tl.constexpr, B_ROLE: tl.constexpr, SPAN: tl.constexpr, FINISH: tl.constexpr,
                NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                PRECISION: tl.constexpr):
     """The SPAN column tiles from ``c0``: their coefficient tiles, then one ``sweep``."""
-    coef_a0, coef_b0, cols0, ok0 = coefficients(
-        c0, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, A, stride_a_row,
-        stride_a_dim, A_INV_NORMS, A_LSE, A_W, B, stride_b_row, stride_b_dim, B_INV_NORMS, B_LSE, B_W, GROUP_IDS,
-        n_cols, col_offset, dim, scale, penalty, A_ROLE=A_ROLE, B_ROLE=B_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
-    coef_a1, coef_b1, cols1, ok1 = coef_a0, coef_b0, cols0, ok0  # read only with SPAN = 2
+    staged0 = coefficients(c0, x, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale, penalty,
+                           A_ROLE=A_ROLE, B_ROLE=B_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                           BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    staged1 = staged0  # read only with SPAN = 2
     if SPAN == 2:
-        coef_a1, coef_b1, cols1, ok1 = coefficients(
-            c0 + BLOCK_N, X, stride_x_row, stride_x_dim, x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, A,
-            stride_a_row, stride_a_dim, A_INV_NORMS, A_LSE, A_W, B, stride_b_row, stride_b_dim, B_INV_NORMS, B_LSE,
-            B_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, A_ROLE=A_ROLE, B_ROLE=B_ROLE, NORMED=NORMED,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
-    return sweep(BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X, stride_x_row,
-                 stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor, rows, row_ok, dots,
-                 coef_a0, coef_b0, cols0, ok0, coef_a1, coef_b1, cols1, ok1, A, stride_a_row, stride_a_dim,
-                 B, stride_b_row, stride_b_dim, dim, started, last, A_ROLE=A_ROLE, B_ROLE=B_ROLE, SPAN=SPAN,
-                 FINISH=FINISH, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        staged1 = coefficients(c0 + BLOCK_N, x, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale, penalty,
+                               A_ROLE=A_ROLE, B_ROLE=B_ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                               BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+    return sweep(dst, x, partner, row, dots, staged0, staged1, seg_a, seg_b, dim, started, last, A_ROLE=A_ROLE,
+                 B_ROLE=B_ROLE, SPAN=SPAN, FINISH=FINISH, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
 
 
 @triton.jit
-def grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X, stride_x_row,
-              stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor, x_inv_norm, rows, rows_g,
-              row_ok, row_lse, row_w, A, stride_a_row, stride_a_dim, A_INV_NORMS, A_LSE, A_W, B, stride_b_row,
-              stride_b_dim, B_INV_NORMS, B_LSE, B_W, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, final,
+def grad_walk(dots, dst, x, partner, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale, penalty, final,
               A_ROLE: tl.constexpr, B_ROLE: tl.constexpr, FIRST: tl.constexpr, SPAN: tl.constexpr,
               FINISH: tl.constexpr, NORMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -319,23 +321,15 @@ def grad_walk(dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, st
             started = c0 > 0
         else:
             started = c0 >= 0
-        dots = _walk_step(c0, dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, X,
-                          stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                          x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, A, stride_a_row, stride_a_dim,
-                          A_INV_NORMS, A_LSE, A_W, B, stride_b_row, stride_b_dim, B_INV_NORMS, B_LSE, B_W, GROUP_IDS,
-                          n_cols, col_offset, dim, scale, penalty, started, final, A_ROLE=A_ROLE, B_ROLE=B_ROLE,
-                          SPAN=SPAN, FINISH=0, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                          BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        dots = _walk_step(c0, dots, dst, x, partner, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim, scale,
+                          penalty, started, final, A_ROLE=A_ROLE, B_ROLE=B_ROLE, SPAN=SPAN, FINISH=0, NORMED=NORMED,
+                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     if has(FINISH, FUSED):
         if FIRST:
             started = last_c0 > 0
         else:
             started = last_c0 >= 0
-        dots = _walk_step(last_c0, dots, BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim,
-                          X, stride_x_row, stride_x_dim, POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef, factor,
-                          x_inv_norm, rows, rows_g, row_ok, row_lse, row_w, A, stride_a_row, stride_a_dim,
-                          A_INV_NORMS, A_LSE, A_W, B, stride_b_row, stride_b_dim, B_INV_NORMS, B_LSE, B_W, GROUP_IDS,
-                          n_cols, col_offset, dim, scale, penalty, started, final, A_ROLE=A_ROLE, B_ROLE=B_ROLE,
-                          SPAN=SPAN, FINISH=FINISH, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                          BLOCK_D=BLOCK_D, PRECISION=PRECISION)
+        dots = _walk_step(last_c0, dots, dst, x, partner, row, seg_a, seg_b, GROUP_IDS, n_cols, col_offset, dim,
+                          scale, penalty, started, final, A_ROLE=A_ROLE, B_ROLE=B_ROLE, SPAN=SPAN, FINISH=FINISH,
+                          NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PRECISION=PRECISION)
     return dots
