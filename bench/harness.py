@@ -91,8 +91,11 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -123,8 +126,23 @@ def is_oom(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The table, the header and the files
 # --------------------------------------------------------------------------------------------------
-COLUMNS = ["workload", "n", "d", "h", "dtype", "impl", "status", "fwd_bwd_ms", "fwd_ms", "peak_mem_mb",
-           "tflops", "matmul_tflops", "efficiency", "loss", "ours_loss"]
+COLUMNS = [
+    "workload",
+    "n",
+    "d",
+    "h",
+    "dtype",
+    "impl",
+    "status",
+    "fwd_bwd_ms",
+    "fwd_ms",
+    "peak_mem_mb",
+    "tflops",
+    "matmul_tflops",
+    "efficiency",
+    "loss",
+    "ours_loss",
+]
 
 
 def header(device: str, peers: dict, cpu_note: str | None = None) -> list[str]:
@@ -141,8 +159,13 @@ def header(device: str, peers: dict, cpu_note: str | None = None) -> list[str]:
     lines.append(f"# python {platform.python_version()}, torch {torch.__version__}, triton {triton}")
     lines.append("# peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in peers.items()))
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=True,
+        ).stdout.strip()
         lines.append(f"# commit {commit}")
     except (OSError, subprocess.CalledProcessError):
         pass
@@ -153,17 +176,23 @@ def format_row(r: dict) -> str:
     def num(key, fmt):
         width = fmt[1:].split(".")[0]
         return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else format("-", f">{width}")
-    return (f"{r['workload']:<22}{r['n']:>8}{r['d']:>6} {r['dtype']:<9}{r['impl']:<22}"
-            f"{num('fwd_bwd_ms', '>11.3f')}{num('fwd_ms', '>10.3f')}{num('peak_mem_mb', '>11.1f')}"
-            f"{num('tflops', '>9.2f')}{num('efficiency', '>7.2f')}  {r['status']}")
+
+    return (
+        f"{r['workload']:<22}{r['n']:>8}{r['d']:>6} {r['dtype']:<9}{r['impl']:<22}"
+        f"{num('fwd_bwd_ms', '>11.3f')}{num('fwd_ms', '>10.3f')}{num('peak_mem_mb', '>11.1f')}"
+        f"{num('tflops', '>9.2f')}{num('efficiency', '>7.2f')}  {r['status']}"
+    )
 
 
-TABLE_HEAD = (f"{'workload':<22}{'N':>8}{'D':>6} {'dtype':<9}{'impl':<22}{'fwd+bwd ms':>11}{'fwd ms':>10}"
-              f"{'peak MB':>11}{'TFLOP/s':>9}{'eff':>7}  status")
+TABLE_HEAD = (
+    f"{'workload':<22}{'N':>8}{'D':>6} {'dtype':<9}{'impl':<22}{'fwd+bwd ms':>11}{'fwd ms':>10}"
+    f"{'peak MB':>11}{'TFLOP/s':>9}{'eff':>7}  status"
+)
 
 
-def write_results(rows: list[dict], lines: list[str], out_dir: str, stem: str, plot: bool,
-                  impls: Sequence[str] = ()) -> list[str]:
+def write_results(
+    rows: list[dict], lines: list[str], out_dir: str, stem: str, plot: bool, impls: Sequence[str] = ()
+) -> list[str]:
     """``stem``.csv, .json (with the header ``lines``) and, with ``plot``, .png in ``out_dir``; the
     paths written. ``impls``: every implementation's name in the order that picks its plot colour."""
     os.makedirs(out_dir, exist_ok=True)
@@ -209,15 +238,20 @@ def plot_results(rows: list[dict], path: str, title: str = "", impls: Sequence[s
                 series.setdefault((r["impl"], r["dtype"]), []).append(r)
         for (impl, dtype), pts in sorted(series.items()):
             pts.sort(key=lambda r: r["n"])
-            style = dict(linestyle="-" if dtype != "float32" else "--", marker="o", label=f"{impl} ({dtype})",
-                         color=f"C{order.index(impl)}")  # one colour per implementation
+            style = dict(
+                linestyle="-" if dtype != "float32" else "--",
+                marker="o",
+                label=f"{impl} ({dtype})",
+                color=f"C{order.index(impl)}",
+            )  # one colour per implementation
             axes[i][0].plot([r["n"] for r in pts], [r["fwd_bwd_ms"] for r in pts], **style)
             if has_mem:
                 axes[i][1].plot([r["n"] for r in pts], [r["peak_mem_mb"] for r in pts], **style)
         axes[i][0].set(title=f"{wname}: forward + backward", xlabel="N", ylabel="ms", xscale="log", yscale="log")
         if has_mem:
-            axes[i][1].set(title=f"{wname}: peak memory above inputs", xlabel="N", ylabel="MiB",
-                           xscale="log", yscale="log")
+            axes[i][1].set(
+                title=f"{wname}: peak memory above inputs", xlabel="N", ylabel="MiB", xscale="log", yscale="log"
+            )
         axes[i][0].legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()

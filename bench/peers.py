@@ -31,8 +31,7 @@ class Workload:
     dim: int
 
     def options(self) -> dict:
-        return dict(temperature=TEMPERATURE, directions=self.directions, partition=self.partition,
-                    normalize=True)
+        return dict(temperature=TEMPERATURE, directions=self.directions, partition=self.partition, normalize=True)
 
 
 WORKLOADS = {
@@ -73,8 +72,9 @@ def flop_count(w: Workload, n_pairs: int) -> int:
 def make_inputs(w: Workload, n_pairs: int, device: str, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     shapes = [(n_pairs, w.dim), (n_pairs, w.dim)] + ([(n_pairs, w.n_hard, w.dim)] if w.n_hard else [])
-    tensors = [torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
-               for s in shapes]
+    tensors = [
+        torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_() for s in shapes
+    ]
     return tensors + [None] * (3 - len(tensors))
 
 
@@ -96,8 +96,9 @@ CHUNK_ROWS: int | None = None  # eager-chunked's rows per chunk (--chunk-rows); 
 
 
 def impl_chunked(w: Workload, device: str):
-    options = check_options(directions=w.directions, partition=w.partition, doc_anchor_weight=1.0,
-                            normalize=True, reduction="mean")
+    options = check_options(
+        directions=w.directions, partition=w.partition, doc_anchor_weight=1.0, normalize=True, reduction="mean"
+    )
 
     def run(q, d, n):
         n_pairs = q.shape[0]
@@ -126,11 +127,13 @@ def impl_sentence_transformers(w: Workload, device: str):
     elif set(w.directions) <= {"q2d", "d2q"}:
         mode = "per_direction"
     else:
-        return ("MultipleNegativesRankingLoss cannot express it: its per-direction partition refuses "
-                "query_to_query and doc_to_doc")
-    loss = MultipleNegativesRankingLoss(model=None, scale=1.0 / TEMPERATURE,
-                                        directions=tuple(ST_NAMES[x] for x in w.directions),
-                                        partition_mode=mode)
+        return (
+            "MultipleNegativesRankingLoss cannot express it: its per-direction partition refuses "
+            "query_to_query and doc_to_doc"
+        )
+    loss = MultipleNegativesRankingLoss(
+        model=None, scale=1.0 / TEMPERATURE, directions=tuple(ST_NAMES[x] for x in w.directions), partition_mode=mode
+    )
 
     def run(q, d, n):
         columns = [q, d] + ([] if n is None else [n[:, k] for k in range(n.shape[1])])
@@ -151,8 +154,9 @@ def impl_inf_cl(w: Workload, device: str):
 
     def run(q, d, n):
         q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
-        return (cal_inf_loss(q, d, scale=scale, head_dim=head_dim)
-                + cal_inf_loss(d, q, scale=scale, head_dim=head_dim)) / 2
+        return (
+            cal_inf_loss(q, d, scale=scale, head_dim=head_dim) + cal_inf_loss(d, q, scale=scale, head_dim=head_dim)
+        ) / 2
 
     return run
 

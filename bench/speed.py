@@ -35,8 +35,9 @@ try:
 except ModuleNotFoundError as exc:  # run by path (python bench/speed.py): no package bench to import
     if exc.name != "bench":
         raise
-    raise SystemExit("bench/speed.py is part of the bench package: run `python -m bench.speed` "
-                     "from the repository root") from None
+    raise SystemExit(
+        "bench/speed.py is part of the bench package: run `python -m bench.speed` from the repository root"
+    ) from None
 from samtone_kernels import triton_available
 
 CPU_NOTE = "no CUDA GPU: the fused kernel needs one and is not timed here"
@@ -58,8 +59,15 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                 ours = peers.our_loss(w, q, d, n, device)
                 for name in impls:
                     factory = peers.IMPLEMENTATIONS[name][0]
-                    row = dict(workload=w.name, n=n_pairs, d=w.dim, h=w.n_hard,
-                               dtype=str(dtype).replace("torch.", ""), impl=name, matmul_tflops=mm_rate)
+                    row = dict(
+                        workload=w.name,
+                        n=n_pairs,
+                        d=w.dim,
+                        h=w.n_hard,
+                        dtype=str(dtype).replace("torch.", ""),
+                        impl=name,
+                        matmul_tflops=mm_rate,
+                    )
                     fn = factory(w, device)
                     if isinstance(fn, str):  # cannot express this workload (or needs a GPU): no row
                         if (name, w.name) not in told:
@@ -108,17 +116,26 @@ def measure(fn, embeddings, ours: float | None, dtype: torch.dtype, device: str,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="one small size of each workload")
-    p.add_argument("--workloads", nargs="+", choices=list(peers.WORKLOADS), default=list(peers.WORKLOADS),
-                   help="workloads")
+    p.add_argument(
+        "--workloads", nargs="+", choices=list(peers.WORKLOADS), default=list(peers.WORKLOADS), help="workloads"
+    )
     p.add_argument("--sizes", nargs="+", type=int, help="batch sizes N (default: the sweep for this device)")
     p.add_argument("--dim", type=int, help="embedding size D for every workload (default: each its own)")
-    p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 and float32 on the GPU, float32 on the CPU")
-    p.add_argument("--impls", nargs="+", choices=list(peers.IMPLEMENTATIONS),
-                   default=list(peers.IMPLEMENTATIONS), help="implementations")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["bfloat16", "float16", "float32"],
+        help="default: bfloat16 and float32 on the GPU, float32 on the CPU",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=list(peers.IMPLEMENTATIONS),
+        default=list(peers.IMPLEMENTATIONS),
+        help="implementations",
+    )
     p.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (median)")
     p.add_argument("--chunk-rows", type=int, help="eager-chunked's anchor rows per chunk (default: N / 8)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -138,16 +155,20 @@ def main(argv=None) -> int:
         sizes = [peers.QUICK_SIZE[device]]
     else:
         sizes = args.sizes or (peers.GPU_SIZES if device == "cuda" else peers.CPU_SIZES)
-    dtypes = [getattr(torch, x) for x in (args.dtypes or (["bfloat16", "float32"] if device == "cuda"
-                                                          else ["float32"]))]
+    dtypes = [
+        getattr(torch, x) for x in (args.dtypes or (["bfloat16", "float32"] if device == "cuda" else ["float32"]))
+    ]
     needs = {name: peers.IMPLEMENTATIONS[name][1] for name in args.impls}  # the peer module each needs
     versions = {peer: harness.peer_version(peer) for peer in needs.values() if peer}
     impls = []
     for name in args.impls:
         peer = needs[name]
         if peer and versions[peer] is None:
-            why = " (it runs on CUDA only, so it would have no row here anyway)" if name == "inf-cl" and \
-                device != "cuda" else ""
+            why = (
+                " (it runs on CUDA only, so it would have no row here anyway)"
+                if name == "inf-cl" and device != "cuda"
+                else ""
+            )
             print(f"# {name}: not installed{why}; pip install -e '.[bench]'")
         else:
             impls.append(name)
@@ -155,10 +176,12 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if "ours-fused" in impls and (device != "cuda" or not triton_available()):
         print("# ours-fused: the fused Triton kernel needs a CUDA GPU (and triton); not timed on this machine")
-    print("# eff: TFLOP/s of the loss (3 * 2 * D per kept anchor-candidate pair) over the TFLOP/s of a "
-          "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU); above 1 "
-          "where an implementation does less than that textbook work (the eager one: d2q's logits are q2d's "
-          "transposed)")
+    print(
+        "# eff: TFLOP/s of the loss (3 * 2 * D per kept anchor-candidate pair) over the TFLOP/s of a "
+        "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU); above 1 "
+        "where an implementation does less than that textbook work (the eager one: d2q's logits are q2d's "
+        "transposed)"
+    )
     print(harness.TABLE_HEAD)
 
     def emit(row):
@@ -167,8 +190,9 @@ def main(argv=None) -> int:
 
     rows = run_sweep(workloads, sizes, dtypes, impls, device, args.repeats, emit)
     stem = f"speed-{device}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    for path in harness.write_results(rows, lines, args.out, stem, plot=not args.no_plot,
-                                      impls=list(peers.IMPLEMENTATIONS)):
+    for path in harness.write_results(
+        rows, lines, args.out, stem, plot=not args.no_plot, impls=list(peers.IMPLEMENTATIONS)
+    ):
         print(f"# wrote {os.path.relpath(path)}")
     wrong = [r for r in rows if str(r.get("status", "")).startswith("WRONG")]
     if wrong:

@@ -27,8 +27,10 @@ try:
 except ModuleNotFoundError as exc:  # run by path (python bench/torch_chunks.py): no package bench to import
     if exc.name != "bench":
         raise
-    raise SystemExit("bench/torch_chunks.py is part of the bench package: run `python -m bench.torch_chunks` "
-                     "from the repository root") from None
+    raise SystemExit(
+        "bench/torch_chunks.py is part of the bench package: run `python -m bench.torch_chunks` "
+        "from the repository root"
+    ) from None
 from samtone_kernels import _torch_impl, fused_samtone_loss
 
 WORKLOADS = {"samtone": ("q2d", "q2q"), "bi-samtone": ("q2d", "q2q", "d2q", "d2d"), "symmetric": ("q2d", "d2q")}
@@ -67,8 +69,13 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N (default: %(default)s)")
     p.add_argument("--dim", type=int, default=128, help="D (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (default: %(default)s)")
-    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=["samtone", "bi-samtone"],
-                   help="default: %(default)s")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=list(WORKLOADS),
+        default=["samtone", "bi-samtone"],
+        help="default: %(default)s",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D = {args.dim}, float32, normalize=True")
@@ -79,14 +86,20 @@ def main(argv=None) -> int:
         options = _options(directions)
         for n in args.sizes:
             rows = {}
-            for variant, budget in (("unchunked", 1 << 62), ("default", _torch_impl.CHUNK_BYTES),
-                                    ("chunked", _torch_impl.budget_for_rows(max(1, n // 8), n, n, options, 4))):
+            for variant, budget in (
+                ("unchunked", 1 << 62),
+                ("default", _torch_impl.CHUNK_BYTES),
+                ("chunked", _torch_impl.budget_for_rows(max(1, n // 8), n, n, options, 4)),
+            ):
                 ms, peak = measure(n, args.dim, directions, budget, args.repeats)
                 rows[variant] = (ms, peak)
                 chunks = -(-n // _torch_impl.chunk_rows(n, n, options, 4, budget=budget))
                 base_ms, base_peak = rows["unchunked"]
-                print(f"| {name} | {n} | {variant} | {chunks} | {ms:.1f} | {ms / base_ms:.2f} | "
-                      f"{peak / 2**20:.1f} | {peak / base_peak:.2f} |", flush=True)
+                print(
+                    f"| {name} | {n} | {variant} | {chunks} | {ms:.1f} | {ms / base_ms:.2f} | "
+                    f"{peak / 2**20:.1f} | {peak / base_peak:.2f} |",
+                    flush=True,
+                )
     with_d2q = [name for name in args.workloads if "d2q" in WORKLOADS[name]]
     if with_d2q:
         print("\n| workload | N | d2q block | fwd+bwd ms | time / apart |\n|---|---|---|---|---|")
@@ -94,16 +107,20 @@ def main(argv=None) -> int:
         for n in args.sizes:
             ms = {apart: measure_d2q(n, args.dim, WORKLOADS[name], apart, args.repeats) for apart in (True, False)}
             for apart in (True, False):
-                print(f"| {name} | {n} | {'apart' if apart else 'shared'} | {ms[apart]:.1f} | "
-                      f"{ms[apart] / ms[True]:.2f} |", flush=True)
+                print(
+                    f"| {name} | {n} | {'apart' if apart else 'shared'} | {ms[apart]:.1f} | "
+                    f"{ms[apart] / ms[True]:.2f} |",
+                    flush=True,
+                )
     return 0
 
 
 def _options(directions):
     from samtone_kernels._options import check_options
 
-    return check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=True,
-                         reduction="mean")
+    return check_options(
+        directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=True, reduction="mean"
+    )
 
 
 if __name__ == "__main__":

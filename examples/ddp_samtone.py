@@ -54,8 +54,9 @@ def main() -> None:
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else "cpu"
     torch.manual_seed(0)  # the same initial weights on every rank
     model = DDP(Towers(32, 16).to(device))
-    loss_fn = SamToNeLoss(temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"), normalize=True,
-                          gather_across_devices=True)
+    loss_fn = SamToNeLoss(
+        temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"), normalize=True, gather_across_devices=True
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     for step in range(args.steps):

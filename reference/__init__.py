@@ -12,5 +12,12 @@ for clarity, never for speed, and depends on NumPy only.
 
 from .samtone import ALL_DIRECTIONS, HARDNESS_MODES, Blocks, build_blocks, hardness_mask, samtone_grad, samtone_loss
 
-__all__ = ["ALL_DIRECTIONS", "HARDNESS_MODES", "Blocks", "build_blocks", "hardness_mask", "samtone_grad",
-           "samtone_loss"]
+__all__ = [
+    "ALL_DIRECTIONS",
+    "HARDNESS_MODES",
+    "Blocks",
+    "build_blocks",
+    "hardness_mask",
+    "samtone_grad",
+    "samtone_loss",
+]

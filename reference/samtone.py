@@ -51,8 +51,9 @@ NORM_EPS = 1e-12
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 
 
-def _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode=None,
-                   hardness_strength=0.0):
+def _check_options(
+    directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode=None, hardness_strength=0.0
+):
     directions = tuple(directions)
     unknown = set(directions) - set(ALL_DIRECTIONS)
     if unknown:
@@ -146,8 +147,7 @@ def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None,
     q = np.asarray(q, dtype=np.float64)
     d = np.asarray(d, dtype=np.float64)
     n_pairs, dim = q.shape
-    negs = (np.zeros((n_pairs, 0, dim)) if hard_negatives is None
-            else np.asarray(hard_negatives, dtype=np.float64))
+    negs = np.zeros((n_pairs, 0, dim)) if hard_negatives is None else np.asarray(hard_negatives, dtype=np.float64)
     if normalize:
         q, d, negs = _normalize(q), _normalize(d), _normalize(negs)
     n_blocks = 1 + negs.shape[1]
@@ -168,8 +168,14 @@ def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None,
     group_cols = np.concatenate([other_in_group, hard_cols], axis=1)  # groups touch block 0 only
 
     return Blocks(
-        q=q, d=d, columns=columns, temperature=tau,
-        s_qd=q @ columns.T / tau, s_qq=q @ q.T / tau, s_dq=d @ q.T / tau, s_dd=d @ columns.T / tau,
+        q=q,
+        d=d,
+        columns=columns,
+        temperature=tau,
+        s_qd=q @ columns.T / tau,
+        s_qq=q @ q.T / tau,
+        s_dq=d @ q.T / tau,
+        s_dd=d @ columns.T / tau,
         keep_qd=~group_cols,
         keep_qq=~same_group,  # removes q_i itself and its group
         keep_dq=~other_in_group,  # keeps the positive q_i
@@ -232,16 +238,29 @@ def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float, hardness_mode=
     return ((lse_q - b.pos) + w * (lse_d - b.pos)) / (1.0 + w), terms
 
 
-def samtone_loss(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
-                 partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
-                 reduction="mean", hardness_mode=None, hardness_strength=0.0):
+def samtone_loss(
+    q,
+    d,
+    hard_negatives=None,
+    *,
+    temperature=0.05,
+    directions=("q2d", "q2q"),
+    partition="per_anchor",
+    doc_anchor_weight=1.0,
+    group_ids=None,
+    normalize=False,
+    reduction="mean",
+    hardness_mode=None,
+    hardness_strength=0.0,
+):
     """The loss, as a float (or an [N] array for ``reduction="none"``).
 
     Parameters are those of ``samtone_kernels.fused_samtone_loss`` without ``backend``; arrays are
     NumPy (any float dtype, computed in float64).
     """
-    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode,
-                          hardness_strength)
+    dirs = _check_options(
+        directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode, hardness_strength
+    )
     b = build_blocks(q, d, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
     losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     if reduction == "none":
@@ -249,9 +268,21 @@ def samtone_loss(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2
     return float(losses.mean() if reduction == "mean" else losses.sum())
 
 
-def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2d", "q2q"),
-                 partition="per_anchor", doc_anchor_weight=1.0, group_ids=None, normalize=False,
-                 reduction="mean", hardness_mode=None, hardness_strength=0.0):
+def samtone_grad(
+    q,
+    d,
+    hard_negatives=None,
+    *,
+    temperature=0.05,
+    directions=("q2d", "q2q"),
+    partition="per_anchor",
+    doc_anchor_weight=1.0,
+    group_ids=None,
+    normalize=False,
+    reduction="mean",
+    hardness_mode=None,
+    hardness_strength=0.0,
+):
     """Analytic gradients of the reduced loss (of its sum for ``reduction="none"``).
 
     Returns a dict with "queries" [N, D], "docs" [N, D], "hard_negatives" [N, H, D] (when given) and
@@ -274,12 +305,12 @@ def samtone_grad(q, d, hard_negatives=None, *, temperature=0.05, directions=("q2
     The hardness penalty is a constant (stop-gradient): it enters G through the softmax weights
     only, and dtau sums G against the logits s without it.
     """
-    dirs = _check_options(directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode,
-                          hardness_strength)
+    dirs = _check_options(
+        directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode, hardness_strength
+    )
     q_raw = np.asarray(q, dtype=np.float64)
     d_raw = np.asarray(d, dtype=np.float64)
-    b = build_blocks(q_raw, d_raw, hard_negatives, temperature=temperature, group_ids=group_ids,
-                     normalize=normalize)
+    b = build_blocks(q_raw, d_raw, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
     _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     logits = {"qd": b.s_qd, "qq": b.s_qq, "dq": b.s_dq, "dd": b.s_dd}  # without the penalty
     n_pairs, dim = b.q.shape

@@ -53,8 +53,12 @@ def _row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, t
 
 REGISTRY: dict[str, Backend] = {
     # The fused kernels: CUDA (or the interpreter, by name only), 16- and 32-bit floats.
-    "triton": Backend(_prepare_triton, _row_stats_triton, _triton_unavailable,
-                      lambda x: x.device.type == "cuda" and _triton_unavailable(x) is None),
+    "triton": Backend(
+        _prepare_triton,
+        _row_stats_triton,
+        _triton_unavailable,
+        lambda x: x.device.type == "cuda" and _triton_unavailable(x) is None,
+    ),
     # Eager torch: every device and dtype; row chunks keep its logits within a memory budget.
     "torch": Backend(prepare_torch, row_stats_torch, lambda x: None, lambda x: True),
 }

@@ -13,8 +13,17 @@ from ._constants import ALL_DIRECTIONS, FLOAT_DTYPES, HARDNESS_MODES, PARTITIONS
 from ._contract import LossOptions
 
 
-def check_options(*, directions, partition, doc_anchor_weight, normalize, reduction, hardness_mode=None,
-                  hardness_strength=0.0, gather_across_devices=False) -> LossOptions:
+def check_options(
+    *,
+    directions,
+    partition,
+    doc_anchor_weight,
+    normalize,
+    reduction,
+    hardness_mode=None,
+    hardness_strength=0.0,
+    gather_across_devices=False,
+) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
     if isinstance(directions, str) or not isinstance(directions, Sequence | set | frozenset):
@@ -45,12 +54,14 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"doc_anchor_weight: expected a finite value >= 0, got {weight}")
     if partition == "joint" and weight != 1.0:
-        raise ValueError(
-            "doc_anchor_weight: must be 1.0 with partition='joint' (one softmax has no per-anchor weight)"
-        )
+        raise ValueError("doc_anchor_weight: must be 1.0 with partition='joint' (one softmax has no per-anchor weight)")
     if weight != 1.0 and "d2q" not in directions:
-        warnings.warn(f"doc_anchor_weight={weight} has no effect without 'd2q' in directions (it weighs the "
-                      "document-anchored loss, as in DANCE)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"doc_anchor_weight={weight} has no effect without 'd2q' in directions (it weighs the "
+            "document-anchored loss, as in DANCE)",
+            UserWarning,
+            stacklevel=3,
+        )
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     if not isinstance(gather_across_devices, bool):
@@ -64,7 +75,9 @@ def check_options(*, directions, partition, doc_anchor_weight, normalize, reduct
     strength = float(hardness_strength)
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
-    return LossOptions(canonical, partition, weight, normalize, reduction, hardness_mode, strength, gather_across_devices)
+    return LossOptions(
+        canonical, partition, weight, normalize, reduction, hardness_mode, strength, gather_across_devices
+    )
 
 
 def check_temperature(temperature) -> float | torch.Tensor:
@@ -76,9 +89,7 @@ def check_temperature(temperature) -> float | torch.Tensor:
     """
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
-            raise ValueError(
-                f"temperature: expected a 0-dim tensor (or a float), got shape {tuple(temperature.shape)}"
-            )
+            raise ValueError(f"temperature: expected a 0-dim tensor (or a float), got shape {tuple(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature: expected a floating tensor, got {temperature.dtype}")
         if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -98,9 +109,7 @@ def _check_embedding(name: str, x, ndim: int, shape_doc: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {shape_doc}, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}"
-        )
+        raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name}: expected shape {shape_doc}, got {tuple(x.shape)}")
 

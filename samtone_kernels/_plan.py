@@ -46,8 +46,14 @@ SEGMENTS = ("q", "d", "n")  # candidate segments: queries, positive documents, h
 
 #: Every valid direction set, in canonical order: those of either partition, and those whose document
 #: anchors have no "d2q" (only one joint softmax holds their positive: partition="joint" only).
-DIRECTION_SETS = (("q2d",), ("q2d", "q2q"), ("q2d", "d2q"), ("q2d", "q2q", "d2q"), ("q2d", "d2q", "d2d"),
-                  ("q2d", "q2q", "d2q", "d2d"))
+DIRECTION_SETS = (
+    ("q2d",),
+    ("q2d", "q2q"),
+    ("q2d", "d2q"),
+    ("q2d", "q2q", "d2q"),
+    ("q2d", "d2q", "d2d"),
+    ("q2d", "q2q", "d2q", "d2d"),
+)
 JOINT_ONLY_SETS = (("q2d", "d2d"), ("q2d", "q2q", "d2d"))
 
 
@@ -139,8 +145,15 @@ class Walk:
 
 def describe_role(role: int) -> str:
     """A role as its bit names, for messages and the compile check: ``"ROW|DROP_SELF"``."""
-    names = {ROW: "ROW", COL: "COL", DROP_SELF: "DROP_SELF", DROP_GROUP: "DROP_GROUP", PEN_OWN: "PEN_OWN",
-             PEN_OTHER: "PEN_OTHER", PEN_COL: "PEN_COL"}
+    names = {
+        ROW: "ROW",
+        COL: "COL",
+        DROP_SELF: "DROP_SELF",
+        DROP_GROUP: "DROP_GROUP",
+        PEN_OWN: "PEN_OWN",
+        PEN_OTHER: "PEN_OTHER",
+        PEN_COL: "PEN_COL",
+    }
     return "|".join(name for bit, name in names.items() if role & bit) or "0"
 
 
@@ -159,8 +172,9 @@ class Launch:
     walks: dict[str, Walk] = field(default_factory=dict)
     candidates_are_anchors: bool = False
 
-    def roles(self, has_groups: bool, hardness_mode: str | None = None,
-              has_hard_negatives: bool = True) -> dict[str, int]:
+    def roles(
+        self, has_groups: bool, hardness_mode: str | None = None, has_hard_negatives: bool = True
+    ) -> dict[str, int]:
         """The kernels' role constexprs ``Q_ROLE``, ``D_ROLE``, ``N_ROLE`` (0: the segment is not
         walked). Without hard negatives their segment is not walked, so a launch with ``N_ROLE`` has
         at least one block of them (the kernels rely on it to know their last walk at compile time).
@@ -232,8 +246,12 @@ def backward_launches(directions, shared: bool) -> list[Launch]:
                     assert as_row.drops == as_col.drops, (as_row, as_col)  # the relations are symmetric
                 if as_row or as_col:
                     penalised = "row" if as_row and as_row.hardness else "col" if as_col and as_col.hardness else None
-                    walks[y] = Walk(row=as_row is not None, col=as_col is not None, drops=(as_row or as_col).drops,
-                                    penalised=penalised)
+                    walks[y] = Walk(
+                        row=as_row is not None,
+                        col=as_col is not None,
+                        drops=(as_row or as_col).drops,
+                        penalised=penalised,
+                    )
             if walks or x != "n":
                 launches.append(Launch(x, x if any(w.row for w in walks.values()) else None, walks))
         return launches
@@ -255,8 +273,7 @@ def tile_units(directions, n_hard: int, shared: bool) -> tuple[int, int]:
     width = {"q": 1, "d": 1, "n": n_hard}
 
     def units(launch, per_walk):
-        return sum(per_walk * width[seg] * (n_hard if launch.rows.startswith("n") else 1)
-                   for seg in launch.walks)
+        return sum(per_walk * width[seg] * (n_hard if launch.rows.startswith("n") else 1) for seg in launch.walks)
 
     executed = sum(units(launch, 1) for launch in forward_launches(directions))
     executed += sum(units(launch, 2) for launch in backward_launches(directions, shared))

@@ -49,16 +49,18 @@ def prepare_torch(embeddings: list[torch.Tensor], options: LossOptions) -> list[
 
 def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend's ``row_stats`` (see ``_backends``): (lse [A, n], pos [n])."""
-    lse = row_lse_torch(rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, rows.group_ids,
-                        rows.offset, options)
+    lse = row_lse_torch(
+        rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, rows.group_ids, rows.offset, options
+    )
     return lse, (rows.q * rows.d).sum(-1) * rows.scale
 
 
 def row_bytes(n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> int:
     """Bytes one anchor row costs a chunk: ``_LIVE_BUFFERS`` float buffers of the widest anchor row
     (a query row: M document columns + N queries with q2q; a document row likewise)."""
-    width = max(n_cols + (n_cand if options.q2q else 0),
-                (n_cand if options.d2q else 0) + (n_cols if options.d2d else 0))
+    width = max(
+        n_cols + (n_cand if options.q2q else 0), (n_cand if options.d2q else 0) + (n_cols if options.d2d else 0)
+    )
     return _LIVE_BUFFERS * width * itemsize
 
 
@@ -90,8 +92,9 @@ def _pairs(n_cols: int, width: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n_cols, device=device) // width
 
 
-def dropped(block: _plan.Block, rows_g: torch.Tensor, col_pairs: torch.Tensor,
-            group_ids: torch.Tensor | None) -> torch.Tensor | None:
+def dropped(
+    block: _plan.Block, rows_g: torch.Tensor, col_pairs: torch.Tensor, group_ids: torch.Tensor | None
+) -> torch.Tensor | None:
     """[n, W] mask of the entries ``block`` removes (True = not in the sums), or None when it removes
     none: the anchor's own pair (``SELF``) and the other pairs of its group (``GROUP``, only with group
     ids). ``rows_g`` [n] and ``col_pairs`` [W] are global pair indices."""
@@ -103,8 +106,14 @@ def dropped(block: _plan.Block, rows_g: torch.Tensor, col_pairs: torch.Tensor,
     return drop
 
 
-def penalised(s: torch.Tensor, block: _plan.Block, options: LossOptions, scale: float | torch.Tensor,
-              rows_g: torch.Tensor, col_pairs: torch.Tensor) -> torch.Tensor:
+def penalised(
+    s: torch.Tensor,
+    block: _plan.Block,
+    options: LossOptions,
+    scale: float | torch.Tensor,
+    rows_g: torch.Tensor,
+    col_pairs: torch.Tensor,
+) -> torch.Tensor:
     """The logits s [n, W] of ``block`` plus the hardness penalty ``alpha * stop_grad(x . y)`` on the
     entries ``_plan.HARDNESS`` names (the raw similarity is s / scale)."""
     pen = block.penalty(options.hardness_mode) if options.hardness else 0
@@ -151,12 +160,38 @@ def row_lse_torch(
     n_cols = d_all.shape[0] * (1 + (0 if n_all is None else n_all.shape[1]))
     step = chunk_rows(q_all.shape[0], n_cols, options, q.element_size(), budget)
     if step >= q.shape[0]:
-        return row_lse_block(q, d, q_all, d_all, n_all, scale, group_ids, offset, options,
-                             anchors_are_candidates=q is q_all and d is d_all and offset == 0)
+        return row_lse_block(
+            q,
+            d,
+            q_all,
+            d_all,
+            n_all,
+            scale,
+            group_ids,
+            offset,
+            options,
+            anchors_are_candidates=q is q_all and d is d_all and offset == 0,
+        )
     # Each chunk is checkpointed: its logits are recomputed in the backward (one chunk alive at a time).
-    return torch.cat([checkpoint(row_lse_block, q[r0:r0 + step], d[r0:r0 + step], q_all, d_all, n_all, scale,
-                                 group_ids, offset + r0, options, use_reentrant=False)
-                      for r0 in range(0, q.shape[0], step)], dim=1)
+    return torch.cat(
+        [
+            checkpoint(
+                row_lse_block,
+                q[r0 : r0 + step],
+                d[r0 : r0 + step],
+                q_all,
+                d_all,
+                n_all,
+                scale,
+                group_ids,
+                offset + r0,
+                options,
+                use_reentrant=False,
+            )
+            for r0 in range(0, q.shape[0], step)
+        ],
+        dim=1,
+    )
 
 
 def row_lse_block(

@@ -75,19 +75,26 @@ class _GatherRows(torch.autograd.Function):
 
 def _check_consistent(metas: list[list[int]]) -> None:
     """Every rank must agree on D, H, dtype and whether group ids are given (all raise alike)."""
-    fields = [(1, "queries", "embedding dimension D"), (2, "hard_negatives", "number of hard negatives H"),
-              (3, "group_ids", "presence of group ids (1 = given)"), (4, "queries", "dtype")]
+    fields = [
+        (1, "queries", "embedding dimension D"),
+        (2, "hard_negatives", "number of hard negatives H"),
+        (3, "group_ids", "presence of group ids (1 = given)"),
+        (4, "queries", "dtype"),
+    ]
     for index, name, what in fields:
         values = [m[index] for m in metas]
         if len(set(values)) > 1:
             if index == 4:
                 values = [str(_DTYPES[v]).replace("torch.", "") for v in values]
-            raise ValueError(f"{name}: ranks disagree on the {what}: {values} (rank order); "
-                             "gather_across_devices needs the same on every rank")
+            raise ValueError(
+                f"{name}: ranks disagree on the {what}: {values} (rank order); "
+                "gather_across_devices needs the same on every rank"
+            )
 
 
-def gather_batch(q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None, group_ids: torch.Tensor | None,
-                 process_group=None) -> GatheredBatch:
+def gather_batch(
+    q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None, group_ids: torch.Tensor | None, process_group=None
+) -> GatheredBatch:
     """Gather the candidates of every rank of ``process_group`` (default: the world).
 
     Without an initialised process group this is the single-process batch (and says so once).
@@ -95,15 +102,21 @@ def gather_batch(q: torch.Tensor, d: torch.Tensor, n: torch.Tensor | None, group
     global _warned_single_process
     if not (dist.is_available() and dist.is_initialized()):
         if not _warned_single_process:
-            warnings.warn("gather_across_devices=True without an initialised torch.distributed process group: "
-                          "computing the single-process loss", stacklevel=3)
+            warnings.warn(
+                "gather_across_devices=True without an initialised torch.distributed process group: "
+                "computing the single-process loss",
+                stacklevel=3,
+            )
             _warned_single_process = True
         return GatheredBatch(q, d, n, group_ids, 0, 1, q.shape[0])
 
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     n_hard = 0 if n is None else n.shape[1]
-    meta = torch.tensor([q.shape[0], q.shape[1], n_hard, int(group_ids is not None), _DTYPES.index(q.dtype)],
-                        dtype=torch.int64, device=q.device)
+    meta = torch.tensor(
+        [q.shape[0], q.shape[1], n_hard, int(group_ids is not None), _DTYPES.index(q.dtype)],
+        dtype=torch.int64,
+        device=q.device,
+    )
     metas = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=process_group)
     metas = [m.tolist() for m in metas]  # one small host sync: the sizes shape everything below

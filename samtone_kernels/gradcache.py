@@ -79,8 +79,9 @@ def split_batch(inputs: torch.Tensor | Mapping[str, Any], mini_batch_size: int) 
             raise ValueError("inputs: a 0-dim tensor has no batch dimension to split")
         return list(inputs.split(mini_batch_size))
     if isinstance(inputs, Mapping):
-        rows = {key: value.shape[0] for key, value in inputs.items()
-                if isinstance(value, torch.Tensor) and value.dim() > 0}
+        rows = {
+            key: value.shape[0] for key, value in inputs.items() if isinstance(value, torch.Tensor) and value.dim() > 0
+        }
         if not rows:
             raise ValueError("inputs: the mapping holds no tensor with a batch dimension to split")
         n_rows = next(iter(rows.values()))
@@ -88,7 +89,7 @@ def split_batch(inputs: torch.Tensor | Mapping[str, Any], mini_batch_size: int) 
             if value != n_rows:
                 raise ValueError(f"inputs[{key!r}]: {value} rows, but other tensors have {n_rows}")
         return [
-            {key: value[begin:begin + mini_batch_size] if key in rows else value for key, value in inputs.items()}
+            {key: value[begin : begin + mini_batch_size] if key in rows else value for key, value in inputs.items()}
             for begin in range(0, n_rows, mini_batch_size)
         ]
     raise TypeError(f"inputs: expected a tensor or a mapping of tensors, got {type(inputs).__name__}")
@@ -157,8 +158,9 @@ class _AutocastState:
     def restored(self) -> ExitStack:
         stack = ExitStack()
         for device_type, enabled, dtype in self.settings:
-            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
-                                               cache_enabled=self.cache_enabled))
+            stack.enter_context(
+                torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache_enabled)
+            )
         return stack
 
 
@@ -217,10 +219,12 @@ class GradCache:
     torch.Size([3, 4])
     """
 
-    def __init__(self, mini_batch_size: int | None = None, *,
-                 no_sync: Callable[[], AbstractContextManager] | None = None) -> None:
-        if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int)
-                                            or mini_batch_size < 1):
+    def __init__(
+        self, mini_batch_size: int | None = None, *, no_sync: Callable[[], AbstractContextManager] | None = None
+    ) -> None:
+        if mini_batch_size is not None and (
+            isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1
+        ):
             raise ValueError(f"mini_batch_size: expected an int >= 1 or None, got {mini_batch_size!r}")
         if no_sync is not None and not callable(no_sync):
             raise TypeError(f"no_sync: expected a callable returning a context manager, got {type(no_sync).__name__}")
@@ -279,15 +283,16 @@ class GradCache:
         if isinstance(inputs, list | tuple):
             return list(inputs)
         if self.mini_batch_size is None:
-            raise ValueError("mini_batch_size: needed to split a batch; pass it to GradCache, or pass a list "
-                             "of mini-batches")
+            raise ValueError(
+                "mini_batch_size: needed to split a batch; pass it to GradCache, or pass a list of mini-batches"
+            )
         return split_batch(inputs, self.mini_batch_size)
 
     def _replay(self, mini_batch: _MiniBatch, grad: torch.Tensor) -> None:
         """Step 3 for one mini-batch: its forward again, with gradients, then its backward."""
         self._pending.discard(mini_batch)
         sync = self.no_sync is None or not self._pending
-        with torch.enable_grad(), mini_batch.random_state.restored(), (nullcontext() if sync else self.no_sync()):
+        with torch.enable_grad(), mini_batch.random_state.restored(), nullcontext() if sync else self.no_sync():
             with mini_batch.autocast_state.restored():
                 embeddings = mini_batch.encoder(_fresh(mini_batch.inputs))
             if embeddings.shape != grad.shape:

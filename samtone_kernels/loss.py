@@ -124,9 +124,14 @@ def fused_samtone_loss(
     or inf anywhere in the embeddings gives a NaN loss.
     """
     options = check_options(
-        directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-        normalize=normalize, reduction=reduction, hardness_mode=hardness_mode,
-        hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
+        directions=directions,
+        partition=partition,
+        doc_anchor_weight=doc_anchor_weight,
+        normalize=normalize,
+        reduction=reduction,
+        hardness_mode=hardness_mode,
+        hardness_strength=hardness_strength,
+        gather_across_devices=gather_across_devices,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)

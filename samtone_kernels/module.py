@@ -50,9 +50,14 @@ class SamToNeLoss(nn.Module):
     ) -> None:
         super().__init__()
         options = check_options(
-            directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-            normalize=normalize, reduction=reduction, hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength, gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition=partition,
+            doc_anchor_weight=doc_anchor_weight,
+            normalize=normalize,
+            reduction=reduction,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            gather_across_devices=gather_across_devices,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -89,12 +94,21 @@ class SamToNeLoss(nn.Module):
     ) -> torch.Tensor:
         """Loss of a batch: queries [N, D], docs [N, D], hard_negatives [N, H, D], group_ids [N]."""
         return fused_samtone_loss(
-            queries, docs, hard_negatives,
-            temperature=self.temperature, directions=self.directions, partition=self.partition,
-            doc_anchor_weight=self.doc_anchor_weight, group_ids=group_ids, normalize=self.normalize,
-            reduction=self.reduction, backend=self.backend,
-            gather_across_devices=self.gather_across_devices, process_group=self.process_group,
-            hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+            queries,
+            docs,
+            hard_negatives,
+            temperature=self.temperature,
+            directions=self.directions,
+            partition=self.partition,
+            doc_anchor_weight=self.doc_anchor_weight,
+            group_ids=group_ids,
+            normalize=self.normalize,
+            reduction=self.reduction,
+            backend=self.backend,
+            gather_across_devices=self.gather_across_devices,
+            process_group=self.process_group,
+            hardness_mode=self.hardness_mode,
+            hardness_strength=self.hardness_strength,
         )
 
     def extra_repr(self) -> str:
@@ -104,6 +118,9 @@ class SamToNeLoss(nn.Module):
             f"doc_anchor_weight={self.doc_anchor_weight:g}, normalize={self.normalize}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}, "
             f"gather_across_devices={self.gather_across_devices}"
-            + (f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength:g}"
-               if self.hardness_mode else "")
+            + (
+                f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength:g}"
+                if self.hardness_mode
+                else ""
+            )
         )

@@ -32,7 +32,8 @@ def configurations(count: int, seed: int):
             directions=directions,
             hardness_mode=HARDNESS_MODES[(k + seed) % len(HARDNESS_MODES)],
             partition=partition,
-            doc_anchor_weight=1.0 if partition == "joint" or "d2q" not in directions
+            doc_anchor_weight=1.0
+            if partition == "joint" or "d2q" not in directions
             else float(rng.choice([1.0, 0.1, 2.0])),
             normalize=bool(k % 3 == 0),
             reduction=["mean", "sum", "none"][k % 3],
@@ -61,8 +62,15 @@ def check(rank: int, world: int, sizes: list[int], backend: str, cfg: dict) -> N
     def run(tensors, group_ids, gather):
         leaves = [x.clone().requires_grad_() for x in tensors]
         tau = torch.tensor(cfg["temperature"], dtype=dtype, requires_grad=True)
-        loss = fused_samtone_loss(*leaves, *([None] if len(leaves) == 2 else []), temperature=tau,
-                                  group_ids=group_ids, backend=backend, gather_across_devices=gather, **options)
+        loss = fused_samtone_loss(
+            *leaves,
+            *([None] if len(leaves) == 2 else []),
+            temperature=tau,
+            group_ids=group_ids,
+            backend=backend,
+            gather_across_devices=gather,
+            **options,
+        )
         loss.sum().backward()
         return loss.detach(), [x.grad for x in leaves], tau.grad
 

@@ -54,8 +54,10 @@ class Case:
 
     def rounded(self, dtype: torch.dtype) -> Case:
         """The same case with embeddings rounded to ``dtype``, so a reference sees the same inputs."""
+
         def r(x):
             return None if x is None else torch.from_numpy(x).to(dtype).double().numpy()
+
         return replace(self, q=r(self.q), d=r(self.d), n=r(self.n))
 
     def reference_loss(self):
@@ -64,17 +66,22 @@ class Case:
     def reference_grad(self):
         return reference.samtone_grad(self.q, self.d, self.n, group_ids=self.group_ids, **self.options)
 
-    def torch_inputs(self, dtype: torch.dtype, device=DEVICE, requires_grad: bool = True,
-                     tensor_temperature: bool = False):
+    def torch_inputs(
+        self, dtype: torch.dtype, device=DEVICE, requires_grad: bool = True, tensor_temperature: bool = False
+    ):
         """(queries, docs, hard_negatives, kwargs) for ``fused_samtone_loss``."""
+
         def t(x):
             if x is None:
                 return None
             return torch.from_numpy(x).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
         kwargs = dict(self.options)
         if tensor_temperature:  # held in the compute dtype; the reference sees the same value
             kwargs["temperature"] = torch.tensor(
-                float(self.options["temperature"]), device=device, requires_grad=True,
+                float(self.options["temperature"]),
+                device=device,
+                requires_grad=True,
                 dtype=torch.float64 if dtype == torch.float64 else torch.float32,
             )
         if self.group_ids is not None:
@@ -125,8 +132,9 @@ def tolerance(dtype: torch.dtype, case: Case, renormalized: bool = False) -> flo
     return _logit_error(dtype, case, renormalized) + 2 * EPS[dtype]
 
 
-def assert_loss_close(actual: torch.Tensor, expected, dtype: torch.dtype, case: Case,
-                      renormalized: bool = False) -> None:
+def assert_loss_close(
+    actual: torch.Tensor, expected, dtype: torch.dtype, case: Case, renormalized: bool = False
+) -> None:
     _, c_sum = case.upstream()
     atol = _logit_error(dtype, case, renormalized) * (c_sum if case.options.get("reduction") == "sum" else 1.0)
     actual = actual.detach().double().cpu().numpy()
@@ -134,8 +142,9 @@ def assert_loss_close(actual: torch.Tensor, expected, dtype: torch.dtype, case: 
     assert err <= atol, f"loss: max error {err:.3g} > {atol:.3g} (dtype {dtype})"
 
 
-def assert_grad_close(name: str, actual: torch.Tensor | None, expected, dtype: torch.dtype, case: Case,
-                      renormalized: bool = False) -> None:
+def assert_grad_close(
+    name: str, actual: torch.Tensor | None, expected, dtype: torch.dtype, case: Case, renormalized: bool = False
+) -> None:
     assert actual is not None, f"{name}: no gradient"
     assert actual.dtype == (dtype if name != "temperature" else actual.dtype), f"{name}: dtype {actual.dtype}"
     actual = actual.detach().double().cpu().numpy()
@@ -185,8 +194,14 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     for x in (q, d) + (() if n is None else (n,)):
         norms = np.linalg.norm(x, axis=-1, keepdims=True)
         x *= np.where(norms < 0.1 * norm_scale, 0.1 * norm_scale / np.maximum(norms, 1e-30), 1.0)
-    options = dict(temperature=temperature, directions=dirs, partition=partition,
-                   doc_anchor_weight=weight, normalize=normalize, reduction=reduction)
+    options = dict(
+        temperature=temperature,
+        directions=dirs,
+        partition=partition,
+        doc_anchor_weight=weight,
+        normalize=normalize,
+        reduction=reduction,
+    )
     if hardness_mode:
         options.update(hardness_mode=hardness_mode, hardness_strength=hardness_strength)
     return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)

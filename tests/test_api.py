@@ -51,11 +51,14 @@ BAD = [
     ("missing q2d", dict(directions=("q2q",)), ValueError, "q2d"),
     ("d2d without d2q", dict(directions=("q2d", "d2d")), ValueError, "d2d"),
     ("unknown hardness mode", dict(hardness_mode="hard"), ValueError, "hardness_mode"),
-    ("negative hardness", dict(hardness_mode="hard_negatives", hardness_strength=-1.0), ValueError,
-     "hardness_strength"),
+    (
+        "negative hardness",
+        dict(hardness_mode="hard_negatives", hardness_strength=-1.0),
+        ValueError,
+        "hardness_strength",
+    ),
     ("hardness type", dict(hardness_mode="all_negatives", hardness_strength="5"), TypeError, "hardness_strength"),
-    ("hardness nan", dict(hardness_mode="all_negatives", hardness_strength=math.nan), ValueError,
-     "hardness_strength"),
+    ("hardness nan", dict(hardness_mode="all_negatives", hardness_strength=math.nan), ValueError, "hardness_strength"),
     ("unknown partition", dict(partition="global"), ValueError, "partition"),
     ("unknown reduction", dict(reduction="max"), ValueError, "reduction"),
     ("negative weight", dict(doc_anchor_weight=-0.5), ValueError, "doc_anchor_weight"),
@@ -131,8 +134,9 @@ def test_non_finite_embeddings_give_nan(bad, where, directions, normalize):
     q, d, n = inputs()
     {"queries": q, "docs": d, "hard_negatives": n}[where].view(-1)[3] = bad
     for reduction in ("mean", "sum", "none"):
-        loss = fused_samtone_loss(q, d, n, directions=directions, normalize=normalize, reduction=reduction,
-                                  backend="torch")
+        loss = fused_samtone_loss(
+            q, d, n, directions=directions, normalize=normalize, reduction=reduction, backend="torch"
+        )
         assert torch.isnan(loss).all(), (reduction, loss)
 
 

@@ -37,14 +37,19 @@ def benchmarked(monkeypatch):
         return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
 
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):  # tiles the interpreter runs at any size
-        # The tuner sees two configs: the two walks of the GPU configs (kernels.GPU_TILES).
-        configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
-                                 | ({"SPAN": span} if grad else {}), num_warps=w, num_stages=1)
-                   for w, paired, span in ((4, True, 2), (8, False, 1))]
+        # The tuner sees two configs: the two walks of the GPU configs (configs.GPU_TILES).
+        configs = [
+            triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired} | ({"SPAN": span} if grad else {}),
+                num_warps=w,
+                num_stages=1,
+            )
+            for w, paired, span in ((4, True, 2), (8, False, 1))
+        ]
         monkeypatch.setattr(kernel, "configs", configs)
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setitem(kernel.__dict__, "do_bench", do_bench)  # over the cached_property (no driver here)
-    monkeypatch.setattr(_triton.ops, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_triton.launch, "POISON_OUTPUTS", True)
     return calls
 
 
@@ -56,8 +61,10 @@ def _step(inputs, **kwargs):
 
 # Every flag of the plan takes each value somewhere: direction sets (joint-only ones too), groups,
 # hard negatives, normalisation, hardness weighting.
-VARIANTS = [(dirs, i % 2 == 1, HARDNESS_MODES[i % 3] if i % 2 == 0 else None)
-            for i, dirs in enumerate(DIRECTION_SETS + JOINT_ONLY_SETS)]
+VARIANTS = [
+    (dirs, i % 2 == 1, HARDNESS_MODES[i % 3] if i % 2 == 0 else None)
+    for i, dirs in enumerate(DIRECTION_SETS + JOINT_ONLY_SETS)
+]
 
 
 @pytest.mark.parametrize("directions,normalize,hardness_mode", VARIANTS, ids=str)
@@ -65,10 +72,16 @@ def test_first_call_equals_cached_call(benchmarked, directions, normalize, hardn
     g = torch.Generator().manual_seed(len(directions))
     n_pairs, dim = 17, 9  # two row tiles
     groups = torch.randint(0, 9, (n_pairs,), generator=g)
-    inputs = [torch.randn(*shape, generator=g).requires_grad_()
-              for shape in [(n_pairs, dim), (n_pairs, dim), (n_pairs, 1, dim)]]
-    kwargs = dict(directions=directions, group_ids=groups if normalize else None, normalize=normalize,
-                  partition="joint" if directions in JOINT_ONLY_SETS else "per_anchor")
+    inputs = [
+        torch.randn(*shape, generator=g).requires_grad_()
+        for shape in [(n_pairs, dim), (n_pairs, dim), (n_pairs, 1, dim)]
+    ]
+    kwargs = dict(
+        directions=directions,
+        group_ids=groups if normalize else None,
+        normalize=normalize,
+        partition="joint" if directions in JOINT_ONLY_SETS else "per_anchor",
+    )
     if hardness_mode:
         kwargs.update(hardness_mode=hardness_mode, hardness_strength=3.0)
     first = _step(inputs, **kwargs)
@@ -83,8 +96,13 @@ def test_first_call_equals_cached_call(benchmarked, directions, normalize, hardn
 def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
     """Anchors that are pairs 5..21 of the candidates: the anchor and candidate launches of a
     gathered batch."""
-    options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean")
+    options = check_options(
+        directions=("q2d", "q2q", "d2q", "d2d"),
+        partition="per_anchor",
+        doc_anchor_weight=1.0,
+        normalize=False,
+        reduction="mean",
+    )
     g = torch.Generator().manual_seed(7)
     q, d = (torch.randn(29, 9, generator=g).requires_grad_() for _ in range(2))
     n = torch.randn(29, 1, 9, generator=g).requires_grad_()

@@ -49,9 +49,27 @@ def _read(out: pathlib.Path, suffix: str):
 def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path):
     require("sentence_transformers")
     require("matplotlib")
-    command = [sys.executable, "-m", "bench.speed", "--quick", "--workloads", "samtone", "symmetric-infonce",
-               "--device", "cpu", "--impls", "ours-fused", "ours-eager", "eager-chunked", "sentence-transformers",
-               "inf-cl", "--repeats", "1", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.speed",
+        "--quick",
+        "--workloads",
+        "samtone",
+        "symmetric-infonce",
+        "--device",
+        "cpu",
+        "--impls",
+        "ours-fused",
+        "ours-eager",
+        "eager-chunked",
+        "sentence-transformers",
+        "inf-cl",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     code = done.returncode
     assert code == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -63,8 +81,11 @@ def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path):
     with open(_read(tmp_path, "csv")) as f:
         rows = list(csv.DictReader(f))
     impls = {(r["workload"], r["impl"]) for r in rows}
-    assert impls == {(w, impl) for w in ("samtone", "symmetric-infonce")
-                     for impl in ("ours-eager", "eager-chunked", "sentence-transformers")}
+    assert impls == {
+        (w, impl)
+        for w in ("samtone", "symmetric-infonce")
+        for impl in ("ours-eager", "eager-chunked", "sentence-transformers")
+    }
     for r in rows:
         assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0
         assert harness.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
@@ -95,8 +116,22 @@ def test_wrong_loss_is_flagged_and_fails_the_run(tmp_path, monkeypatch):
         return lambda q, d, n: peers.impl_eager(w, device)(q, d, n) + 1.0
 
     monkeypatch.setitem(peers.IMPLEMENTATIONS, "ours-eager", (wrong, None))
-    code = speed_main(["--quick", "--workloads", "samtone", "--device", "cpu", "--impls", "ours-eager",
-                       "--repeats", "1", "--out", str(tmp_path), "--no-plot"])
+    code = speed_main(
+        [
+            "--quick",
+            "--workloads",
+            "samtone",
+            "--device",
+            "cpu",
+            "--impls",
+            "ours-eager",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ]
+    )
     assert code == 1
     with open(_read(tmp_path, "csv")) as f:
         (row,) = list(csv.DictReader(f))
@@ -109,12 +144,32 @@ def test_out_of_memory_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
             if q.shape[0] > 16:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return peers.impl_eager(w, device)(q, d, n)
+
         return run
 
     monkeypatch.setitem(peers.IMPLEMENTATIONS, "torch.compile", (runs_out, None))
-    code = speed_main(["--workloads", "gte", "--device", "cpu", "--sizes", "16", "32", "48", "--dim", "8",
-                       "--impls", "ours-eager", "torch.compile", "--repeats", "1", "--out", str(tmp_path),
-                       "--no-plot"])
+    code = speed_main(
+        [
+            "--workloads",
+            "gte",
+            "--device",
+            "cpu",
+            "--sizes",
+            "16",
+            "32",
+            "48",
+            "--dim",
+            "8",
+            "--impls",
+            "ours-eager",
+            "torch.compile",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ]
+    )
     assert code == 0
     with open(_read(tmp_path, "csv")) as f:
         status = {(r["impl"], int(r["n"])): r["status"] for r in csv.DictReader(f)}

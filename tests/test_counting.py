@@ -16,8 +16,9 @@ from triton.runtime import interpreter
 
 from tools.kernel_analysis.counting import count_kernel_work
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="counts only under the Triton interpreter")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="counts only under the Triton interpreter"
+)
 
 
 @triton.jit
@@ -54,8 +55,9 @@ def test_masked_copy_counts_only_unmasked_elements(dtype: torch.dtype, n: int) -
         _copy_kernel[(triton.cdiv(n, 64),)](x, y, n, BLOCK=64)
     assert torch.equal(x, y)
     nbytes = n * x.element_size()
-    assert counts.per_kernel == {"_copy_kernel": dict(flops=0, load_bytes=nbytes, store_bytes=nbytes,
-                                                      launches=1, programs=triton.cdiv(n, 64))}
+    assert counts.per_kernel == {
+        "_copy_kernel": dict(flops=0, load_bytes=nbytes, store_bytes=nbytes, launches=1, programs=triton.cdiv(n, 64))
+    }
     assert (counts.flops, counts.load_bytes, counts.store_bytes) == (0, nbytes, nbytes)
 
 

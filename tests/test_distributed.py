@@ -40,8 +40,9 @@ def test_gathered_loss_and_gradients_match_single_process(sizes):
     world = len(sizes)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     # Equal sizes take the reduce-scatter's unpadded path, unequal ones its padded path.
-    context = mp.start_processes(_entry, args=(world, init_method, sizes, 6 if world == 2 else 4),
-                                 nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _entry, args=(world, init_method, sizes, 6 if world == 2 else 4), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=5):  # raises with the worker's traceback if one fails
         if time.monotonic() > deadline:
@@ -65,8 +66,15 @@ def _run_example(root: str, command: list[str]) -> tuple[int, str, str]:
     import subprocess
 
     # Its own session, so a timeout takes torchrun's workers down with it.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
-                               env=dict(os.environ, PYTHONPATH=root), start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
@@ -78,16 +86,25 @@ def _run_example(root: str, command: list[str]) -> tuple[int, str, str]:
 
 def test_ddp_example_runs_under_torchrun():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(root, "examples", "ddp_samtone.py"), "--steps", "6", "--batch", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(root, "examples", "ddp_samtone.py"),
+        "--steps",
+        "6",
+        "--batch",
+        "8",
+    ]
     code, out, err = _run_example(root, command)
     if code != 0 and "SIGABRT" in err and "step   5" in out:
         # torch 2.13's gloo can abort while a finished worker's interpreter tears down (see
         # distributed_worker.py): training completed, so run it once more rather than fail on it.
         import warnings
 
-        warnings.warn("the DDP example aborted after training completed (gloo teardown); ran it again",
-                      stacklevel=1)
+        warnings.warn("the DDP example aborted after training completed (gloo teardown); ran it again", stacklevel=1)
         code, out, err = _run_example(root, command)
     assert code == 0, out[-2000:] + err[-3000:]
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]

@@ -13,8 +13,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_dry_run_makes_the_three_files_with_every_step_passing(tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(out)], cwd=tmp_path,
-                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(out)],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "speed.tar.gz", "summary.md"]
     summary = (out / "summary.md").read_text()

@@ -29,11 +29,24 @@ def start() -> bool:
     if _job is None and importlib.util.find_spec("triton") is not None:
         # A compile worker per core but one: the in-process tests hold that one (conftest).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-                   COMPILE_WORKERS=os.environ.get("COMPILE_WORKERS", str(max(1, cores - 1))))
+        env = dict(
+            os.environ,
+            TRITON_INTERPRET="0",
+            TRITON_DEFAULT_FP_FUSION="1",
+            COMPILE_WORKERS=os.environ.get("COMPILE_WORKERS", str(max(1, cores - 1))),
+        )
         log = tempfile.TemporaryFile("w+")
-        _job = subprocess.Popen([sys.executable, "-m", "tools.kernel_analysis.compile_for_gpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                text=True), log
+        _job = (
+            subprocess.Popen(
+                [sys.executable, "-m", "tools.kernel_analysis.compile_for_gpu"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            log,
+        )
     return _job is not None
 
 

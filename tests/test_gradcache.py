@@ -19,14 +19,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (tests/conftes
 
 def _tower(seed: int, dropout: float = 0.3, dtype=torch.float64) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(D_IN, 8), torch.nn.Tanh(), torch.nn.Dropout(dropout),
-                               torch.nn.Linear(8, D_OUT), torch.nn.Dropout(dropout)).to(dtype)
+    return torch.nn.Sequential(
+        torch.nn.Linear(D_IN, 8),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(8, D_OUT),
+        torch.nn.Dropout(dropout),
+    ).to(dtype)
 
 
 def _batch(dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(N_PAIRS, D_IN, generator=g, dtype=dtype), torch.randn(N_PAIRS, D_IN, generator=g, dtype=dtype),
-            torch.randn(N_PAIRS * N_HARD, D_IN, generator=g, dtype=dtype))
+    return (
+        torch.randn(N_PAIRS, D_IN, generator=g, dtype=dtype),
+        torch.randn(N_PAIRS, D_IN, generator=g, dtype=dtype),
+        torch.randn(N_PAIRS * N_HARD, D_IN, generator=g, dtype=dtype),
+    )
 
 
 def _step(query_tower, doc_tower, loss_fn, batch, mini_batch_size, cached: bool, seed: int, scale: float = 1.0):
@@ -49,8 +57,9 @@ def _step(query_tower, doc_tower, loss_fn, batch, mini_batch_size, cached: bool,
 
 
 def _loss_fn():
-    return SamToNeLoss(0.1, learnable_temperature=True, directions=("q2d", "q2q", "d2q", "d2d"),
-                       normalize=True).double()
+    return SamToNeLoss(
+        0.1, learnable_temperature=True, directions=("q2d", "q2q", "d2q", "d2d"), normalize=True
+    ).double()
 
 
 def test_gradients_equal_the_uncached_step_with_dropout():
@@ -140,7 +149,7 @@ def test_mapping_and_presplit_inputs():
     cache = GradCache()  # no mini_batch_size: the inputs come split
     out = cache.embed(encoder, parts)
     assert calls == [2, 2, 1] and all("hidden" not in p for p in parts)  # step 1's activations were not kept
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
     assert calls == [2, 2, 1, 1, 2, 2]  # re-encoded in backward, one mini-batch at a time, last first
     expected = emb.weight.grad.clone()
     emb.zero_grad()

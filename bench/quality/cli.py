@@ -29,16 +29,8 @@ from .data import (
     tfidf_embeddings,
 )
 from .models import LOSSES, TOWERS, alignment_uniformity, finetune_minilm, retrieval_metrics, train_towers
-from .report import (
-    SETTINGS,
-    compare,
-    plot_deltas,
-    plot_probes,
-    summarise,
-    write_finetune_report,
-    write_repeated_report,
-    write_report,
-)
+from .report import compare, plot_probes, summarise, write_report
+from .report_repeated import SETTINGS, plot_deltas, write_finetune_report, write_repeated_report
 
 MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups"]
 REPEATED_LOSSES = ["infonce", "samtone", "bi-samtone", "bi-samtone+groups"]
@@ -47,42 +39,69 @@ QUICK_FILES = 30  # --quick reads the first 30 files of each training package (1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=PACKAGE_DOC,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=PACKAGE_DOC, formatter_class=HelpFormatter)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--repeated", action="store_true",
-                       help="batches in which documents repeat (several queries per document; functions of one "
-                            "file together), with and without group masking -> bench/REPEATED.md")
-    which.add_argument("--finetune", action="store_true",
-                       help="fine-tune all-MiniLM-L6-v2 itself through SamToNeLoss -> bench/FINETUNE.md")
-    p.add_argument("--quick", action="store_true",
-                   help="small and fast (a few hundred pairs, one seed, one epoch or a few steps); writes to a "
-                        "scratch folder "
-                        f"({SCRATCH}) unless --out / --report say otherwise")
-    p.add_argument("--bases", nargs="+", choices=["minilm", "tfidf"], default=["minilm", "tfidf"],
-                   help="frozen base encoders (default: %(default)s)")
-    p.add_argument("--towers", nargs="+", choices=list(TOWERS), default=None,
-                   help="default: all three; sde ade with --repeated")
-    p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=None,
-                   help=f"default: {' '.join(MAIN_LOSSES)}; {' '.join(REPEATED_LOSSES)} with --repeated / --finetune")
+    which.add_argument(
+        "--repeated",
+        action="store_true",
+        help="batches in which documents repeat (several queries per document; functions of one "
+        "file together), with and without group masking -> bench/REPEATED.md",
+    )
+    which.add_argument(
+        "--finetune",
+        action="store_true",
+        help="fine-tune all-MiniLM-L6-v2 itself through SamToNeLoss -> bench/FINETUNE.md",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small and fast (a few hundred pairs, one seed, one epoch or a few steps); writes to a "
+        "scratch folder "
+        f"({SCRATCH}) unless --out / --report say otherwise",
+    )
+    p.add_argument(
+        "--bases",
+        nargs="+",
+        choices=["minilm", "tfidf"],
+        default=["minilm", "tfidf"],
+        help="frozen base encoders (default: %(default)s)",
+    )
+    p.add_argument(
+        "--towers", nargs="+", choices=list(TOWERS), default=None, help="default: all three; sde ade with --repeated"
+    )
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        choices=list(LOSSES),
+        default=None,
+        help=f"default: {' '.join(MAIN_LOSSES)}; {' '.join(REPEATED_LOSSES)} with --repeated / --finetune",
+    )
     p.add_argument("--seeds", type=int, default=3, help="default: %(default)s")
     p.add_argument("--epochs", type=int, default=4, help="tower training epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 (towers), 32 (--finetune)")
     p.add_argument("--lr", type=float, default=1e-3, help="tower learning rate (default: %(default)s)")
-    p.add_argument("--max-train", type=int, default=6000,
-                   help="training pairs, one query per document (default: %(default)s)")
-    p.add_argument("--max-docs", type=int, default=3000,
-                   help="documents with several queries (--repeated, --finetune; default: %(default)s)")
+    p.add_argument(
+        "--max-train", type=int, default=6000, help="training pairs, one query per document (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-docs",
+        type=int,
+        default=3000,
+        help="documents with several queries (--repeated, --finetune; default: %(default)s)",
+    )
     p.add_argument("--max-test", type=int, default=1500, help="test pairs (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=None, help="MiniLM tokens per text (default: 128; 96 with "
-                                                                  "--finetune)")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="MiniLM tokens per text (default: 128; 96 with --finetune)"
+    )
     p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run (default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=3e-5, help="default: %(default)s")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: %(default)s")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     p.add_argument("--out", default=None, help=f"folder for the JSON and the pictures (default: {RESULTS_DIR})")
-    p.add_argument("--report", default=None, help="the Markdown report (default: bench/QUALITY.md, "
-                                                   "bench/REPEATED.md or bench/FINETUNE.md)")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="the Markdown report (default: bench/QUALITY.md, bench/REPEATED.md or bench/FINETUNE.md)",
+    )
     args = p.parse_args(argv)
     kind = "repeated" if args.repeated else "finetune" if args.finetune else "quality"
     args.kind = kind
@@ -97,15 +116,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.max_length = args.max_length or (96 if kind == "finetune" else 128)
     default_out = SCRATCH if args.quick else RESULTS_DIR
     args.out = args.out or default_out
-    args.report = args.report or os.path.join(SCRATCH if args.quick else HERE, {
-        "quality": "QUALITY.md", "repeated": "REPEATED.md", "finetune": "FINETUNE.md"}[kind])
+    args.report = args.report or os.path.join(
+        SCRATCH if args.quick else HERE,
+        {"quality": "QUALITY.md", "repeated": "REPEATED.md", "finetune": "FINETUNE.md"}[kind],
+    )
     return args
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
 
@@ -138,11 +160,14 @@ def _embed(base: str, args, train_texts: list[str], texts: list[str], info: dict
 # Frozen encoders, random batches -> QUALITY.md
 # --------------------------------------------------------------------------------------------------
 def run_quality(args, command, started, train, test, test_queries, info) -> None:
-    train = train[:args.max_train]
+    train = train[: args.max_train]
     groups = group_ids_of(train)
     counts = np.bincount(groups)
-    info.update(train_pairs=len(train), train_groups_multi=int((counts > 1).sum()),
-                train_grouped_pairs=int(counts[counts > 1].sum()))
+    info.update(
+        train_pairs=len(train),
+        train_groups_multi=int((counts > 1).sum()),
+        train_grouped_pairs=int(counts[counts > 1].sum()),
+    )
     log(f"{len(train)} training pairs, {len(test)} test pairs")
     texts = [p.query for p in train] + [p.code for p in train] + [p.query for p in test] + [p.code for p in test]
     n_train, n_test = len(train), len(test)
@@ -164,8 +189,18 @@ def run_quality(args, command, started, train, test, test_queries, info) -> None
         for tower in args.towers:
             for loss in args.losses:
                 for seed in range(args.seeds):
-                    towers = train_towers(tower, loss, q_tr, d_tr, groups, epochs=args.epochs, batches=batches,
-                                          lr=args.lr, seed=seed, device=args.device)
+                    towers = train_towers(
+                        tower,
+                        loss,
+                        q_tr,
+                        d_tr,
+                        groups,
+                        epochs=args.epochs,
+                        batches=batches,
+                        lr=args.lr,
+                        seed=seed,
+                        device=args.device,
+                    )
                     qe, de = _encode_towers(towers, q_te, d_te, args.device)
                     metrics, top1, rr = retrieval_metrics(qe, de)
                     runs.append(dict(base=base, tower=tower, loss=loss, seed=seed, **metrics))
@@ -175,20 +210,34 @@ def run_quality(args, command, started, train, test, test_queries, info) -> None
                         probes[name] = dict(alignment_uniformity(qe, de), top1_median=float(np.median(top1)))
                         distances[name] = top1
                         panels[f"ADE, {loss}"] = (qe[sample], de[sample])
-                log(f"{base} {tower} {loss}: mrr@10 "
-                    f"{np.mean([r['mrr@10'] for r in runs[-args.seeds:]]):.4f} over {args.seeds} seed(s)")
+                log(
+                    f"{base} {tower} {loss}: mrr@10 "
+                    f"{np.mean([r['mrr@10'] for r in runs[-args.seeds :]]):.4f} over {args.seeds} seed(s)"
+                )
 
     pictures = plot_probes(panels, distances, args.out, "quality", seed=0, tsne_iterations=250 if args.quick else 1000)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(dict(command=command, data=info, zero_shot=zero_shot, runs=runs, probes=probes), f, indent=1)
-    write_report(args.report, command, info, summarise(runs), per_query, zero_shot, probes, pictures, args.bases,
-                 time.time() - started)
+    write_report(
+        args.report,
+        command,
+        info,
+        summarise(runs),
+        per_query,
+        zero_shot,
+        probes,
+        pictures,
+        args.bases,
+        time.time() - started,
+    )
 
 
 def _encode_towers(towers, q: np.ndarray, d: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
-        return (towers.encode(torch.from_numpy(q).to(device), "query").cpu().numpy(),
-                towers.encode(torch.from_numpy(d).to(device), "doc").cpu().numpy())
+        return (
+            towers.encode(torch.from_numpy(q).to(device), "query").cpu().numpy(),
+            towers.encode(torch.from_numpy(d).to(device), "doc").cpu().numpy(),
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +252,7 @@ def whole_files(train: list, max_pairs: int) -> list:
     for pairs in by_file.values():
         if len(kept) >= max_pairs:
             break
-        kept += pairs[:max_pairs - len(kept)]
+        kept += pairs[: max_pairs - len(kept)]
     return kept
 
 
@@ -212,12 +261,27 @@ def repeated_settings(train, test_queries, args, info) -> dict:
     mq = multi_query_pairs(train, test_queries, max_docs=args.max_docs)
     files = whole_files(train, args.max_train)
     file_ids = ids_of([p.source for p in files])
-    info.update({"shared-docs_docs": len(mq.codes), "shared-docs_pairs": len(mq.queries), "min_queries": 3,
-                 "max_queries": 4, "same-file_pairs": len(files), "same-file_files": int(file_ids.max()) + 1,
-                 "batch_size": args.batch_size})
-    return {"shared-docs": (mq.queries, mq.codes, mq.doc, mq.doc, mq.file),
-            "same-file": ([p.query for p in files], [p.code for p in files], np.arange(len(files)),
-                          np.arange(len(files)), file_ids)}
+    info.update(
+        {
+            "shared-docs_docs": len(mq.codes),
+            "shared-docs_pairs": len(mq.queries),
+            "min_queries": 3,
+            "max_queries": 4,
+            "same-file_pairs": len(files),
+            "same-file_files": int(file_ids.max()) + 1,
+            "batch_size": args.batch_size,
+        }
+    )
+    return {
+        "shared-docs": (mq.queries, mq.codes, mq.doc, mq.doc, mq.file),
+        "same-file": (
+            [p.query for p in files],
+            [p.code for p in files],
+            np.arange(len(files)),
+            np.arange(len(files)),
+            file_ids,
+        ),
+    }
 
 
 def run_repeated(args, command, started, train, test, test_queries, info) -> None:
@@ -229,13 +293,15 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
         layouts = {"random": doc, SETTINGS[setting][2]: group}  # layout -> the units it keeps together
         log(f"{setting}: {len(queries)} pairs over {len(codes)} documents")
         for layout, units in layouts.items():
-            stats[(setting, layout)] = layout_stats(batch_layout(layout, units, args.batch_size,
-                                                                 np.random.default_rng(0)), doc, file)
+            stats[(setting, layout)] = layout_stats(
+                batch_layout(layout, units, args.batch_size, np.random.default_rng(0)), doc, file
+            )
         for base in args.bases:
             texts = queries + codes + test_texts
             emb = _embed(base, args, queries + codes, texts, info)
-            q_tr, d_tr, q_te, d_te = np.split(emb, [len(queries), len(queries) + len(codes),
-                                                    len(queries) + len(codes) + len(test)])
+            q_tr, d_tr, q_te, d_te = np.split(
+                emb, [len(queries), len(queries) + len(codes), len(queries) + len(codes) + len(test)]
+            )
             zero_shot[f"{base} {setting}"] = retrieval_metrics(q_te, d_te)[0]  # TF-IDF is fit per setting
             for layout, units in layouts.items():
 
@@ -246,14 +312,25 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
                     for loss in args.losses:
                         key = (base, setting, layout, tower, loss)
                         for seed in range(args.seeds):
-                            towers = train_towers(tower, loss, q_tr, d_tr, group, epochs=args.epochs,
-                                                  batches=batches, lr=args.lr, seed=seed, device=args.device,
-                                                  doc_of=doc_of)
+                            towers = train_towers(
+                                tower,
+                                loss,
+                                q_tr,
+                                d_tr,
+                                group,
+                                epochs=args.epochs,
+                                batches=batches,
+                                lr=args.lr,
+                                seed=seed,
+                                device=args.device,
+                                doc_of=doc_of,
+                            )
                             metrics, _, rr = retrieval_metrics(*_encode_towers(towers, q_te, d_te, args.device))
-                            runs.append(dict(zip(("base", "setting", "layout", "tower", "loss"), key), seed=seed,
-                                             **metrics))
+                            runs.append(
+                                dict(zip(("base", "setting", "layout", "tower", "loss"), key), seed=seed, **metrics)
+                            )
                             per_query[key] = per_query.get(key, 0) + rr / args.seeds
-                        log(f"{' '.join(key)}: mrr@10 {np.mean([r['mrr@10'] for r in runs[-args.seeds:]]):.4f}")
+                        log(f"{' '.join(key)}: mrr@10 {np.mean([r['mrr@10'] for r in runs[-args.seeds :]]):.4f}")
     summary = summarise(runs, ("base", "setting", "layout", "tower", "loss"))
     bars = []
     for base in args.bases:
@@ -265,13 +342,37 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
                         c = compare(per_query, k + (args.losses[0],), k + (loss,))
                         if c:
                             bars.append((f"{base} {setting} {lay} {tower.upper()} {loss}", c))
-    picture = plot_deltas(bars, os.path.join(args.out, "repeated-delta.png"),
-                          f"MRR@10 against {args.losses[0]}") if bars else None
+    picture = (
+        plot_deltas(bars, os.path.join(args.out, "repeated-delta.png"), f"MRR@10 against {args.losses[0]}")
+        if bars
+        else None
+    )
     with open(os.path.join(args.out, "repeated.json"), "w") as f:
-        json.dump(dict(command=command, data=info, zero_shot=zero_shot, runs=runs,
-                       batches={" ".join(k): v for k, v in stats.items()}), f, indent=1)
-    write_repeated_report(args.report, command, info, summary, per_query, zero_shot, stats, args.bases, args.towers,
-                          args.losses, picture, time.time() - started)
+        json.dump(
+            dict(
+                command=command,
+                data=info,
+                zero_shot=zero_shot,
+                runs=runs,
+                batches={" ".join(k): v for k, v in stats.items()},
+            ),
+            f,
+            indent=1,
+        )
+    write_repeated_report(
+        args.report,
+        command,
+        info,
+        summary,
+        per_query,
+        zero_shot,
+        stats,
+        args.bases,
+        args.towers,
+        args.losses,
+        picture,
+        time.time() - started,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +383,7 @@ def run_finetune(args, command, started, train, test, test_queries, info) -> Non
     test_q, test_d = [p.query for p in test], [p.code for p in test]
     emb, cached = minilm_embeddings(test_q + test_d, args.device, args.max_length)
     info["minilm_cache"] = "reloaded" if cached else "computed and saved"
-    zero_shot = retrieval_metrics(emb[:len(test)], emb[len(test):])[0]
+    zero_shot = retrieval_metrics(emb[: len(test)], emb[len(test) :])[0]
     log("zero-shot: " + ", ".join(f"{k} {v:.4f}" for k, v in zero_shot.items()))
     runs, per_query, minutes = [], {}, []
     for loss in args.losses:
@@ -291,14 +392,23 @@ def run_finetune(args, command, started, train, test, test_queries, info) -> Non
             batches = []
             while len(batches) < args.steps:  # epochs of by-document batches, as many as the steps need
                 batches += batch_layout("by-document", doc, args.batch_size, rng)
-            batches = batches[:args.steps]
+            batches = batches[: args.steps]
             if loss == args.losses[0] and seed == 0:
                 info["unique_doc_fraction"] = layout_stats(batches, doc, file)["unique_doc_fraction"]
             t0 = time.time()
             log(f"fine-tuning with {loss}, seed {seed}: {len(batches)} steps")
-            encode = finetune_minilm(loss, queries, codes, batches, lr=args.finetune_lr, seed=seed,
-                                     device=args.device, max_length=args.max_length, doc_of=doc_of,
-                                     log_every=max(1, args.steps // 5))
+            encode = finetune_minilm(
+                loss,
+                queries,
+                codes,
+                batches,
+                lr=args.finetune_lr,
+                seed=seed,
+                device=args.device,
+                max_length=args.max_length,
+                doc_of=doc_of,
+                log_every=max(1, args.steps // 5),
+            )
             minutes.append((time.time() - t0) / 60)
             metrics, _, rr = retrieval_metrics(encode(test_q), encode(test_d))
             runs.append(dict(loss=loss, seed=seed, **metrics))
@@ -306,12 +416,32 @@ def run_finetune(args, command, started, train, test, test_queries, info) -> Non
             log(f"{loss} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             with open(os.path.join(args.out, "finetune.json"), "w") as f:  # after every run: a partial record
                 json.dump(dict(command=command, data=info, zero_shot=zero_shot, runs=runs), f, indent=1)
-    info.update(steps=args.steps, batch_size=args.batch_size, lr=args.finetune_lr, max_length=args.max_length,
-                seeds=args.seeds, train_minutes=float(np.mean(minutes)))
+    info.update(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.finetune_lr,
+        max_length=args.max_length,
+        seeds=args.seeds,
+        train_minutes=float(np.mean(minutes)),
+    )
     bars = [(loss, c) for loss in args.losses[1:] if (c := compare(per_query, (args.losses[0],), (loss,)))]
-    picture = plot_deltas(bars, os.path.join(args.out, "finetune-delta.png"),
-                          f"Fine-tuned MiniLM: MRR@10 against {args.losses[0]}") if bars else None
+    picture = (
+        plot_deltas(
+            bars, os.path.join(args.out, "finetune-delta.png"), f"Fine-tuned MiniLM: MRR@10 against {args.losses[0]}"
+        )
+        if bars
+        else None
+    )
     with open(os.path.join(args.out, "finetune.json"), "w") as f:
         json.dump(dict(command=command, data=info, zero_shot=zero_shot, runs=runs), f, indent=1)
-    write_finetune_report(args.report, command, info, summarise(runs, ("loss",)), per_query, zero_shot, args.losses,
-                          picture, time.time() - started)
+    write_finetune_report(
+        args.report,
+        command,
+        info,
+        summarise(runs, ("loss",)),
+        per_query,
+        zero_shot,
+        args.losses,
+        picture,
+        time.time() - started,
+    )

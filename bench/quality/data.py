@@ -18,13 +18,36 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 RESULTS_DIR = os.path.join(HERE, "results")
 CACHE_DIR = os.path.join(RESULTS_DIR, "cache")
-TRAIN_PACKAGES = ["numpy", "scipy", "torch", "sklearn", "transformers", "sentence_transformers", "matplotlib",
-                  "hypothesis", "triton"]
-STDLIB_EXCLUDED = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "pydoc_data", "site-packages",
-                   "dist-packages", "__phello__", "tkinter", "distutils"}
+TRAIN_PACKAGES = [
+    "numpy",
+    "scipy",
+    "torch",
+    "sklearn",
+    "transformers",
+    "sentence_transformers",
+    "matplotlib",
+    "hypothesis",
+    "triton",
+]
+STDLIB_EXCLUDED = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "__phello__",
+    "tkinter",
+    "distutils",
+}
 # Where a docstring's prose ends: a section header, a doctest, a directive or a field list.
-_SECTION = re.compile(r"\s*(Parameters|Args|Arguments|Returns?|Raises|Examples?|Notes?|See Also|Yields|Attributes|"
-                      r"References|Warnings?|Keyword Arguments|Shape|Example usage)\s*:?\s*(\n|$)")
+_SECTION = re.compile(
+    r"\s*(Parameters|Args|Arguments|Returns?|Raises|Examples?|Notes?|See Also|Yields|Attributes|"
+    r"References|Warnings?|Keyword Arguments|Shape|Example usage)\s*:?\s*(\n|$)"
+)
 _MARKUP = re.compile(r"^\s*(>>>|\.\. |:param|:return|:raises|@)", re.M)
 
 
@@ -64,8 +87,13 @@ def prose_sentences(doc: str) -> list[str]:
 def trivial(query: str) -> bool:
     words = re.findall(r"[A-Za-z]+", query)
     lowered = query.lower()
-    return (len(words) < 4 or len(query) > 300 or lowered.startswith(("deprecated", "see ", "alias", "todo", "..."))
-            or ":" in query[:20] and query[:20].split(":")[0].strip().lower() in {"parameters", "args", "returns"})
+    return (
+        len(words) < 4
+        or len(query) > 300
+        or lowered.startswith(("deprecated", "see ", "alias", "todo", "..."))
+        or ":" in query[:20]
+        and query[:20].split(":")[0].strip().lower() in {"parameters", "args", "returns"}
+    )
 
 
 @functools.cache  # the files do not change while the process runs; a second run (a test) parses none again
@@ -86,8 +114,10 @@ def function_pairs(path: str, source: str) -> tuple[Pair, ...]:
         if trivial(query):
             continue
         body = node.body[1:]  # the docstring removed
-        if not body or all(isinstance(s, (ast.Pass, ast.Raise)) or
-                           isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body):
+        if not body or all(
+            isinstance(s, (ast.Pass, ast.Raise)) or isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+            for s in body
+        ):
             continue  # stubs: pass, ..., raise NotImplementedError
         with_doc, node.body = node.body, body  # unparse the function without its docstring
         try:
@@ -105,8 +135,9 @@ def package_files(root: str, excluded: set[str] = frozenset()) -> list[str]:
     files = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = sorted(s for s in subdirs if s not in excluded and not s.startswith((".", "test")))
-        files.extend(os.path.join(directory, n) for n in sorted(names)
-                     if n.endswith(".py") and not n.startswith("test"))
+        files.extend(
+            os.path.join(directory, n) for n in sorted(names) if n.endswith(".py") and not n.startswith("test")
+        )
     return files
 
 
@@ -122,8 +153,9 @@ def dedupe(pairs: list[Pair], seen_queries: set, seen_code: set) -> list[Pair]:
     return kept
 
 
-def extract_dataset(max_train: int, max_test: int, seed: int = 0,
-                    files_per_package: int | None = None) -> tuple[list[Pair], list[Pair], dict]:
+def extract_dataset(
+    max_train: int, max_test: int, seed: int = 0, files_per_package: int | None = None
+) -> tuple[list[Pair], list[Pair], dict]:
     """Training pairs from third-party packages, test pairs from the standard library (split by package).
     ``files_per_package`` reads only the first files of each (in sorted order), for a quick run.
     ``max_train`` may be None: every training pair. The info dict holds ``test_queries``, the
@@ -145,7 +177,7 @@ def extract_dataset(max_train: int, max_test: int, seed: int = 0,
             train.extend(function_pairs(path, f"{name}/{os.path.relpath(path, root)}"))
     stdlib = sysconfig.get_paths()["stdlib"]
     test = []
-    for path in package_files(stdlib, STDLIB_EXCLUDED)[:None if files_per_package is None else 4 * files_per_package]:
+    for path in package_files(stdlib, STDLIB_EXCLUDED)[: None if files_per_package is None else 4 * files_per_package]:
         test.extend(function_pairs(path, f"stdlib/{os.path.relpath(path, stdlib)}"))
     raw = {"train_functions": len(train), "test_functions": len(test)}
 
@@ -158,8 +190,15 @@ def extract_dataset(max_train: int, max_test: int, seed: int = 0,
     for split in (train, test):
         rng.shuffle(split)
     train, test = train[:max_train], test[:max_test]
-    info = dict(raw, train_pairs=len(train), test_pairs=len(test), packages=versions,
-                python=platform.python_version(), stdlib=stdlib, test_queries=test_queries)
+    info = dict(
+        raw,
+        train_pairs=len(train),
+        test_pairs=len(test),
+        packages=versions,
+        python=platform.python_version(),
+        stdlib=stdlib,
+        test_queries=test_queries,
+    )
     return train, test, info
 
 
@@ -171,8 +210,9 @@ def group_ids_of(pairs: list[Pair]) -> np.ndarray:
     ("Return the number of elements in the array" / "... in this tensor"). Exact deduplication keeps
     them, and each one's document is a plausible positive for the other, so neither is a negative."""
     keys = {}
-    return np.array([keys.setdefault(" ".join(re.findall(r"[a-z0-9]+", p.query.lower())[:GROUP_WORDS]), len(keys))
-                     for p in pairs])
+    return np.array(
+        [keys.setdefault(" ".join(re.findall(r"[a-z0-9]+", p.query.lower())[:GROUP_WORDS]), len(keys)) for p in pairs]
+    )
 
 
 def ids_of(keys: list[str]) -> np.ndarray:
@@ -186,14 +226,16 @@ class MultiQuery:
     """Several queries per document: pair k is (queries[k], codes[doc[k]]); ``doc`` and ``file`` are the
     two kinds of group: the same document (a true false negative when two of its queries share a batch)
     and the same source file (related but distinct documents)."""
+
     queries: list[str]
     codes: list[str]
-    doc: np.ndarray   # [pairs] document id
+    doc: np.ndarray  # [pairs] document id
     file: np.ndarray  # [pairs] source-file id
 
 
-def multi_query_pairs(train: list[Pair], test_queries: set, *, max_docs: int | None, min_queries: int = 3,
-                      max_queries: int = 4) -> MultiQuery:
+def multi_query_pairs(
+    train: list[Pair], test_queries: set, *, max_docs: int | None, min_queries: int = 3, max_queries: int = 4
+) -> MultiQuery:
     """Documents with at least ``min_queries`` distinct queries (the docstring's first sentence and its
     further prose sentences; none repeats a test query or another document's query), each with up to
     ``max_queries`` of them, in ``train``'s order."""
@@ -231,7 +273,7 @@ def batch_layout(layout: str, units: np.ndarray, batch_size: int, rng: np.random
     n = len(units)
     if layout == "random":
         order = rng.permutation(n)
-        batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
         return [b for b in batches if len(b) > 1]
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
@@ -242,7 +284,7 @@ def batch_layout(layout: str, units: np.ndarray, batch_size: int, rng: np.random
     for unit in rng.permutation(sorted(members)):
         pairs = members[int(unit)]
         for s in range(0, len(pairs), batch_size):
-            piece = pairs[s:s + batch_size]
+            piece = pairs[s : s + batch_size]
             if len(current) + len(piece) > batch_size:
                 batches.append(np.array(current))
                 current = []
@@ -265,8 +307,12 @@ def layout_stats(batches: list[np.ndarray], doc: np.ndarray, file: np.ndarray) -
         others = len(b) - 1
         same_doc.append(((both_doc.sum(1) - 1) / others).mean())
         same_file.append(((both_file & ~both_doc).sum(1) / others).mean())
-    return {"batches": len(batches), "unique_doc_fraction": float(np.mean(unique)),
-            "negatives_same_doc": float(np.mean(same_doc)), "negatives_same_file": float(np.mean(same_file))}
+    return {
+        "batches": len(batches),
+        "unique_doc_fraction": float(np.mean(unique)),
+        "negatives_same_doc": float(np.mean(same_doc)),
+        "negatives_same_file": float(np.mean(same_file)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,8 +340,9 @@ def minilm_embeddings(texts: list[str], device: str, max_length: int) -> tuple[n
         return np.load(path), True
     model = load_minilm(device, max_length)
     log(f"encoding {len(texts)} texts with all-MiniLM-L6-v2 on {device} (max {max_length} tokens)")
-    emb = model.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=True,
-                       normalize_embeddings=True).astype(np.float32)
+    emb = model.encode(
+        texts, batch_size=64, convert_to_numpy=True, show_progress_bar=True, normalize_embeddings=True
+    ).astype(np.float32)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.save(path, emb)
     return emb, False

@@ -54,9 +54,20 @@ class Towers(torch.nn.Module):
         return x
 
 
-def train_towers(kind: str, loss_name: str, q: np.ndarray, d: np.ndarray, groups: np.ndarray | None, *,
-                 epochs: int, batches: Batches, lr: float, seed: int, device: str,
-                 doc_of: np.ndarray | None = None) -> Towers:
+def train_towers(
+    kind: str,
+    loss_name: str,
+    q: np.ndarray,
+    d: np.ndarray,
+    groups: np.ndarray | None,
+    *,
+    epochs: int,
+    batches: Batches,
+    lr: float,
+    seed: int,
+    device: str,
+    doc_of: np.ndarray | None = None,
+) -> Towers:
     """Train towers on frozen embeddings: pair k is (q[k], d[doc_of[k]]) (``doc_of`` defaults to k);
     ``batches(rng)`` lays out one epoch; ``groups[k]`` is pair k's group id where the loss masks groups."""
     torch.manual_seed(seed)
@@ -73,18 +84,33 @@ def train_towers(kind: str, loss_name: str, q: np.ndarray, d: np.ndarray, groups
     for _ in range(epochs):
         for idx in batches(rng):
             idx = torch.from_numpy(idx)
-            loss = fused_samtone_loss(towers.encode(tq[idx.to(device)], "query"),
-                                      towers.encode(td[doc_of[idx].to(device)], "doc"), temperature=TEMPERATURE,
-                                      normalize=True, group_ids=tg[idx.to(device)] if use_groups else None, **cfg)
+            loss = fused_samtone_loss(
+                towers.encode(tq[idx.to(device)], "query"),
+                towers.encode(td[doc_of[idx].to(device)], "doc"),
+                temperature=TEMPERATURE,
+                normalize=True,
+                group_ids=tg[idx.to(device)] if use_groups else None,
+                **cfg,
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
     return towers
 
 
-def finetune_minilm(loss_name: str, queries: list[str], codes: list[str], batches: list[np.ndarray], *, lr: float,
-                    seed: int, device: str, max_length: int, doc_of: np.ndarray | None = None,
-                    log_every: int = 0) -> Callable[[list[str]], np.ndarray]:
+def finetune_minilm(
+    loss_name: str,
+    queries: list[str],
+    codes: list[str],
+    batches: list[np.ndarray],
+    *,
+    lr: float,
+    seed: int,
+    device: str,
+    max_length: int,
+    doc_of: np.ndarray | None = None,
+    log_every: int = 0,
+) -> Callable[[list[str]], np.ndarray]:
     """Fine-tune all-MiniLM-L6-v2 itself (one encoder for both sides: SDE) through the library's
     sentence-transformers loss, ``SamToNeRankingLoss``, as a user of ``SentenceTransformerTrainer`` would:
     one call of the loss on the tokenised (anchor, positive) columns per batch. A loss with "groups"
@@ -97,8 +123,9 @@ def finetune_minilm(loss_name: str, queries: list[str], codes: list[str], batche
     torch.manual_seed(seed)
     model = load_minilm(device, max_length)
     cfg = dict(LOSSES[loss_name])
-    loss_fn = SamToNeRankingLoss(model, temperature=TEMPERATURE, mask_duplicate_positives=cfg.pop("groups", False),
-                                 **cfg)
+    loss_fn = SamToNeRankingLoss(
+        model, temperature=TEMPERATURE, mask_duplicate_positives=cfg.pop("groups", False), **cfg
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     doc_of = np.arange(len(queries)) if doc_of is None else doc_of
     tokenize = getattr(model, "preprocess", None) or model.tokenize  # newer sentence-transformers name it preprocess
@@ -151,5 +178,8 @@ def alignment_uniformity(q: np.ndarray, d: np.ndarray, sample: int = 2000, seed:
         off = ~np.eye(len(x), dtype=bool)
         return float(np.log(np.exp(-2.0 * sq[off]).mean()))
 
-    return {"alignment": float(((qn - dn) ** 2).sum(1).mean()),
-            "uniformity_query": uniformity(qn[idx]), "uniformity_doc": uniformity(dn[idx])}
+    return {
+        "alignment": float(((qn - dn) ** 2).sum(1).mean()),
+        "uniformity_query": uniformity(qn[idx]),
+        "uniformity_doc": uniformity(dn[idx]),
+    }

@@ -9,7 +9,7 @@ a strided one too. Failures:
 
 * a 16-bit compile of a contiguous launch that spills registers (strided launches, the rare case,
   are compiled and their spills printed);
-* a config whose shared memory exceeds ``kernels.shared_bytes`` (the bound the autotuner prunes
+* a config whose shared memory exceeds ``configs.shared_bytes`` (the bound the autotuner prunes
   with), or that the prune keeps for an architecture whose limit it exceeds.
 
 float32 is compiled with ``"ieee"`` (the default: torch's "highest" matmul precision) and ``"tf32"``;
@@ -37,18 +37,44 @@ from multiprocessing import Pool
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET=0"
 
 from samtone_kernels import _plan as plan  # noqa: E402
+from samtone_kernels._triton import configs as C  # noqa: E402
 from samtone_kernels._triton import kernels as K  # noqa: E402
+from samtone_kernels._triton.epilogue import epilogue_kernel  # noqa: E402
 from tools.kernel_analysis.ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
 
 DIRECTION_SETS, JOINT_ONLY_SETS = list(plan.DIRECTION_SETS), list(plan.JOINT_ONLY_SETS)
 DTYPES = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "fp32": ("*fp32", 4)}
 ARCHS = (90, 80, 89)
 EMBEDDINGS = {"X", "Q", "D", "NEG", "POS_ROWS"}  # in the input dtype; OUT too for the epilogue
-FLOAT32 = {"SCALE", "LSE", "ROW_LSE", "ROW_W", "Q_LSE", "Q_W", "D_LSE", "D_W", "X_INV_NORMS", "Q_INV_NORMS",
-           "D_INV_NORMS", "NEG_INV_NORMS", "POS_INV_NORMS", "BUF", "POS_COEF", "FACTOR", "DOTS_OUT"}
-LAST_STRIDES = {"stride_x_dim", "stride_q_dim", "stride_d_dim", "stride_neg_dim", "stride_out_dim", "stride_buf_dim",
-                "stride_pos_dim"}
-KERNELS = {"lse_kernel": K.lse_kernel.fn, "grad_kernel": K.grad_kernel.fn, "epilogue_kernel": K.epilogue_kernel}
+FLOAT32 = {
+    "SCALE",
+    "LSE",
+    "ROW_LSE",
+    "ROW_W",
+    "Q_LSE",
+    "Q_W",
+    "D_LSE",
+    "D_W",
+    "X_INV_NORMS",
+    "Q_INV_NORMS",
+    "D_INV_NORMS",
+    "NEG_INV_NORMS",
+    "POS_INV_NORMS",
+    "BUF",
+    "POS_COEF",
+    "FACTOR",
+    "DOTS_OUT",
+}
+LAST_STRIDES = {
+    "stride_x_dim",
+    "stride_q_dim",
+    "stride_d_dim",
+    "stride_neg_dim",
+    "stride_out_dim",
+    "stride_buf_dim",
+    "stride_pos_dim",
+}
+KERNELS = {"lse_kernel": K.lse_kernel.fn, "grad_kernel": K.grad_kernel.fn, "epilogue_kernel": epilogue_kernel}
 
 
 def types(dtype: str) -> dict:
@@ -68,15 +94,23 @@ def variants(everything: bool = True):
     ids and not without, and one hardness mode per direction set and hard negatives or not in
     rotation, so that every flag takes each of its values."""
     seen = []
-    combos = itertools.product(enumerate(DIRECTION_SETS + JOINT_ONLY_SETS), [False, True], [False, True], HARDNESS,
-                               [True, False])
+    combos = itertools.product(
+        enumerate(DIRECTION_SETS + JOINT_ONLY_SETS), [False, True], [False, True], HARDNESS, [True, False]
+    )
     for (i, directions), groups, normed, hardness, has_hard in combos:
-        if not everything and (normed != groups or hardness != HARDNESS[(i + groups) % len(HARDNESS)]
-                               or has_hard != ((i + groups) % 2 == 0)):
+        if not everything and (
+            normed != groups
+            or hardness != HARDNESS[(i + groups) % len(HARDNESS)]
+            or has_hard != ((i + groups) % 2 == 0)
+        ):
             continue
         launches = [(K.lse_kernel, launch) for launch in plan.forward_launches(directions)]
-        launches += [(K.grad_kernel, launch) for shared in (True, False)
-                     for launch in plan.backward_launches(directions, shared) if launch.walks]
+        launches += [
+            (K.grad_kernel, launch)
+            for shared in (True, False)
+            for launch in plan.backward_launches(directions, shared)
+            if launch.walks
+        ]
         for kernel, launch, dots in [(k, la, dots) for k, la in launches for dots in (False, True)]:
             if not everything and dots != (i % 2 == 0):
                 continue
@@ -112,8 +146,8 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages, paired, span = (*tile, *K.DEFAULT_WALK)[:7]
-    epilogue = fn is K.epilogue_kernel
+    bm, bn, bd, warps, stages, paired, span = (*tile, *C.DEFAULT_WALK)[:7]
+    epilogue = fn is epilogue_kernel
     constexprs = dict(flags)
     if epilogue:
         constexprs.update(BLOCK_R=16, BLOCK_D=128)
@@ -125,47 +159,53 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     spec = {}
     if contiguous:
         ints = [name for name, ty in sig.items() if ty == "i32"]
-        spec = dict(unit={n for n in ints if n in LAST_STRIDES},
-                    divisible={n for n, ty in sig.items() if ty.startswith("*")}
-                    | {n for n in ints if n not in LAST_STRIDES and n != "n_hard"})
+        spec = dict(
+            unit={n for n in ints if n in LAST_STRIDES},
+            divisible={n for n, ty in sig.items() if ty.startswith("*")}
+            | {n for n in ints if n not in LAST_STRIDES and n != "n_hard"},
+        )
     compiled = compile_kernel(fn, sig, constexprs, arch=arch, num_warps=warps, num_stages=stages, **spec)
     use = resource_usage(compiled, arch)
     failures = []
-    label = f"sm_{arch} {fn.__name__:<15} {dtype} {precision if dtype == 'fp32' else ''} {tile} " \
-            f"{'contiguous' if contiguous else 'strided'} {flags}"
+    label = (
+        f"sm_{arch} {fn.__name__:<15} {dtype} {precision if dtype == 'fp32' else ''} {tile} "
+        f"{'contiguous' if contiguous else 'strided'} {flags}"
+    )
     if not epilogue:
-        bound = K.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1], bool(paired), span)
+        bound = C.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1], bool(paired), span)
         if use["shared"] > bound:
             failures.append(f"{label}: shared {use['shared']} B > the prune's bound {bound} B")
         if bound <= SHARED_LIMIT[arch] < use["shared"]:
             failures.append(f"{label}: kept by the prune but {use['shared']} B > sm_{arch}'s {SHARED_LIMIT[arch]} B")
     if contiguous and dtype != "fp32" and use["spill_stores"]:
         failures.append(f"{label}: {use['spill_stores']} B of register spills")
-    line = (f"{label}: {use['registers']} regs, spills {use['spill_stores']}/{use['spill_loads']} B, "
-            f"shared {use['shared']} B ({time.perf_counter() - start:.1f} s)")
+    line = (
+        f"{label}: {use['registers']} regs, spills {use['spill_stores']}/{use['spill_loads']} B, "
+        f"shared {use['shared']} B ({time.perf_counter() - start:.1f} s)"
+    )
     return line, failures
 
 
 def jobs(everything: bool):
     if everything:
         for (fn, flags), dtype, arch, contiguous in itertools.product(variants(), DTYPES, ARCHS, [True, False]):
-            for tile, precision in itertools.product(K.tiles_for(arch), precisions(dtype)):
+            for tile, precision in itertools.product(C.tiles_for(arch), precisions(dtype)):
                 yield fn, flags, dtype, tile, arch, contiguous, precision
         return
     combos = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32")]
     for i, (fn, flags) in enumerate(variants(everything=False)):
         dtype, precision = combos[i % len(combos)]
         arch = ARCHS[i % len(ARCHS)]
-        tiles = K.tiles_for(arch)
+        tiles = C.tiles_for(arch)
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
     for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
-        for tile, normed in itertools.product(K.tiles_for(arch), (False, True)):
+        for tile, normed in itertools.product(C.tiles_for(arch), (False, True)):
             yield "grad_kernel", heaviest_backward(normed), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
-        yield "grad_kernel", heaviest_backward(), "bf16", K.tiles_for(arch)[0], arch, False, "tf32"
+        yield "grad_kernel", heaviest_backward(), "bf16", C.tiles_for(arch)[0], arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision
-        yield "grad_kernel", heaviest_backward(), "fp32", K.tiles_for(arch)[0], arch, True, "ieee"
-        yield "lse_kernel", heaviest_forward(), "fp32", K.tiles_for(arch)[-1], arch, True, "ieee"
+        yield "grad_kernel", heaviest_backward(), "fp32", C.tiles_for(arch)[0], arch, True, "ieee"
+        yield "lse_kernel", heaviest_forward(), "fp32", C.tiles_for(arch)[-1], arch, True, "ieee"
 
 
 def _run(args):
@@ -186,7 +226,7 @@ def sweep(archs, tiles):
 def main() -> int:
     everything = "--all" in sys.argv
     if "--sweep" in sys.argv:  # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN]
-        args = sys.argv[sys.argv.index("--sweep") + 1:]
+        args = sys.argv[sys.argv.index("--sweep") + 1 :]
         archs = [int(a) for a in args[0].split(",")]
         work = list(sweep(archs, [tuple(int(v) for v in t.split(",")) for t in args[1:]]))
     else:

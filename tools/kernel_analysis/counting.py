@@ -90,24 +90,28 @@ def count_kernel_work() -> Iterator[KernelWork]:
             a_shape, b_shape = np.shape(a.data), np.shape(b.data)  # (..., M, K) @ (..., K, N)
             work.add("flops", 2 * int(np.prod(a_shape[:-1])) * b_shape[-1] * a_shape[-1])
             return orig(self, a, b, *args, **kwargs)
+
         return create_dot
 
     def load(orig: Callable[..., Any]) -> Callable[..., Any]:
         def create_masked_load(self: Any, ptrs: Any, mask: Any, *args: Any, **kwargs: Any) -> Any:
             work.add("load_bytes", _access_bytes(ptrs, mask))
             return orig(self, ptrs, mask, *args, **kwargs)
+
         return create_masked_load
 
     def store(orig: Callable[..., Any]) -> Callable[..., Any]:
         def create_masked_store(self: Any, ptrs: Any, value: Any, mask: Any, *args: Any, **kwargs: Any) -> Any:
             work.add("store_bytes", _access_bytes(ptrs, mask))
             return orig(self, ptrs, value, mask, *args, **kwargs)
+
         return create_masked_store
 
     def program(orig: Callable[..., Any]) -> Callable[..., Any]:
         def set_grid_idx(self: Any, *args: Any, **kwargs: Any) -> Any:
             work.add("programs", 1)
             return orig(self, *args, **kwargs)
+
         return set_grid_idx
 
     def launch(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,6 +122,7 @@ def count_kernel_work() -> Iterator[KernelWork]:
                 return orig(self, *args, **kwargs)
             finally:
                 work._current = outer
+
         return __call__
 
     try:

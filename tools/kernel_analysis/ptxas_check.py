@@ -48,14 +48,24 @@ from triton.compiler import ASTSource  # noqa: E402
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # 232448, 166912, 101376
 REGISTER_LIMIT = 255  # per thread, every architecture here (a 64K-register file)
 
+
 def signature(kernel, constexprs: Mapping, types: Mapping[str, str], default: str = "i32") -> dict:
     """{name: type} for every argument of ``kernel`` (a JITFunction): ``"constexpr"`` for the names in
     ``constexprs``, ``types[name]`` where given, else ``default`` (sizes and strides)."""
     return {name: "constexpr" if name in constexprs else types.get(name, default) for name in kernel.arg_names}
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warps: int, num_stages: int,
-                   unit: Iterable[str] = (), divisible: Iterable[str] = ()):
+def compile_kernel(
+    fn,
+    signature: dict,
+    constexprs: dict,
+    *,
+    arch: int,
+    num_warps: int,
+    num_stages: int,
+    unit: Iterable[str] = (),
+    divisible: Iterable[str] = (),
+):
     """``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, specialised like the JIT would:
     ``unit`` names int arguments equal to 1 (compiled as the constant 1), ``divisible`` names pointer or
     int arguments marked divisible by 16 (``tt.divisibility = 16``). Returns the CompiledKernel
@@ -79,16 +89,19 @@ def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warp
             raise ValueError(f"divisibility applies to pointers and ints, not {name!r}: {sig[name]}")
     # As JITFunction._pack_args builds it: every pointer, int and constexpr argument in order, [] where
     # nothing is known, so that ASTSource.hash() (and the cache entry) equals the JIT's own compile.
-    attrs = {(i,): [["tt.divisibility", 16]] if name in divisible else []  # parse_attr("D") / parse_attr("")
-             for i, name in enumerate(fn.arg_names)
-             if sig[name] == "constexpr" or sig[name].startswith("*") or re.fullmatch(r"[iu]\d+", sig[name])}
+    attrs = {
+        (i,): [["tt.divisibility", 16]] if name in divisible else []  # parse_attr("D") / parse_attr("")
+        for i, name in enumerate(fn.arg_names)
+        if sig[name] == "constexpr" or sig[name].startswith("*") or re.fullmatch(r"[iu]\d+", sig[name])
+    }
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     printed, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log
     try:
         with contextlib.redirect_stdout(printed):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+            )
     finally:
         knobs.nvidia.dump_ptxas_log = dump
     log = printed.getvalue()
@@ -100,6 +113,7 @@ def ptxas_path(arch: int) -> str:
     """The ptxas Triton assembles this architecture with (bundled: ``ptxas`` below sm_90, the newer
     ``ptxas-blackwell`` from sm_90; TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH override)."""
     from triton.backends.nvidia.compiler import get_ptxas
+
     return get_ptxas(arch).path
 
 
@@ -132,8 +146,11 @@ def resource_usage(compiled, arch: int) -> dict:
             path = os.path.join(tmp, "kernel.ptx")
             with open(path, "w") as f:
                 f.write(ptx)
-            run = subprocess.run([ptxas_path(arch), *flags, f"--gpu-name={target}", path, "-o",
-                                  os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+            run = subprocess.run(
+                [ptxas_path(arch), *flags, f"--gpu-name={target}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                capture_output=True,
+                text=True,
+            )
         log = run.stdout + run.stderr
         if run.returncode:
             raise RuntimeError(f"ptxas failed ({run.returncode}):\n{log}")
@@ -141,13 +158,20 @@ def resource_usage(compiled, arch: int) -> dict:
     regs, spills = [int(n) for n in _REGS.findall(log)], _SPILLS.findall(log)
     if not regs or not spills:
         raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
-    return dict(registers=max(regs), spill_stores=max(int(s[1]) for s in spills),
-                spill_loads=max(int(s[2]) for s in spills), stack=max(int(s[0]) for s in spills),
-                shared=opt.shared, target=target, log=log)
+    return dict(
+        registers=max(regs),
+        spill_stores=max(int(s[1]) for s in spills),
+        spill_loads=max(int(s[2]) for s in spills),
+        stack=max(int(s[0]) for s in spills),
+        shared=opt.shared,
+        target=target,
+        log=log,
+    )
 
 
 def fits(usage_or_compiled, arch: int) -> bool:
     """Whether the kernel's shared memory is within the per-block opt-in maximum of ``arch``."""
-    shared = usage_or_compiled["shared"] if isinstance(usage_or_compiled, Mapping) \
-        else usage_or_compiled.metadata.shared
+    shared = (
+        usage_or_compiled["shared"] if isinstance(usage_or_compiled, Mapping) else usage_or_compiled.metadata.shared
+    )
     return shared <= SHARED_LIMIT[arch]

@@ -76,21 +76,26 @@ def _program(segments, n_hard, col_tiles, row, col, f32, design, backward, partn
     return total
 
 
-def bytes_by_kernel(directions, n_pairs: int, dim: int, n_hard: int, itemsize: int, block_m: int, block_n: int,
-                    design: Design = TODAY) -> dict[str, int]:
+def bytes_by_kernel(
+    directions, n_pairs: int, dim: int, n_hard: int, itemsize: int, block_m: int, block_n: int, design: Design = TODAY
+) -> dict[str, int]:
     """Modelled bytes of one forward + backward, by kernel (the candidates being the anchors)."""
     row, col, f32 = block_m * dim * itemsize, block_n * dim * itemsize, block_m * dim * 4
     row_tiles, col_tiles = math.ceil(n_pairs / block_m), math.ceil(n_pairs / block_n)
     out = {"lse_kernel": 0, "grad_kernel": 0, "epilogue_kernel": 0}
     for launch in plan.forward_launches(directions):
-        out["lse_kernel"] += row_tiles * _program(list(launch.walks), n_hard, col_tiles, row, col, f32, design,
-                                                  False, False)
+        out["lse_kernel"] += row_tiles * _program(
+            list(launch.walks), n_hard, col_tiles, row, col, f32, design, False, False
+        )
     for launch in plan.backward_launches(directions, shared=True):
         blocks = n_hard if launch.rows == "n" else 1
         partner = launch.rows in ("q", "d")
         if launch.walks:
-            out["grad_kernel"] += blocks * row_tiles * _program(list(launch.walks), n_hard, col_tiles, row, col,
-                                                                f32, design, True, partner)
+            out["grad_kernel"] += (
+                blocks
+                * row_tiles
+                * _program(list(launch.walks), n_hard, col_tiles, row, col, f32, design, True, partner)
+            )
         if not design.fused_epilogue or not launch.walks:
             # the float32 buffer (when a walk made one), the partner's rows, the gradient out
             out["epilogue_kernel"] += blocks * row_tiles * ((f32 if launch.walks else 0) + row * partner + row)
@@ -98,24 +103,35 @@ def bytes_by_kernel(directions, n_pairs: int, dim: int, n_hard: int, itemsize: i
 
 
 def textbook_flops(directions, n_pairs: int, dim: int, n_hard: int) -> int:
-    return sum(3 * 2 * n_pairs * n_pairs * dim * (n_hard if b.segment == "n" else 1)
-               for b in plan.selected(directions))
+    return sum(3 * 2 * n_pairs * n_pairs * dim * (n_hard if b.segment == "n" else 1) for b in plan.selected(directions))
 
 
-CONFIGURATIONS = {"InfoNCE + 1 hard negative": (("q2d",), 1), "SamToNe": (("q2d", "q2q"), 0),
-                  "symmetric InfoNCE": (("q2d", "d2q"), 0), "bidirectional SamToNe": (("q2d", "q2q", "d2q", "d2d"), 0)}
-TARGETS = {"InfoNCE + 1 hard negative": 0.03, "SamToNe": 0.02, "symmetric InfoNCE": 0.02,
-           "bidirectional SamToNe": 0.015}
+CONFIGURATIONS = {
+    "InfoNCE + 1 hard negative": (("q2d",), 1),
+    "SamToNe": (("q2d", "q2q"), 0),
+    "symmetric InfoNCE": (("q2d", "d2q"), 0),
+    "bidirectional SamToNe": (("q2d", "q2q", "d2q", "d2d"), 0),
+}
+TARGETS = {
+    "InfoNCE + 1 hard negative": 0.03,
+    "SamToNe": 0.02,
+    "symmetric InfoNCE": 0.02,
+    "bidirectional SamToNe": 0.015,
+}
 DESIGNS = {
     "v2 (2026-11-29)": (V2, "one logit tile"),
     "paired Q and D": (Design(paired=True), "two logit tiles"),
     "fused epilogue": (Design(fused_epilogue=True), "one logit tile"),
     "today: paired, 2 tiles per sweep, fused": (TODAY, "two logit tiles, then two G tiles"),
-    "... 4 tiles per sweep": (Design(paired=True, tiles_per_sweep=4, fused_epilogue=True),
-                              "two logit tiles, then four G tiles"),
+    "... 4 tiles per sweep": (
+        Design(paired=True, tiles_per_sweep=4, fused_epilogue=True),
+        "two logit tiles, then four G tiles",
+    ),
     "fused, accumulator on chip": (Design(fused_epilogue=True, accumulator_on_chip=True), "BM x D float32"),
-    "fused, X resident, accumulator on chip": (Design(fused_epilogue=True, resident_x=True, accumulator_on_chip=True),
-                                               "BM x D float32 and BM x D inputs"),
+    "fused, X resident, accumulator on chip": (
+        Design(fused_epilogue=True, resident_x=True, accumulator_on_chip=True),
+        "BM x D float32 and BM x D inputs",
+    ),
 }
 
 
@@ -127,9 +143,11 @@ def per_flop(directions, n_hard, design, n_pairs=256, dim=768, itemsize=2, block
 
 def table(n_pairs: int = 256) -> str:
     names = list(CONFIGURATIONS)
-    lines = ["| design | on chip beside the K-loop | " + " | ".join(names) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in names) + " |",
-             "| issue target | | " + " | ".join(f"<= {TARGETS[n]}" for n in names) + " |"]
+    lines = [
+        "| design | on chip beside the K-loop | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+        "| issue target | | " + " | ".join(f"<= {TARGETS[n]}" for n in names) + " |",
+    ]
     for label, (design, state) in DESIGNS.items():
         cells = [f"{per_flop(*CONFIGURATIONS[n], design, n_pairs=n_pairs):.4f}" for n in names]
         lines.append(f"| {label} | {state} | " + " | ".join(cells) + " |")

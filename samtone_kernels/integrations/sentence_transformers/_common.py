@@ -48,8 +48,9 @@ def _similarity_name(similarity_fct: Callable) -> str:
 def _fused_normalize(similarity_fct: Callable) -> bool:
     """``normalize`` for ``fused_samtone_loss``: True for cos_sim, False for dot_score."""
     util = _st_util()
-    if similarity_fct is cos_sim or (util is not None and any(similarity_fct is f for f in (util.cos_sim,
-                                                                                           util.pytorch_cos_sim))):
+    if similarity_fct is cos_sim or (
+        util is not None and any(similarity_fct is f for f in (util.cos_sim, util.pytorch_cos_sim))
+    ):
         return True
     if util is not None and similarity_fct is util.dot_score:
         return False
@@ -121,9 +122,15 @@ def _progress(show: bool, mini_batches: Iterable[Any]) -> Iterable[Any]:
     return tqdm.tqdm(mini_batches, desc="Embed mini-batches")
 
 
-def _cached_loss(loss: nn.Module, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None,
-                 mini_batch_size: int, mini_batch_num_tokens: int | None, show_progress_bar: bool,
-                 **loss_kwargs: Any) -> torch.Tensor:
+def _cached_loss(
+    loss: nn.Module,
+    sentence_features: Iterable[dict[str, torch.Tensor]],
+    labels: torch.Tensor | None,
+    mini_batch_size: int,
+    mini_batch_num_tokens: int | None,
+    show_progress_bar: bool,
+    **loss_kwargs: Any,
+) -> torch.Tensor:
     """GradCache through ``loss.calculate_loss(reps, labels, with_backward=..., **loss_kwargs)`` (the
     protocol of sentence-transformers' cached losses; ``loss_kwargs``, such as ``group_ids``, are
     passed to every call): embed every column in mini-batches without gradients, backpropagate the
@@ -141,8 +148,9 @@ def _cached_loss(loss: nn.Module, sentence_features: Iterable[dict[str, torch.Te
         return loss.model(features)["sentence_embedding"]
 
     columns = [
-        cache.embed_mini_batches(encode, _progress(show_progress_bar,
-                                                   [create_minibatch(f, b, e) for b, e in column_ranges]))
+        cache.embed_mini_batches(
+            encode, _progress(show_progress_bar, [create_minibatch(f, b, e) for b, e in column_ranges])
+        )
         for f, column_ranges in zip(sentence_features, ranges)
     ]
     if not torch.is_grad_enabled():
@@ -161,8 +169,8 @@ def _cached_loss(loss: nn.Module, sentence_features: Iterable[dict[str, torch.Te
     # sends grad_output * cached gradient to each mini-batch, which GradCache re-embeds.
     surrogate = sum(
         (e.to(dtype) * r.grad.to(dtype)).sum()  # at least float32, as sentence-transformers' replay
-        for column, rep_column in zip(columns, reps) for e, r in zip(column, rep_column)
+        for column, rep_column in zip(columns, reps)
+        for e, r in zip(column, rep_column)
         for dtype in [torch.promote_types(e.dtype, torch.float32)]
     )
     return value + (surrogate - surrogate.detach()).to(value.dtype)
-

@@ -68,7 +68,12 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
     uses_gradient_cache = True  # back-propagates from the returned loss's backward (MatryoshkaLoss reads this)
 
     _delegated_to_wrapped_loss = (
-        "scale", "similarity_fct", "gather_across_devices", "directions", "partition_mode", "hardness_mode",
+        "scale",
+        "similarity_fct",
+        "gather_across_devices",
+        "directions",
+        "partition_mode",
+        "hardness_mode",
         "hardness_strength",
     )
 
@@ -97,8 +102,13 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
             raise ValueError("mini_batch_num_tokens must be a positive integer or None.")
         self.model = model
         self.loss = FusedMultipleNegativesRankingLoss(
-            model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
-            directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
         )
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
@@ -146,8 +156,9 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
     def temperature(self) -> float:
         return 1.0 / self.scale
 
-    def calculate_loss(self, reps: list[list[torch.Tensor]], labels: torch.Tensor | None = None, *,
-                       with_backward: bool = False) -> torch.Tensor:
+    def calculate_loss(
+        self, reps: list[list[torch.Tensor]], labels: torch.Tensor | None = None, *, with_backward: bool = False
+    ) -> torch.Tensor:
         """The loss of the whole batch from per-column lists of mini-batch embeddings [m_k, D].
 
         With ``with_backward``, backpropagate it to ``reps`` (their ``.grad``) and return it detached:
@@ -160,11 +171,13 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
             loss = loss.detach()
         return loss
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
-                labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives); see the class notes."""
-        return _cached_loss(self, sentence_features, labels, self.mini_batch_size, self.mini_batch_num_tokens,
-                            self.show_progress_bar)
+        return _cached_loss(
+            self, sentence_features, labels, self.mini_batch_size, self.mini_batch_num_tokens, self.show_progress_bar
+        )
 
     def get_config_dict(self) -> dict[str, Any]:
         """CachedMultipleNegativesRankingLoss's config dict: the wrapped loss's, with the mini-batch

@@ -134,14 +134,16 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
     def temperature(self) -> float:
         return 1.0 / self.scale
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
-                labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives)."""
         embeddings = embed_columns(self.model, sentence_features)
         return self.compute_loss_from_embeddings(embeddings, labels)
 
-    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None
-                                     ) -> torch.Tensor:
+    def compute_loss_from_embeddings(
+        self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss from column embeddings: anchors [N, D], positives [N, D], *negatives [N, D]."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
@@ -150,7 +152,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         if self.hardness_mode is not None:
             hardness = {"hardness_mode": self.hardness_mode, "hardness_strength": self.hardness_strength}
         return fused_samtone_loss(
-            embeddings[0], embeddings[1], negatives,
+            embeddings[0],
+            embeddings[1],
+            negatives,
             temperature=1.0 / self.scale,
             directions=tuple(DIRECTION_NAMES[name] for name in self.directions),
             partition=PARTITION_NAMES[self.partition_mode],

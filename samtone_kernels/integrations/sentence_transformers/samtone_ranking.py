@@ -102,9 +102,16 @@ class SamToNeRankingLoss(nn.Module):
         super().__init__()
         if not isinstance(directions, str) and isinstance(directions, Sequence):
             directions = tuple(DIRECTION_NAMES.get(name, name) for name in directions)  # long names too
-        options = check_options(directions=directions, partition=partition, doc_anchor_weight=doc_anchor_weight,
-                                normalize=normalize, reduction="mean", hardness_mode=hardness_mode,
-                                hardness_strength=hardness_strength, gather_across_devices=gather_across_devices)
+        options = check_options(
+            directions=directions,
+            partition=partition,
+            doc_anchor_weight=doc_anchor_weight,
+            normalize=normalize,
+            reduction="mean",
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            gather_across_devices=gather_across_devices,
+        )
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an int >= 1 or None, got {value!r}")
@@ -128,8 +135,9 @@ class SamToNeRankingLoss(nn.Module):
         self.gather_across_devices = options.gather_across_devices
         self.mask_duplicate_positives = mask_duplicate_positives
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
-                labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
+    ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives); cached with
         ``mini_batch_size``."""
         if isinstance(sentence_features, torch.Tensor):
@@ -143,8 +151,15 @@ class SamToNeRankingLoss(nn.Module):
         if self.mask_duplicate_positives and len(sentence_features) >= 2:
             group_ids = duplicate_groups(sentence_features[1])
         if self.mini_batch_size is not None:
-            return _cached_loss(self, sentence_features, labels, self.mini_batch_size, self.mini_batch_num_tokens,
-                                show_progress_bar=False, group_ids=group_ids)
+            return _cached_loss(
+                self,
+                sentence_features,
+                labels,
+                self.mini_batch_size,
+                self.mini_batch_num_tokens,
+                show_progress_bar=False,
+                group_ids=group_ids,
+            )
         embeddings = embed_columns(self.model, sentence_features)  # candidate columns merged, as MNRL
         return self.compute_loss_from_embeddings(embeddings, labels, group_ids=group_ids)
 
@@ -153,8 +168,14 @@ class SamToNeRankingLoss(nn.Module):
         """Cached training backpropagates from the returned loss's backward (wrappers read this)."""
         return self.mini_batch_size is not None
 
-    def calculate_loss(self, reps: list[list[torch.Tensor]], labels: torch.Tensor | None = None, *,
-                       with_backward: bool = False, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def calculate_loss(
+        self,
+        reps: list[list[torch.Tensor]],
+        labels: torch.Tensor | None = None,
+        *,
+        with_backward: bool = False,
+        group_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The loss from per-column lists of mini-batch embeddings [m_k, D] (cached training); with
         ``with_backward``, backpropagated to ``reps`` and returned detached."""
         columns = [col[0] if len(col) == 1 else torch.cat(col) for col in reps]
@@ -164,17 +185,27 @@ class SamToNeRankingLoss(nn.Module):
             loss = loss.detach()
         return loss
 
-    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None,
-                                     group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_loss_from_embeddings(
+        self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None, group_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The loss from column embeddings [anchors [N, D], positives [N, D], *negatives [N, D]]."""
         if len(embeddings) < 2:
             raise ValueError(f"embeddings: expected at least 2 columns (anchor, positive), got {len(embeddings)}")
         negatives = torch.stack(embeddings[2:], dim=1) if len(embeddings) > 2 else None
         return fused_samtone_loss(
-            embeddings[0], embeddings[1], negatives, temperature=self.temperature, directions=self.directions,
-            partition=self.partition, doc_anchor_weight=self.doc_anchor_weight, group_ids=group_ids,
-            normalize=self.normalize, backend=self.backend, gather_across_devices=self.gather_across_devices,
-            hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+            embeddings[0],
+            embeddings[1],
+            negatives,
+            temperature=self.temperature,
+            directions=self.directions,
+            partition=self.partition,
+            doc_anchor_weight=self.doc_anchor_weight,
+            group_ids=group_ids,
+            normalize=self.normalize,
+            backend=self.backend,
+            gather_across_devices=self.gather_across_devices,
+            hardness_mode=self.hardness_mode,
+            hardness_strength=self.hardness_strength,
         )
 
     def get_config_dict(self) -> dict[str, Any]:

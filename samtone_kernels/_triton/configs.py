@@ -1,0 +1,144 @@
+"""The fused kernels' autotuning: the configs offered per GPU architecture, the bound on a config's
+shared memory, and the prune that drops configs a problem or a device cannot use.
+
+The tuning key holds every flag (each variant tunes its own tiles), the dtype, D, H and the batch
+sizes rounded up to a power of two (``bucket``), so a new batch size within the bucket (an epoch's
+short last batch) reuses the tuned tiles. Configs whose shared memory would exceed the running
+device's limit are pruned before they compile (``shared_bytes`` bounds it; the GPU compile check tests
+that bound). ``SAMTONE_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,PAIRED,SPAN]"``
+pins one config (no tuning).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from .._constants import interpreting
+
+INTERPRETING = interpreting()  # read once: the configs below are fixed when the kernels are defined
+
+#: Configs the autotuner chooses from on a GPU, by architecture: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps,
+#: num_stages, PAIRED, SPAN). PAIRED: the Q and D segments are walked together (their two logit tiles
+#: from one load of the row tile); SPAN: column tiles of a lone segment per sweep over D in the
+#: backward (a paired walk stages its two tiles). Kept: those whose every launch variant compiles
+#: without register spills in bfloat16 (``tools/kernel_analysis/compile_for_gpu.py --sweep``; the
+#: figures are in bench/RESULTS.md): on sm_90 the paired walk at 64 x 64; on sm_80 / sm_89 (no wgmma:
+#: the dot operands live in registers) each segment alone, one tile per sweep, at 64 x 128. The prune
+#: also drops what shared memory cannot hold.
+GPU_TILES = {
+    90: ((64, 64, 64, 8, 3, True, 2),),
+    80: ((64, 128, 64, 8, 3, False, 1),),
+}
+
+
+def tiles_for(arch: int) -> tuple:
+    """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...)."""
+    return GPU_TILES[90] if arch >= 90 else GPU_TILES[80]
+
+
+#: The walk of a config that does not name one (PAIRED, SPAN): the kernels' defaults.
+DEFAULT_WALK = (True, 2)
+
+#: Under the interpreter every program runs in NumPy: the smallest legal tiles, one config.
+INTERPRETER_TILES = ((16, 16, 16, 4, 1, *DEFAULT_WALK),)
+
+
+def _config(
+    bm: int,
+    bn: int,
+    bd: int,
+    warps: int,
+    stages: int,
+    paired: bool = DEFAULT_WALK[0],
+    span: int = DEFAULT_WALK[1],
+    grad: bool = True,
+) -> triton.Config:
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
+    if grad:
+        kwargs["SPAN"] = span
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def configs(grad: bool) -> list[triton.Config]:
+    """The autotuner's configs for ``grad_kernel`` (``grad``) or ``lse_kernel`` (no SPAN)."""
+    pinned = os.environ.get("SAMTONE_TRITON_CONFIG")
+    if pinned:
+        values = [int(v) for v in pinned.split(",")]
+        if len(values) not in (5, 7) or (len(values) == 7 and (values[5] not in (0, 1) or values[6] not in (1, 2))):
+            raise ValueError(
+                "SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' and "
+                f"optionally ',PAIRED,SPAN' (0 or 1, 1 or 2), got {pinned!r}"
+            )
+        return [_config(*values, grad=grad)]
+    if INTERPRETING:
+        tiles = INTERPRETER_TILES
+    else:
+        tiles = tuple(dict.fromkeys(t for arch in GPU_TILES for t in GPU_TILES[arch]))
+    return [_config(*t, grad=grad) for t in tiles]
+
+
+def shared_bytes(
+    block_m: int,
+    block_n: int,
+    block_d: int,
+    num_stages: int,
+    itemsize: int,
+    paired: bool = DEFAULT_WALK[0],
+    span: int = DEFAULT_WALK[1],
+) -> int:
+    """An upper bound on a config's shared memory: the larger of the pipelined K-loop (a chunk of X
+    and of one candidate tile, or two when ``paired``) and the backward's sweep over D (its staged
+    coefficient tiles, two when paired or ``span`` = 2, and the pipelined chunks of their candidates),
+    plus one tile for layout conversions and a few row vectors for reductions (the GPU compile check
+    holds the compiled kernels to it on sm_80, sm_89 and sm_90)."""
+    staged = 2 if paired or span == 2 else 1
+    k_loop = num_stages * (block_m + (1 + paired) * block_n) * block_d * itemsize
+    sweep = staged * (block_m * block_n + num_stages * block_n * block_d) * itemsize
+    return max(k_loop, sweep) + block_m * block_n * itemsize + 4 * (block_m + block_n) * 4
+
+
+@functools.cache
+def _device(device_index: int) -> tuple[int | None, int | None]:
+    """(compute capability as 90, 80, ..., shared memory per block) of a CUDA device."""
+    if INTERPRETING or not torch.cuda.is_available():
+        return None, None
+    props = torch.cuda.get_device_properties(device_index)
+    return 10 * props.major + props.minor, getattr(props, "shared_memory_per_block_optin", None)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem, those the device's architecture does not get
+    (``tiles_for``), and those over its shared memory."""
+    args = {**named_args, **kwargs}
+    n_rows, n_cols, dim = args["n_rows"], args["n_cols"], args["dim"]
+    x, grad = args["X"], "BUF" in args  # grad_kernel's or lse_kernel's arguments
+    arch, limit = _device(x.device.index or 0) if x.device.type == "cuda" else (None, None)
+    fit = max(16, triton.next_power_of_2(dim))
+    kept = []
+    for c in configs:
+        bm, bn, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+        paired = c.kwargs.get("PAIRED", DEFAULT_WALK[0])
+        span = c.kwargs.get("SPAN", DEFAULT_WALK[1]) if grad else None  # the forward has no sweep
+        if bd > fit or bm > max(16, triton.next_power_of_2(n_rows)) or bn > max(16, triton.next_power_of_2(n_cols)):
+            continue
+        tile = (bm, bn, bd, c.num_warps, c.num_stages, paired)
+        if arch is not None and tile not in [t[:6] for t in tiles_for(arch) if span in (None, t[6])]:
+            continue
+        if limit is not None and shared_bytes(bm, bn, bd, c.num_stages, x.element_size(), paired, span or 1) > limit:
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
+def bucket(n: int) -> int:
+    """Batch sizes share tuned tiles within a power of two."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+#: The constexprs every launch variant tunes apart (beside the sizes in the key).
+FLAGS = ["Q_ROLE", "D_ROLE", "N_ROLE", "NORMED", "PRECISION"]
+AUTOTUNE = dict(prune_configs_by={"early_config_prune": _prune})
