@@ -1,6 +1,6 @@
 """The contract between ``fused_samtone_loss`` and its backends: the validated options, the rows a
-backend scores, and the four functions a backend provides. A leaf below every backend: it imports
-nothing of the package, so the backends, the validation and the registry can all depend on it.
+backend scores, and the four functions a backend provides. Below every backend: it imports only
+the table (``_plan``), so the backends, the validation and the registry can all depend on it.
 
 A backend (``Backend``) is two functions and two checks:
 
@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _plan
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -38,21 +40,9 @@ class LossOptions:
     gather_across_devices: bool = False
 
     @property
-    def q2q(self) -> bool:
-        return "q2q" in self.directions
-
-    @property
-    def d2q(self) -> bool:
-        return "d2q" in self.directions
-
-    @property
-    def d2d(self) -> bool:
-        return "d2d" in self.directions
-
-    @property
     def doc_anchor(self) -> bool:
-        """True when documents are anchors (d2q, d2d or both): there is a log Zd row."""
-        return self.d2q or self.d2d
+        """True when some selected block has document anchors (d2q, d2d): there is a log Zd row."""
+        return any(block.anchor == "d" for block in _plan.selected(self.directions))
 
     @property
     def hardness(self) -> float:

@@ -56,12 +56,14 @@ def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, tor
 
 
 def row_bytes(n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> int:
-    """Bytes one anchor row costs a chunk: ``_LIVE_BUFFERS`` float buffers of the widest anchor row
-    (a query row: M document columns + N queries with q2q; a document row likewise)."""
-    width = max(
-        n_cols + (n_cand if options.q2q else 0), (n_cand if options.d2q else 0) + (n_cols if options.d2d else 0)
-    )
-    return _LIVE_BUFFERS * width * itemsize
+    """Bytes one anchor row costs a chunk: ``_LIVE_BUFFERS`` float buffers of the widest anchor row,
+    the sum of its blocks' widths (a query row: M document columns + N queries with q2q; a document
+    row likewise)."""
+    width = {"q": n_cand, "d": n_cand, "n": n_cols - n_cand}
+    rows = {"q": 0, "d": 0}
+    for block in _plan.selected(options.directions):
+        rows[block.anchor] += width[block.segment]
+    return _LIVE_BUFFERS * max(rows.values()) * itemsize
 
 
 @contextlib.contextmanager
