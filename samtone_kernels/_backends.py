@@ -24,19 +24,27 @@ def triton_available() -> bool:
     return True
 
 
-def _triton_unavailable(x: torch.Tensor) -> Exception | None:
-    if not triton_available():
-        return ValueError("backend='triton': the triton package is not installed (pip install triton)")
-    if x.dtype == torch.float64:
-        return TypeError("backend='triton': float64 inputs are not supported by the kernel; use backend='torch'")
-    if x.device.type == "cpu" and not interpreting():
-        return ValueError(
-            "backend='triton' on CPU tensors runs only under the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before importing triton); use CUDA tensors or backend='torch'"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        return ValueError(f"backend='triton': unsupported device {x.device}; use backend='torch'")
-    return None
+def _needs_triton(name: str):
+    """Why backend ``name`` (its Triton kernels) cannot run on embeddings like ``x``, or None."""
+
+    def unavailable(x: torch.Tensor) -> Exception | None:
+        if not triton_available():
+            return ValueError(f"backend={name!r}: the triton package is not installed (pip install triton)")
+        if x.dtype == torch.float64:
+            return TypeError(f"backend={name!r}: float64 inputs are not supported by the kernels; use backend='torch'")
+        if x.device.type == "cpu" and not interpreting():
+            return ValueError(
+                f"backend={name!r} on CPU tensors runs only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton); use CUDA tensors or backend='torch'"
+            )
+        if x.device.type not in ("cpu", "cuda"):
+            return ValueError(f"backend={name!r}: unsupported device {x.device}; use backend='torch'")
+        return None
+
+    return unavailable
+
+
+_triton_unavailable = _needs_triton("triton")
 
 
 def _prepare_triton(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
@@ -51,6 +59,18 @@ def _row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, t
     return row_stats_triton(rows, options)
 
 
+def _prepare_hybrid(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
+    from ._triton.hybrid import prepare_hybrid
+
+    return prepare_hybrid(embeddings, options)
+
+
+def _row_stats_hybrid(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    from ._triton.hybrid import row_stats_hybrid
+
+    return row_stats_hybrid(rows, options)
+
+
 REGISTRY: dict[str, Backend] = {
     # The fused kernels: CUDA (or the interpreter, by name only), 16- and 32-bit floats.
     "triton": Backend(
@@ -59,6 +79,9 @@ REGISTRY: dict[str, Backend] = {
         _triton_unavailable,
         lambda x: x.device.type == "cuda" and _triton_unavailable(x) is None,
     ),
+    # GEMMs by torch (cuBLAS) into float32 logit chunks, Triton epilogues for every elementwise step. Not
+    # yet picked by "auto" (a choice by measurement on the user's GPU is to come): by name only.
+    "hybrid": Backend(_prepare_hybrid, _row_stats_hybrid, _needs_triton("hybrid"), lambda x: False),
     # Eager torch: every device and dtype; row chunks keep its logits within a memory budget.
     "torch": Backend(prepare_torch, row_stats_torch, lambda x: None, lambda x: True),
 }

@@ -38,6 +38,7 @@ class LossOptions:
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
     gather_across_devices: bool = False
+    chunk_bytes: int | None = None  # the budget of one chunk of materialised logits (None: the backend's)
 
     @property
     def doc_anchor(self) -> bool:

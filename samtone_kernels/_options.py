@@ -23,6 +23,7 @@ def check_options(
     hardness_mode=None,
     hardness_strength=0.0,
     gather_across_devices=False,
+    chunk_bytes=None,
 ) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
@@ -76,8 +77,25 @@ def check_options(
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
     return LossOptions(
-        canonical, partition, weight, normalize, reduction, hardness_mode, strength, gather_across_devices
+        canonical,
+        partition,
+        weight,
+        normalize,
+        reduction,
+        hardness_mode,
+        strength,
+        gather_across_devices,
+        check_chunk_bytes(chunk_bytes),
     )
+
+
+def check_chunk_bytes(chunk_bytes) -> int | None:
+    """A memory budget in bytes: an int >= 1, or None (the backend's default)."""
+    if chunk_bytes is None:
+        return None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: expected an int >= 1 (bytes) or None, got {chunk_bytes!r}")
+    return int(chunk_bytes)
 
 
 def check_temperature(temperature) -> float | torch.Tensor:

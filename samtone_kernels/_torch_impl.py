@@ -5,8 +5,8 @@ fused kernel is measured against. Autograd provides its gradients; the reference
 defines what they must be.
 
 Memory: anchors go in row chunks (``row_lse_torch``), so the logits live c x M at a time for a chunk
-of c rows chosen from ``CHUNK_BYTES``. A batch whose logits fit in one chunk takes exactly the
-unchunked path. With several chunks, each is checkpointed: its logits are freed after the forward
+of c rows chosen from the budget (``chunk_bytes``, default ``CHUNK_BYTES``). A batch whose logits fit
+in one chunk takes exactly the unchunked path. With several chunks, each is checkpointed: its logits are freed after the forward
 and recomputed in the backward, one chunk at a time, so the peak is O(c * M) instead of O(N * M),
 for one more logit matmul per block (4 matmuls where 3 are textbook).
 
@@ -50,7 +50,16 @@ def prepare_torch(embeddings: list[torch.Tensor], options: LossOptions) -> list[
 def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend's ``row_stats`` (see ``_backends``): (lse [A, n], pos [n])."""
     lse = row_lse_torch(
-        rows.q, rows.d, rows.q_all, rows.d_all, rows.n_all, rows.scale, rows.group_ids, rows.offset, options
+        rows.q,
+        rows.d,
+        rows.q_all,
+        rows.d_all,
+        rows.n_all,
+        rows.scale,
+        rows.group_ids,
+        rows.offset,
+        options,
+        budget=options.chunk_bytes,
     )
     return lse, (rows.q * rows.d).sum(-1) * rows.scale
 

@@ -57,6 +57,7 @@ def fused_samtone_loss(
     process_group: torch.distributed.ProcessGroup | None = None,
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -89,9 +90,10 @@ def fused_samtone_loss(
         L2-normalise every embedding first (``x / max(|x|, 1e-12)``: cosine similarity).
     reduction : {"mean", "sum", "none"}, default "mean"
         "none" returns the [N] per-pair losses.
-    backend : {"auto", "torch", "triton"}, default "auto"
+    backend : {"auto", "triton", "hybrid", "torch"}, default "auto"
         "auto" runs the fused Triton kernel on CUDA tensors when triton is installed (and the dtype
-        is not float64), else the eager torch implementation.
+        is not float64), else the eager torch implementation. "hybrid": GEMMs by torch (cuBLAS on a
+        GPU) into float32 logit chunks and Triton kernels for the elementwise steps (by name only).
     gather_across_devices : bool, default False
         Use every rank's queries, documents and hard negatives as candidates (torch.distributed;
         see ``samtone_kernels.distributed``). Each rank passes its local pairs, which are its anchors;
@@ -111,6 +113,10 @@ def fused_samtone_loss(
         softmax weights, not the gradient path. Other directions are unchanged.
     hardness_strength : float, default 0.0
         The penalty's alpha (>= 0); ignored without ``hardness_mode``.
+    chunk_bytes : int, optional
+        Memory budget, in bytes, of one chunk of materialised logits in the backends that
+        materialise them ("torch", "hybrid"): anchors go in row chunks that fit it. Default: 1 GiB.
+        The fused kernel materialises none and ignores it.
 
     Returns
     -------
@@ -132,6 +138,7 @@ def fused_samtone_loss(
         hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,
         gather_across_devices=gather_across_devices,
+        chunk_bytes=chunk_bytes,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)

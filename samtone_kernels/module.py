@@ -23,7 +23,7 @@ class SamToNeLoss(nn.Module):
     learnable_temperature : bool, default False
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
     directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
-    process_group, hardness_mode, hardness_strength
+    process_group, hardness_mode, hardness_strength, chunk_bytes
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -47,6 +47,7 @@ class SamToNeLoss(nn.Module):
         process_group: torch.distributed.ProcessGroup | None = None,
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         options = check_options(
@@ -58,6 +59,7 @@ class SamToNeLoss(nn.Module):
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
             gather_across_devices=gather_across_devices,
+            chunk_bytes=chunk_bytes,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -72,6 +74,7 @@ class SamToNeLoss(nn.Module):
         self.hardness_strength = options.hardness_strength
         self.gather_across_devices = options.gather_across_devices
         self.process_group = process_group
+        self.chunk_bytes = options.chunk_bytes
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
         else:
@@ -109,6 +112,7 @@ class SamToNeLoss(nn.Module):
             process_group=self.process_group,
             hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength,
+            chunk_bytes=self.chunk_bytes,
         )
 
     def extra_repr(self) -> str:

@@ -207,16 +207,17 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
 
 
-def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool) -> None:
+def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool, **extra) -> None:
     """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
 
-    The kernel path normalises in float32 and rounds the unit vectors back to ``dtype`` (the torch
-    path keeps them in float32): that rounding is part of its budget.
+    The kernel paths normalise in float32 and round the unit vectors back to ``dtype`` (the torch
+    path keeps them in float32): that rounding is part of their budget. ``extra``: options of the
+    implementation that do not change the loss (``chunk_bytes``), passed to it only.
     """
     case = case.rounded(dtype)
-    tol = dict(renormalized=backend == "triton")
+    tol = dict(renormalized=backend in ("triton", "hybrid"))
     q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
-    loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs)
+    loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs, **extra)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_loss_close(loss, case.reference_loss(), dtype, case, **tol)
     loss.sum().backward()

@@ -70,6 +70,9 @@ BAD = [
     ("group list", dict(group_ids=[0] * N), TypeError, "group_ids"),
     ("normalize type", dict(normalize="yes"), TypeError, "normalize"),
     ("unknown backend", dict(backend="cuda"), ValueError, "backend"),
+    ("chunk_bytes 0", dict(chunk_bytes=0), ValueError, "chunk_bytes"),
+    ("chunk_bytes float", dict(chunk_bytes=1.5e9), ValueError, "chunk_bytes"),
+    ("chunk_bytes bool", dict(chunk_bytes=True), ValueError, "chunk_bytes"),
 ]
 
 

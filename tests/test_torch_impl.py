@@ -362,3 +362,19 @@ def test_one_matmul_serves_q2d_and_d2q(directions, n_hard):
         blocks_with_negatives = ("q2d" in directions) + ("d2d" in directions)  # columns: M = N (1 + H)
         expected = TORCH_MATMUL_UNITS[directions] + extra + 3 * n_hard * blocks_with_negatives
         assert counter.get_total_flops() == expected * unit, (run.__name__, counter.get_total_flops() / unit, expected)
+
+
+def test_chunk_bytes_sets_the_torch_backends_chunks(monkeypatch):
+    """The public ``chunk_bytes`` budget reaches the torch backend: SamToNe at N = 12 (a query row:
+    12 document columns + 12 queries, 4 float32 buffers) in chunks of 5 rows, the same loss."""
+    from samtone_kernels import _torch_impl
+
+    calls = []
+    block = _torch_impl.row_lse_block
+    monkeypatch.setattr(_torch_impl, "row_lse_block", lambda q, *a, **k: calls.append(q.shape[0]) or block(q, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, d = (torch.randn(12, 4, generator=g) for _ in range(2))
+    whole = fused_samtone_loss(q, d, backend="torch")
+    chunked = fused_samtone_loss(q, d, backend="torch", chunk_bytes=5 * _torch_impl._LIVE_BUFFERS * 24 * 4)
+    assert calls == [12, 5, 5, 2]
+    torch.testing.assert_close(chunked, whole)

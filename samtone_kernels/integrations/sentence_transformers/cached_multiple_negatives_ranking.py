@@ -90,6 +90,8 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         show_progress_bar: bool = False,
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        *,
+        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if _has_static_embedding_input(model):
@@ -110,6 +112,7 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
             partition_mode=partition_mode,
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
+            chunk_bytes=chunk_bytes,
         )
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")

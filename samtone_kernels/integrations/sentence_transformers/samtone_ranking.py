@@ -52,6 +52,8 @@ class SamToNeRankingLoss(nn.Module):
             the encoder's memory is that of one mini-batch. None (default): uncached.
         mini_batch_num_tokens: With ``mini_batch_size``: pack mini-batches by non-padding token
             count instead.
+        chunk_bytes: Memory budget of one chunk of materialised logits (the "torch" and "hybrid"
+            backends), as in ``fused_samtone_loss``. None (default): 1 GiB.
 
     References:
         - SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
@@ -98,6 +100,7 @@ class SamToNeRankingLoss(nn.Module):
         hardness_strength: float = 0.0,
         mini_batch_size: int | None = None,
         mini_batch_num_tokens: int | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(directions, str) and isinstance(directions, Sequence):
@@ -111,6 +114,7 @@ class SamToNeRankingLoss(nn.Module):
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
             gather_across_devices=gather_across_devices,
+            chunk_bytes=chunk_bytes,
         )
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -119,6 +123,7 @@ class SamToNeRankingLoss(nn.Module):
             raise ValueError("mini_batch_num_tokens: needs mini_batch_size (cached training)")
         self.hardness_mode = options.hardness_mode
         self.hardness_strength = options.hardness_strength
+        self.chunk_bytes = options.chunk_bytes
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         if isinstance(temperature, torch.Tensor):
@@ -206,6 +211,7 @@ class SamToNeRankingLoss(nn.Module):
             gather_across_devices=self.gather_across_devices,
             hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength,
+            chunk_bytes=self.chunk_bytes,
         )
 
     def get_config_dict(self) -> dict[str, Any]:
