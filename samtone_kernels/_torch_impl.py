@@ -7,8 +7,8 @@ defines what they must be.
 Memory: anchors go in row chunks (``row_lse_torch``), so the logits live c x M at a time for a chunk
 of c rows chosen from the budget (``chunk_bytes``, default ``CHUNK_BYTES``). A batch whose logits fit
 in one chunk takes exactly the unchunked path. With several chunks, each is checkpointed: its logits
-are freed after the forward and recomputed in the backward, one chunk at a time, so the peak is O(c * M) instead of O(N * M),
-for one more logit matmul per block (4 matmuls where 3 are textbook).
+are freed after the forward and recomputed in the backward, one chunk at a time, so the peak is
+O(c * M) instead of O(N * M), for one more logit matmul per block (4 matmuls where 3 are textbook).
 
 Blocks, masks and hardness come from ``_plan.BLOCKS``, the table the fused kernels read: one logit
 matmul per block, minus the removed entries (``dropped``), plus the penalty (``penalised``).
