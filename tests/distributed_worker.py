@@ -113,7 +113,7 @@ def main(rank: int, world: int, init_method: str, sizes: list[int], count: int) 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup to pick a device
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        for backend in ("torch", "triton"):
+        for backend in ("torch", "triton", "hybrid"):
             for cfg in configurations(count, seed=world):
                 check(rank, world, sizes, backend, cfg)
         check_disagreeing_ranks_raise(rank)

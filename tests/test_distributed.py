@@ -1,6 +1,6 @@
 """Cross-device negatives: 2 and 3 CPU processes over gloo match the single-process loss exactly.
 
-Each worker (tests/distributed_worker.py) checks both backends (the kernel under the interpreter) on
+Each worker (tests/distributed_worker.py) checks every backend (the kernels under the interpreter) on
 random configurations: hard negatives, every direction set, both partitions, group ids crossing
 ranks, unequal local sizes, a tensor temperature. A hung collective fails by the deadline.
 """

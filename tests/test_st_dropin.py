@@ -218,6 +218,25 @@ def test_cached_hyperparameters_are_assigned_to_the_wrapped_loss(tiny_model):
     assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
 
 
+def test_chunk_bytes_is_an_attribute_of_the_drop_ins(tiny_model):
+    """Not a constructor argument (the signatures are MNRL's): set on the loss, it reaches the fused
+    loss (one anchor row per chunk here) and leaves the value alone; the cached loss hands it to the
+    loss it wraps; a bad budget raises at the next call."""
+    model = tiny_model()
+    loss, cached = FusedMultipleNegativesRankingLoss(model), FusedCachedMultipleNegativesRankingLoss(model)
+    assert loss.chunk_bytes is None and cached.chunk_bytes is None
+    g = torch.Generator().manual_seed(0)
+    embeddings = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    whole = loss.compute_loss_from_embeddings(embeddings)
+    loss.chunk_bytes = 1
+    torch.testing.assert_close(loss.compute_loss_from_embeddings(embeddings), whole)
+    cached.chunk_bytes = 1 << 20
+    assert cached.loss.chunk_bytes == 1 << 20
+    loss.chunk_bytes = 0
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        loss.compute_loss_from_embeddings(embeddings)
+
+
 def test_similarity_recognised_by_identity_or_name(tiny_model):
     model = tiny_model()
 

@@ -75,6 +75,7 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         "partition_mode",
         "hardness_mode",
         "hardness_strength",
+        "chunk_bytes",
     )
 
     def __init__(
@@ -90,8 +91,6 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         show_progress_bar: bool = False,
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
-        *,
-        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if _has_static_embedding_input(model):
@@ -112,7 +111,6 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
             partition_mode=partition_mode,
             hardness_mode=hardness_mode,
             hardness_strength=hardness_strength,
-            chunk_bytes=chunk_bytes,
         )
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
@@ -154,6 +152,11 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
     @property
     def hardness_strength(self) -> float:
         return self.loss.hardness_strength
+
+    @property
+    def chunk_bytes(self) -> int | None:
+        """The wrapped loss's ``chunk_bytes`` (assignable, as the hyperparameters)."""
+        return self.loss.chunk_bytes
 
     @property
     def temperature(self) -> float:

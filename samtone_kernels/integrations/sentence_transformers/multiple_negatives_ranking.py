@@ -51,8 +51,11 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             "hard_negatives" or "all_negatives" (``hardness_strength * stop_grad(similarity)`` added
             to the chosen negatives' logits); passed to ``fused_samtone_loss`` when set.
         hardness_strength: Its strength, non-negative. Default 0.0.
-        chunk_bytes: (keyword only; not an MNRL argument) memory budget of one chunk of
-            materialised logits where a backend materialises them, as in ``fused_samtone_loss``.
+
+    Attributes beyond MNRL's:
+        chunk_bytes: Memory budget of one chunk of materialised logits where a backend materialises
+            them, as in ``fused_samtone_loss`` (None: 1 GiB). Not a constructor argument, so that
+            the signature stays MNRL's: set it on the loss (``loss.chunk_bytes = 256 << 20``).
 
     References:
         - Representation Learning with Contrastive Predictive Coding (InfoNCE): https://arxiv.org/abs/1807.03748
@@ -88,8 +91,6 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
-        *,
-        chunk_bytes: int | None = None,
     ) -> None:
         super().__init__()
         # MNRL's checks, in its order and with its messages; ours (the similarity) come after.
@@ -134,7 +135,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
                 "effect. Set hardness_strength to a positive value to enable hardness weighting."
             )
         _fused_normalize(self.similarity_fct)
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.chunk_bytes = None  # not an MNRL argument (the signature is MNRL's): set the attribute
 
     @property
     def temperature(self) -> float:
@@ -166,7 +167,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             partition=PARTITION_NAMES[self.partition_mode],
             normalize=_fused_normalize(self.similarity_fct),
             gather_across_devices=self.gather_across_devices,
-            chunk_bytes=self.chunk_bytes,
+            chunk_bytes=check_chunk_bytes(self.chunk_bytes),
             **hardness,
         )
 
