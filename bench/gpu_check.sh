@@ -46,17 +46,17 @@ mkdir -p "$WORK/speed"
 if [ "$DRY" = 1 ]; then
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py -k "hint"
     step speed 120 "$PY" -m bench.speed --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
-        --impls ours-fused ours-eager eager-chunked --out "$WORK/speed" --no-plot
+        --impls ours-fused ours-hybrid ours-eager eager-chunked --out "$WORK/speed" --no-plot
     TILES="16,32,16,4,1,0,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
 else
     export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,64,64,8,3,1,2} HYPOTHESIS_PROFILE=gpu
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
-        tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
+        tests/test_hybrid.py tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
     unset SAMTONE_TRITON_CONFIG
     step samtone 150 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
-        --impls ours-fused ours-eager eager-chunked torch.compile sentence-transformers --out "$WORK/speed"
+        --impls ours-fused ours-hybrid ours-eager eager-chunked torch.compile sentence-transformers --out "$WORK/speed"
     step infonce 60 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
-        --impls ours-fused inf-cl --out "$WORK/speed"
+        --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
     step large 60 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
         --out "$WORK/speed" --no-plot
     # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /

@@ -88,6 +88,12 @@ def impl_fused(w: Workload, device: str):
     return functools.partial(fused_samtone_loss, backend="triton", **w.options())
 
 
+def impl_hybrid(w: Workload, device: str):
+    if device != "cuda" or not triton_available():
+        return "the hybrid path's epilogues are Triton kernels: it needs a CUDA GPU and triton"
+    return functools.partial(fused_samtone_loss, backend="hybrid", **w.options())
+
+
 def impl_eager(w: Workload, device: str):
     return functools.partial(fused_samtone_loss, backend="torch", **w.options())
 
@@ -164,6 +170,7 @@ def impl_inf_cl(w: Workload, device: str):
 IMPLEMENTATIONS: dict[str, tuple[Callable, str | None]] = {
     # name: (factory, the peer module it needs)
     "ours-fused": (impl_fused, None),
+    "ours-hybrid": (impl_hybrid, None),
     "ours-eager": (impl_eager, None),
     "eager-chunked": (impl_chunked, None),
     "torch.compile": (impl_compile, None),

@@ -6,6 +6,7 @@
 
 Implementations, timed on the same inputs in the same run:
   ours-fused            the Triton kernel (CUDA only)
+  ours-hybrid           cuBLAS GEMMs into float32 logit chunks + Triton epilogues (CUDA only)
   ours-eager            the eager torch backend as shipped (row chunks only past 1 GiB of logits)
   eager-chunked         the baseline a careful PyTorch user writes instead of a kernel: the eager loss
                         in row chunks of --chunk-rows anchors (default N / 8), each under
