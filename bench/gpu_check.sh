@@ -54,7 +54,8 @@ else
         tests/test_hybrid.py tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
     unset SAMTONE_TRITON_CONFIG
     step samtone 150 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
-        --impls ours-fused ours-hybrid ours-eager eager-chunked torch.compile sentence-transformers --out "$WORK/speed"
+        --impls ours-fused ours-hybrid ours-auto ours-eager eager-chunked torch.compile sentence-transformers \
+        --out "$WORK/speed"
     step infonce 60 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
         --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
     step large 60 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \

@@ -94,6 +94,12 @@ def impl_hybrid(w: Workload, device: str):
     return functools.partial(fused_samtone_loss, backend="hybrid", **w.options())
 
 
+def impl_auto(w: Workload, device: str):
+    if device != "cuda" or not triton_available():
+        return "backend='auto' is the eager backend off CUDA (the ours-eager row)"
+    return functools.partial(fused_samtone_loss, backend="auto", **w.options())
+
+
 def impl_eager(w: Workload, device: str):
     return functools.partial(fused_samtone_loss, backend="torch", **w.options())
 
@@ -171,6 +177,7 @@ IMPLEMENTATIONS: dict[str, tuple[Callable, str | None]] = {
     # name: (factory, the peer module it needs)
     "ours-fused": (impl_fused, None),
     "ours-hybrid": (impl_hybrid, None),
+    "ours-auto": (impl_auto, None),
     "ours-eager": (impl_eager, None),
     "eager-chunked": (impl_chunked, None),
     "torch.compile": (impl_compile, None),

@@ -7,6 +7,7 @@
 Implementations, timed on the same inputs in the same run:
   ours-fused            the Triton kernel (CUDA only)
   ours-hybrid           cuBLAS GEMMs into float32 logit chunks + Triton epilogues (CUDA only)
+  ours-auto             backend="auto": the faster of the two, measured on the first call (CUDA only)
   ours-eager            the eager torch backend as shipped (row chunks only past 1 GiB of logits)
   eager-chunked         the baseline a careful PyTorch user writes instead of a kernel: the eager loss
                         in row chunks of --chunk-rows anchors (default N / 8), each under
@@ -39,7 +40,7 @@ except ModuleNotFoundError as exc:  # run by path (python bench/speed.py): no pa
     raise SystemExit(
         "bench/speed.py is part of the bench package: run `python -m bench.speed` from the repository root"
     ) from None
-from samtone_kernels import triton_available
+from samtone_kernels import backend_choices, triton_available
 
 CPU_NOTE = "no CUDA GPU: the fused kernel needs one and is not timed here"
 
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
         return row
 
     rows = run_sweep(workloads, sizes, dtypes, impls, device, args.repeats, emit)
+    for key, chosen in backend_choices().items():  # what ours-auto measured and chose, per key
+        print(f"# backend='auto' chose {chosen!r} for {key}")
     stem = f"speed-{device}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     for path in harness.write_results(
         rows, lines, args.out, stem, plot=not args.no_plot, impls=list(peers.IMPLEMENTATIONS)

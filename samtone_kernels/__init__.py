@@ -3,8 +3,9 @@
 >>> from samtone_kernels import fused_samtone_loss, SamToNeLoss
 """
 
+from ._choice import backend_choices
 from .loss import fused_samtone_loss, triton_available
 from .module import SamToNeLoss
 
 __version__ = "0.1.0"
-__all__ = ["SamToNeLoss", "fused_samtone_loss", "triton_available", "__version__"]
+__all__ = ["SamToNeLoss", "backend_choices", "fused_samtone_loss", "triton_available", "__version__"]

@@ -9,11 +9,13 @@ backends share those semantics exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from ._backends import resolve_backend, triton_available
+from . import _choice
+from ._backends import check_backend_name, resolve_backend, triton_available
 from ._contract import LossOptions, Rows
 from ._options import check_inputs, check_options, check_temperature
 from .distributed import gather_batch
@@ -91,9 +93,12 @@ def fused_samtone_loss(
     reduction : {"mean", "sum", "none"}, default "mean"
         "none" returns the [N] per-pair losses.
     backend : {"auto", "triton", "hybrid", "torch"}, default "auto"
-        "auto" runs the fused Triton kernel on CUDA tensors when triton is installed (and the dtype
-        is not float64), else the eager torch implementation. "hybrid": GEMMs by torch (cuBLAS on a
-        GPU) into float32 logit chunks and Triton kernels for the elementwise steps (by name only).
+        "triton": the fused kernel; "hybrid": GEMMs by torch (cuBLAS on a GPU) into float32 logit
+        chunks and Triton kernels for the elementwise steps; "torch": eager torch (every device and
+        dtype). "auto": on CUDA tensors with triton (and not float64), the faster of "triton" and
+        "hybrid" measured on the first call of each shape and option set, once they are checked
+        to agree (``samtone_kernels.backend_choices()``; ``SAMTONE_BACKEND`` pins it); else
+        "torch".
     gather_across_devices : bool, default False
         Use every rank's queries, documents and hard negatives as candidates (torch.distributed;
         see ``samtone_kernels.distributed``). Each rank passes its local pairs, which are its anchors;
@@ -142,6 +147,22 @@ def fused_samtone_loss(
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
+    if check_backend_name(backend) == "auto" and (paths := _choice.measured_paths(queries)):
+        # The faster GPU path for this call's key, measured once (on detached copies, in one process).
+        measured = functools.partial(
+            fused_samtone_loss,
+            temperature=tau.detach() if isinstance(tau, torch.Tensor) else tau,
+            directions=options.directions,
+            partition=options.partition,
+            doc_anchor_weight=options.doc_anchor_weight,
+            group_ids=group_ids,
+            normalize=options.normalize,
+            reduction=options.reduction,
+            hardness_mode=options.hardness_mode,
+            hardness_strength=options.hardness_strength,
+            chunk_bytes=options.chunk_bytes,
+        )
+        backend = _choice.choose(paths, (queries, docs, hard_negatives), group_ids, options, measured)
     backend = resolve_backend(backend, queries)
     if hard_negatives is not None and hard_negatives.shape[1] == 0:
         hard_negatives = None
