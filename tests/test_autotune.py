@@ -117,3 +117,22 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
     assert benchmarked
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", [90, 80, 89, None])
+def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
+    """Where the running architecture is offered one config, the autotuner gets a list of one, so it
+    never benchmarks (triton 3.6 benchmarks even a pruned list of one: 7+ launches and an L2 flush per
+    key); without a GPU every architecture's configs are listed."""
+    from samtone_kernels._triton import configs
+
+    monkeypatch.setattr(configs, "INTERPRETING", False)
+    for grad in (False, True):
+        offered = configs.configs(grad=grad, arch=arch)
+        tiles = configs.tiles_for(arch) if arch else {t for ts in configs.GPU_TILES.values() for t in ts}
+        assert len(offered) == len(tiles)
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps) for c in offered} == {
+            t[:4] for t in tiles
+        }
+    if arch is not None:
+        assert len(configs.configs(grad=True, arch=arch)) == 1

@@ -63,8 +63,21 @@ def _config(
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
-def configs(grad: bool) -> list[triton.Config]:
-    """The autotuner's configs for ``grad_kernel`` (``grad``) or ``lse_kernel`` (no SPAN)."""
+def running_arch() -> int | None:
+    """Compute capability (90, 80, ...) of the current CUDA device, None without one. Read when the
+    kernels are defined, which happens only when the Triton backend first runs (never at package
+    import)."""
+    if INTERPRETING or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def configs(grad: bool, arch: int | None = None) -> list[triton.Config]:
+    """The autotuner's configs for ``grad_kernel`` (``grad``) or ``lse_kernel`` (no SPAN): those of
+    the GPU architecture ``arch`` (the running one's when the kernels are defined), so that where it
+    is offered one config the autotuner never benchmarks (triton 3.6 benchmarks even a pruned list
+    of one); every architecture's without a GPU."""
     pinned = os.environ.get("SAMTONE_TRITON_CONFIG")
     if pinned:
         values = [int(v) for v in pinned.split(",")]
@@ -76,8 +89,10 @@ def configs(grad: bool) -> list[triton.Config]:
         return [_config(*values, grad=grad)]
     if INTERPRETING:
         tiles = INTERPRETER_TILES
+    elif arch is not None:
+        tiles = tiles_for(arch)
     else:
-        tiles = tuple(dict.fromkeys(t for arch in GPU_TILES for t in GPU_TILES[arch]))
+        tiles = tuple(dict.fromkeys(t for tiles in GPU_TILES.values() for t in tiles))
     return [_config(*t, grad=grad) for t in tiles]
 
 

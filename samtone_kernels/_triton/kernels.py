@@ -18,12 +18,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, configs
+from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, configs, running_arch
 from .sweeps import grad_walk
 from .tiles import COL, DOTS, PARTNER, ROW, has, inv_norms, lse_walk
 
 
-@triton.autotune(configs=configs(grad=False), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS], **AUTOTUNE)
+@triton.autotune(
+    configs=configs(grad=False, arch=running_arch()),
+    key=["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS],
+    **AUTOTUNE,
+)
 @triton.jit
 def lse_kernel(
     X,
@@ -175,7 +179,9 @@ def lse_kernel(
 
 
 @triton.autotune(
-    configs=configs(grad=True), key=["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS, "FINISH"], **AUTOTUNE
+    configs=configs(grad=True, arch=running_arch()),
+    key=["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS, "FINISH"],
+    **AUTOTUNE,
 )
 @triton.jit
 def grad_kernel(
