@@ -47,7 +47,8 @@ format: $(VENV)/bin/ruff  ## ruff format the tree
 # tests on the 2-core machine; the last run is in bench/RESULTS.md).
 COMPAT_VENV ?= .venv-compat
 COMPAT_TRITON ?= 3.6.0
-COMPAT_TESTS ?= tests/test_triton.py tests/test_autotune.py tests/test_gpu_compile.py tests/test_api.py
+COMPAT_TESTS ?= tests/test_triton.py tests/test_autotune.py tests/test_hybrid.py tests/test_choice.py tests/test_gpu_compile.py \
+	tests/test_api.py
 compat:  ## the kernel tests and the GPU compile check with the oldest triton promised (3.6)
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q "torch==2.13.0" "triton==$(COMPAT_TRITON)" "numpy<2.4" \

@@ -177,7 +177,7 @@ def test_hybrid_epilogue_bytes_per_logit(monkeypatch, directions):
     n = torch.randn(n_pairs, n_hard, dim, generator=g).half().requires_grad_()
     logits = sum(
         n_pairs * n_pairs * (n_hard if seg == "n" else 1)
-        for _, seg, _ in hybrid._pairs(directions, True, False, None, True)
+        for _, seg, _ in hybrid.pairs(directions, True, False, None, True)
     )
     with count_kernel_work() as counts:
         loss = fused_samtone_loss(q, d, n, directions=directions, backend="hybrid")

@@ -62,7 +62,7 @@ def chunk_rows(n_cols: int, itemsize: int, budget: int | None) -> int:
     return max(1, (CHUNK_BYTES if budget is None else budget) // max(1, n_cols * (4 + itemsize)))
 
 
-def _pairs(directions, shared: bool, has_groups: bool, hardness_mode: str | None, has_hard: bool):
+def pairs(directions, shared: bool, has_groups: bool, hardness_mode: str | None, has_hard: bool):
     """(rows X, segment Y, role) of each tile the hybrid path takes, once per pair of tensors."""
     done, out = set(), []
     for launch in plan.backward_launches(directions, shared):
@@ -78,6 +78,12 @@ def _pairs(directions, shared: bool, has_groups: bool, hardness_mode: str | None
     return out
 
 
+def forward_role(x_name: str, seg: str, role: int) -> int:
+    """The role of a tile in the forward: its column role only where the columns are other anchors
+    (d2q off the q-d tile); a symmetric tile's rows already hold its columns' statistics."""
+    return role if seg != x_name else role & ~plan.COL
+
+
 class _Call:
     """The tensors of one call by their plan names, and how to iterate their tiles."""
 
@@ -90,7 +96,7 @@ class _Call:
         self.offset = offset
         self.groups = groups if groups is not None else q
         self.hardness = float(hardness) if hardness_mode else 0.0
-        self.pairs = _pairs(
+        self.pairs = pairs(
             directions,
             self.shared,
             groups is not None,
@@ -124,8 +130,8 @@ def _forward(call: _Call, scale: torch.Tensor) -> torch.Tensor:
     tile = _tile()
     for x_name, seg, role in call.pairs:
         x = call.tensors[x_name]
-        fold_cols = bool(role & plan.COL) and seg != x_name  # a symmetric tile's rows already hold its columns
-        role_fwd = role if fold_cols else role & ~plan.COL
+        role_fwd = forward_role(x_name, seg, role)
+        fold_cols = bool(role_fwd & plan.COL)
         for _, y in call.blocks(seg):
             col_lse = torch.full((y.shape[0],), float("-inf"), dtype=torch.float32, device=device)
             for c in call.chunks(x_name):

@@ -38,8 +38,10 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_IN
 
 from samtone_kernels import _plan as plan  # noqa: E402
 from samtone_kernels._triton import configs as C  # noqa: E402
+from samtone_kernels._triton import hybrid  # noqa: E402
 from samtone_kernels._triton import kernels as K  # noqa: E402
 from samtone_kernels._triton.epilogue import epilogue_kernel  # noqa: E402
+from samtone_kernels._triton.logit_epilogues import coefficient_kernel, lse_partials_kernel  # noqa: E402
 from tools.kernel_analysis.ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
 
 DIRECTION_SETS, JOINT_ONLY_SETS = list(plan.DIRECTION_SETS), list(plan.JOINT_ONLY_SETS)
@@ -64,8 +66,15 @@ FLOAT32 = {
     "POS_COEF",
     "FACTOR",
     "DOTS_OUT",
+    "S",
+    "ROW_PART",
+    "COL_PART",
+    "COL_LSE",
+    "COL_W",
 }
 LAST_STRIDES = {
+    "stride_s_col",
+    "stride_g_col",
     "stride_x_dim",
     "stride_q_dim",
     "stride_d_dim",
@@ -74,14 +83,21 @@ LAST_STRIDES = {
     "stride_buf_dim",
     "stride_pos_dim",
 }
-KERNELS = {"lse_kernel": K.lse_kernel.fn, "grad_kernel": K.grad_kernel.fn, "epilogue_kernel": epilogue_kernel}
+KERNELS = {
+    "lse_kernel": K.lse_kernel.fn,
+    "grad_kernel": K.grad_kernel.fn,
+    "epilogue_kernel": epilogue_kernel,
+    "lse_partials_kernel": lse_partials_kernel,
+    "coefficient_kernel": coefficient_kernel,
+}
 
 
 def types(dtype: str) -> dict:
     ptr = DTYPES[dtype][0]
     out = {name: "*fp32" for name in FLOAT32}
     out.update({name: ptr for name in EMBEDDINGS}, GROUP_IDS="*i64")
-    out["OUT"] = ptr  # the gradient, in the input dtype (the grad kernel's BUF is float32)
+    out["OUT"] = out["G"] = ptr  # the gradient and the hybrid path's coefficients, in the input dtype
+    out["hardness"] = "fp32"  # a Python float at run time
     return out
 
 
@@ -125,6 +141,23 @@ def variants(everything: bool = True):
         yield "epilogue_kernel", dict(HAS_PARTNER=has_partner, NORMED=normed, DOTS_WANTED=dots)
 
 
+def hybrid_variants():
+    """(kernel name, flags) of the hybrid path's epilogues: every role a tile of it takes, forward
+    (``lse_partials_kernel``) and backward (``coefficient_kernel``), without repeats."""
+    seen = []
+    for directions, shared, groups, hardness in itertools.product(
+        DIRECTION_SETS + JOINT_ONLY_SETS, [True, False], [False, True], HARDNESS
+    ):
+        for x, seg, role in hybrid.pairs(directions, shared, groups, hardness, True):
+            for item in (
+                ("lse_partials_kernel", {"ROLE": hybrid.forward_role(x, seg, role)}),
+                ("coefficient_kernel", {"ROLE": role}),
+            ):
+                if item not in seen:
+                    seen.append(item)
+                    yield item
+
+
 def heaviest_backward(normed: bool = False) -> dict:
     """The queries' launch of bidirectional SamToNe (every walk, both roles) with groups and the
     hardness penalty; without ``normed`` its last sweep writes the gradient, the positive logit's
@@ -147,11 +180,14 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     start = time.perf_counter()
     fn = KERNELS[name]
     bm, bn, bd, warps, stages, paired, span = (*tile, *C.DEFAULT_WALK)[:7]
-    epilogue = fn is epilogue_kernel
+    epilogue = fn in (epilogue_kernel, lse_partials_kernel, coefficient_kernel)
     constexprs = dict(flags)
-    if epilogue:
+    if fn is epilogue_kernel:
         constexprs.update(BLOCK_R=16, BLOCK_D=128)
         warps, stages = 4, 1
+    elif epilogue:  # the hybrid path's, at their fixed tile
+        constexprs.update(BLOCK_M=hybrid.EPILOGUE_TILE["BLOCK_M"], BLOCK_N=hybrid.EPILOGUE_TILE["BLOCK_N"])
+        warps, stages = hybrid.EPILOGUE_TILE["num_warps"], 1
     else:
         constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -191,6 +227,8 @@ def jobs(everything: bool):
         for (fn, flags), dtype, arch, contiguous in itertools.product(variants(), DTYPES, ARCHS, [True, False]):
             for tile, precision in itertools.product(C.tiles_for(arch), precisions(dtype)):
                 yield fn, flags, dtype, tile, arch, contiguous, precision
+        for (fn, flags), dtype, arch in itertools.product(hybrid_variants(), DTYPES, ARCHS):
+            yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"
         return
     combos = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32")]
     for i, (fn, flags) in enumerate(variants(everything=False)):
@@ -198,6 +236,10 @@ def jobs(everything: bool):
         arch = ARCHS[i % len(ARCHS)]
         tiles = C.tiles_for(arch)
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
+    for i, (fn, flags) in enumerate(hybrid_variants()):  # the hybrid path's epilogues, each dtype and arch
+        for j, dtype in enumerate(DTYPES):
+            arch = ARCHS[(i + j) % len(ARCHS)]
+            yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"  # (their own tile, fixed)
     for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
         for tile, normed in itertools.product(C.tiles_for(arch), (False, True)):
             yield "grad_kernel", heaviest_backward(normed), "bf16", tile, arch, True, "tf32"
