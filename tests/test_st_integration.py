@@ -71,7 +71,9 @@ def test_forward_masks_duplicate_positives_and_matches_the_function():
         group_ids=torch.tensor([0, 1, 0, 2]),
     )
     torch.testing.assert_close(got, expected)
-    unmasked = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"))([anchors, positives, negatives], None)
+    unmasked = SamToNeRankingLoss(model, directions=("q2d", "q2q", "d2q", "d2d"), mask_duplicates=False)(
+        [anchors, positives, negatives], None
+    )
     assert not torch.allclose(unmasked, got)  # the duplicate positive was a negative without masking
     config = loss_fn.get_config_dict()
     assert config["directions"] == ("q2d", "q2q", "d2q", "d2d") and config["mask_duplicate_positives"]
@@ -172,5 +174,47 @@ def test_cached_loss_masks_duplicate_positives():
     expected = SamToNeRankingLoss(model, **kwargs)(features, None)
     got = SamToNeRankingLoss(model, mini_batch_size=3, **kwargs)(features, None)  # the group ids reach the cache
     torch.testing.assert_close(got, expected)
-    unmasked = SamToNeRankingLoss(model, mini_batch_size=3, **{**kwargs, "mask_duplicate_positives": False})
+    unmasked = SamToNeRankingLoss(
+        model, mini_batch_size=3, **{**kwargs, "mask_duplicate_positives": False, "mask_duplicates": False}
+    )
     assert not torch.allclose(unmasked(features, None), got)
+
+
+def test_pair_groups_connect_repeated_anchors_and_repeated_positives():
+    from samtone_kernels.integrations.sentence_transformers._common import connected_groups, pair_groups
+
+    def column(rows):
+        return {"input_ids": torch.tensor(rows)}
+
+    # Pairs 0 and 2 repeat an anchor, 1 and 3 a positive; 4 and 5 chain through both (a-x, a-y, b-y).
+    anchors = column([[1, 2], [3, 4], [1, 2], [5, 6], [7, 8], [7, 8]])
+    positives = column([[9, 9], [10, 10], [11, 11], [10, 10], [12, 12], [13, 13]])
+    groups = pair_groups([anchors, positives])
+    assert groups.tolist() == [0, 1, 0, 1, 2, 2]
+    chain = connected_groups(torch.tensor([0, 0, 1, 2]), torch.tensor([5, 6, 6, 7]))
+    assert chain.tolist() == [0, 0, 0, 1]
+    assert pair_groups([anchors]) is None
+
+
+def test_a_repeated_query_is_not_its_copys_negative_by_default():
+    """A query text twice in a batch (a triplet dataset's anchor per mined negative): by default the
+    two pairs share a group, as if group_ids said so; without masking each copy is a q2q negative of
+    the other at cosine 1, and the loss is larger. The drop-in keeps MNRL's numbers unless asked."""
+    from samtone_kernels.integrations.sentence_transformers import FusedMultipleNegativesRankingLoss
+
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6]])}  # pairs 0 and 2: one query
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [13, 14], [15, 16]])}
+    q, d = (model(f)["sentence_embedding"] for f in (anchors, positives))
+    grouped = fused_samtone_loss(q, d, normalize=True, group_ids=torch.tensor([0, 1, 0, 2]))
+    default = SamToNeRankingLoss(model)([anchors, positives], None)
+    torch.testing.assert_close(default, grouped)
+    unmasked = SamToNeRankingLoss(model, mask_duplicates=False)([anchors, positives], None)
+    assert unmasked > default + 0.1
+    drop_in = FusedMultipleNegativesRankingLoss(model)
+    plain = fused_samtone_loss(q, d, normalize=True, directions=("q2d",), temperature=0.05)
+    torch.testing.assert_close(drop_in([anchors, positives], None), plain)
+    drop_in.mask_duplicates = True
+    masked = fused_samtone_loss(q, d, normalize=True, directions=("q2d",), group_ids=torch.tensor([0, 1, 0, 2]))
+    torch.testing.assert_close(drop_in([anchors, positives], None), masked)

@@ -123,8 +123,8 @@ def finetune_minilm(
     torch.manual_seed(seed)
     model = load_minilm(device, max_length)
     cfg = dict(LOSSES[loss_name])
-    loss_fn = SamToNeRankingLoss(
-        model, temperature=TEMPERATURE, mask_duplicate_positives=cfg.pop("groups", False), **cfg
+    loss_fn = SamToNeRankingLoss(  # the groups of these experiments: identical documents only
+        model, temperature=TEMPERATURE, mask_duplicates=False, mask_duplicate_positives=cfg.pop("groups", False), **cfg
     )
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     doc_of = np.arange(len(queries)) if doc_of is None else doc_of

@@ -85,6 +85,30 @@ def duplicate_groups(features: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.unique(tokens, dim=0, return_inverse=True)[1]
 
 
+def pair_groups(sentence_features: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """[N] group ids of the pairs of a batch of tokenised columns (anchor, positive, *negatives): pairs
+    with identical anchor texts or identical positive texts, connected (``connected_groups``); None
+    with fewer than two columns."""
+    if len(sentence_features) < 2:
+        return None
+    return connected_groups(duplicate_groups(sentence_features[0]), duplicate_groups(sentence_features[1]))
+
+
+def connected_groups(*groupings: torch.Tensor) -> torch.Tensor:
+    """[N] group ids of the connected components of several groupings ([N] ids each): rows i and j
+    share a group when some grouping puts them together, directly or through other rows (two copies
+    of a query are relevant to each other, and so are the documents either one has)."""
+    groupings = [torch.unique(ids, return_inverse=True)[1] for ids in groupings]  # ids in 0 .. N - 1
+    label = torch.arange(groupings[0].shape[0], device=groupings[0].device)
+    while True:  # each pass gives every row the smallest label of its groups; a few passes at most
+        before = label
+        for ids in groupings:
+            smallest = torch.full_like(label, label.shape[0]).scatter_reduce(0, ids, label, "amin")
+            label = torch.minimum(label, smallest[ids])
+        if torch.equal(label, before):
+            return torch.unique(label, return_inverse=True)[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # GradCache glue of the cached losses
 # --------------------------------------------------------------------------------------------------

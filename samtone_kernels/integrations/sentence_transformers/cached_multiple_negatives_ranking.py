@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import _cached_loss, _has_static_embedding_input, cos_sim
+from ._common import _cached_loss, _has_static_embedding_input, cos_sim, pair_groups
 from .multiple_negatives_ranking import FusedMultipleNegativesRankingLoss
 
 
@@ -76,6 +76,7 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         "hardness_mode",
         "hardness_strength",
         "chunk_bytes",
+        "mask_duplicates",
     )
 
     def __init__(
@@ -154,6 +155,11 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         return self.loss.hardness_strength
 
     @property
+    def mask_duplicates(self) -> bool:
+        """The wrapped loss's ``mask_duplicates`` (assignable, as the hyperparameters)."""
+        return self.loss.mask_duplicates
+
+    @property
     def chunk_bytes(self) -> int | None:
         """The wrapped loss's ``chunk_bytes`` (assignable, as the hyperparameters)."""
         return self.loss.chunk_bytes
@@ -163,7 +169,12 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         return 1.0 / self.scale
 
     def calculate_loss(
-        self, reps: list[list[torch.Tensor]], labels: torch.Tensor | None = None, *, with_backward: bool = False
+        self,
+        reps: list[list[torch.Tensor]],
+        labels: torch.Tensor | None = None,
+        *,
+        with_backward: bool = False,
+        group_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of the whole batch from per-column lists of mini-batch embeddings [m_k, D].
 
@@ -171,7 +182,7 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         the protocol of sentence-transformers' cached losses, which ``MatryoshkaLoss`` decorates.
         """
         columns = [col[0] if len(col) == 1 else torch.cat(col) for col in reps]
-        loss = self.loss.compute_loss_from_embeddings(columns, labels)
+        loss = self.loss.compute_loss_from_embeddings(columns, labels, group_ids=group_ids)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -181,8 +192,16 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
     ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives); see the class notes."""
+        sentence_features = list(sentence_features)
+        group_ids = pair_groups(sentence_features) if self.mask_duplicates else None
         return _cached_loss(
-            self, sentence_features, labels, self.mini_batch_size, self.mini_batch_num_tokens, self.show_progress_bar
+            self,
+            sentence_features,
+            labels,
+            self.mini_batch_size,
+            self.mini_batch_num_tokens,
+            self.show_progress_bar,
+            group_ids=group_ids,
         )
 
     def get_config_dict(self) -> dict[str, Any]:

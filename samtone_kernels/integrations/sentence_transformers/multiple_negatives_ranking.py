@@ -17,6 +17,7 @@ from ._common import (
     _st_util,
     cos_sim,
     embed_columns,
+    pair_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         chunk_bytes: Memory budget of one chunk of materialised logits where a backend materialises
             them, as in ``fused_samtone_loss`` (None: 1 GiB). Not a constructor argument, so that
             the signature stays MNRL's: set it on the loss (``loss.chunk_bytes = 256 << 20``).
+        mask_duplicates: False (MNRL's numbers) by default; True: pairs with identical anchor texts
+            or identical positive texts share a group id (read off the tokens in ``forward``), so
+            neither a repeated query nor a repeated document is a negative of its copy's pair.
 
     References:
         - Representation Learning with Contrastive Predictive Coding (InfoNCE): https://arxiv.org/abs/1807.03748
@@ -135,7 +139,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
                 "effect. Set hardness_strength to a positive value to enable hardness weighting."
             )
         _fused_normalize(self.similarity_fct)
-        self.chunk_bytes = None  # not an MNRL argument (the signature is MNRL's): set the attribute
+        # Not MNRL arguments (the signature is MNRL's): attributes to set.
+        self.chunk_bytes = None
+        self.mask_duplicates = False
 
     @property
     def temperature(self) -> float:
@@ -145,11 +151,13 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
     ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives)."""
+        sentence_features = list(sentence_features)
+        group_ids = pair_groups(sentence_features) if self.mask_duplicates else None
         embeddings = embed_columns(self.model, sentence_features)
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        return self.compute_loss_from_embeddings(embeddings, labels, group_ids=group_ids)
 
     def compute_loss_from_embeddings(
-        self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None
+        self, embeddings: list[torch.Tensor], labels: torch.Tensor | None = None, group_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The loss from column embeddings: anchors [N, D], positives [N, D], *negatives [N, D]."""
         if len(embeddings) < 2:
@@ -168,6 +176,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             normalize=_fused_normalize(self.similarity_fct),
             gather_across_devices=self.gather_across_devices,
             chunk_bytes=check_chunk_bytes(self.chunk_bytes),
+            group_ids=group_ids,
             **hardness,
         )
 

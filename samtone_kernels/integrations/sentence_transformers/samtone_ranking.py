@@ -9,7 +9,7 @@ from torch import nn
 from ... import fused_samtone_loss
 from ..._backends import check_backend_name
 from ..._options import check_options, check_temperature
-from ._common import DIRECTION_NAMES, _cached_loss, duplicate_groups, embed_columns
+from ._common import DIRECTION_NAMES, _cached_loss, duplicate_groups, embed_columns, pair_groups
 
 
 class SamToNeRankingLoss(nn.Module):
@@ -38,11 +38,17 @@ class SamToNeRankingLoss(nn.Module):
         normalize: Cosine similarity (True, default, as sentence-transformers' ``cos_sim``) or the
             dot product. ``fused_samtone_loss`` defaults to False.
         gather_across_devices: Every rank's embeddings are candidates.
-        mask_duplicate_positives: Identical positive texts of a batch share a group id, so a
-            duplicated document is never a negative of the other query that has it (the doc-doc
-            ablation of the SamToNe paper). The groups are read off the tokenised positive column,
-            since embeddings cannot show duplicates under dropout. Only ``forward`` sees the tokens;
-            ``compute_loss_from_embeddings`` takes ``group_ids`` explicitly.
+        mask_duplicates: Pairs whose anchor texts are identical or whose positive texts are
+            identical share a group id (the connected components of both relations), so a repeated
+            query is never a same-tower negative of its copy (cosine 1), and each copy's documents
+            are never negatives of the other; a repeated document is never a negative of the other
+            query that has it (the doc-doc ablation of the SamToNe paper). Default True. Identity
+            is read off the tokens (embeddings cannot show duplicates under dropout), so texts that
+            differ only in what the tokenizer keeps count as identical, and near-duplicates do not:
+            pass ``group_ids`` to ``compute_loss_from_embeddings`` for those. Only ``forward`` sees
+            the tokens.
+        mask_duplicate_positives: With ``mask_duplicates=False``: group identical positive texts
+            only (this loss's earlier option; ``mask_duplicates`` covers it).
         backend: "auto" (default), "torch" or "triton".
         hardness_mode: Hardness weighting, as in ``fused_samtone_loss``; None (default) for none.
         hardness_strength: Its strength, as in ``fused_samtone_loss``.
@@ -94,6 +100,7 @@ class SamToNeRankingLoss(nn.Module):
         doc_anchor_weight: float = 1.0,
         normalize: bool = True,
         gather_across_devices: bool = False,
+        mask_duplicates: bool = True,
         mask_duplicate_positives: bool = False,
         backend: str = "auto",
         hardness_mode: str | None = None,
@@ -135,8 +142,13 @@ class SamToNeRankingLoss(nn.Module):
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
         self.backend = check_backend_name(backend)
-        if not isinstance(mask_duplicate_positives, bool):
-            raise TypeError(f"mask_duplicate_positives: expected a bool, got {type(mask_duplicate_positives).__name__}")
+        for name, value in (
+            ("mask_duplicates", mask_duplicates),
+            ("mask_duplicate_positives", mask_duplicate_positives),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        self.mask_duplicates = mask_duplicates
         self.gather_across_devices = options.gather_across_devices
         self.mask_duplicate_positives = mask_duplicate_positives
 
@@ -153,7 +165,9 @@ class SamToNeRankingLoss(nn.Module):
             )
         sentence_features = list(sentence_features)
         group_ids = None
-        if self.mask_duplicate_positives and len(sentence_features) >= 2:
+        if self.mask_duplicates:
+            group_ids = pair_groups(sentence_features)
+        elif len(sentence_features) >= 2 and self.mask_duplicate_positives:
             group_ids = duplicate_groups(sentence_features[1])
         if self.mini_batch_size is not None:
             return _cached_loss(
@@ -222,6 +236,7 @@ class SamToNeRankingLoss(nn.Module):
             "doc_anchor_weight": self.doc_anchor_weight,
             "normalize": self.normalize,
             "gather_across_devices": self.gather_across_devices,
+            "mask_duplicates": self.mask_duplicates,
             "mask_duplicate_positives": self.mask_duplicate_positives,
             "hardness_mode": self.hardness_mode,
             "hardness_strength": self.hardness_strength,
