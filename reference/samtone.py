@@ -33,6 +33,12 @@ Notation (shapes in brackets):
   "in_batch_negatives" every column of the other pairs, "hard_negatives" the query's own hard
   negatives, "all_negatives" every column but the query's own positive. The positive logit is
   never changed; the stop-gradient changes the softmax weights, not the gradient path.
+* False-negative margin (``false_negative_margin=m``, default None: off): in every block, an entry
+  whose raw similarity to the anchor (``x . y``, cosine with ``normalize=True``, not divided by tau)
+  exceeds the pair's positive similarity ``q_i . d_i`` plus m is removed from the anchor's softmax
+  (a presumed false negative), except the anchor's own positive (column (i, 0) of q2d, q_i in d2q).
+  For a document anchor the positive similarity is the same ``q_i . d_i``. A mask: no gradient
+  flows through the comparison.
 """
 
 from __future__ import annotations
@@ -52,7 +58,14 @@ HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
 
 
 def _check_options(
-    directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode=None, hardness_strength=0.0
+    directions,
+    partition,
+    doc_anchor_weight,
+    reduction,
+    temperature,
+    hardness_mode=None,
+    hardness_strength=0.0,
+    false_negative_margin=None,
 ):
     directions = tuple(directions)
     unknown = set(directions) - set(ALL_DIRECTIONS)
@@ -76,6 +89,8 @@ def _check_options(
         raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
     if not (np.isfinite(temperature) and temperature > 0):
         raise ValueError("temperature: expected a finite value > 0")
+    if false_negative_margin is not None and not np.isfinite(false_negative_margin):
+        raise ValueError("false_negative_margin: expected a finite value or None")
     return set(directions)
 
 
@@ -142,7 +157,9 @@ def hardness_mask(n_pairs: int, n_blocks: int, mode) -> np.ndarray:
     return np.zeros((n_pairs, n_pairs * n_blocks), dtype=bool)
 
 
-def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None, normalize=False) -> Blocks:
+def build_blocks(
+    q, d, hard_negatives=None, *, temperature=0.05, group_ids=None, normalize=False, false_negative_margin=None
+) -> Blocks:
     """Build the logit blocks and keep-masks (see the module docstring for the rules)."""
     q = np.asarray(q, dtype=np.float64)
     d = np.asarray(d, dtype=np.float64)
@@ -167,19 +184,36 @@ def build_blocks(q, d, hard_negatives=None, *, temperature=0.05, group_ids=None,
     hard_cols = np.zeros((n_pairs, n_pairs * (n_blocks - 1)), dtype=bool)
     group_cols = np.concatenate([other_in_group, hard_cols], axis=1)  # groups touch block 0 only
 
+    raw = {"qd": q @ columns.T, "qq": q @ q.T, "dq": d @ q.T, "dd": d @ columns.T}  # x . y
+    keep = {
+        "qd": ~group_cols,
+        "qq": ~same_group,  # removes q_i itself and its group
+        "dq": ~other_in_group,  # keeps the positive q_i
+        "dd": ~(own_pair | group_cols),
+    }
+    if false_negative_margin is not None:
+        # Presumed false negatives: more similar to the anchor than its positive, by more than m.
+        positive = (q * d).sum(-1)[:, None] + float(false_negative_margin)
+        is_positive = {"qd": np.concatenate([i == j, hard_cols], axis=1), "dq": i == j}
+        for name in keep:
+            presumed = raw[name] > positive
+            if name in is_positive:
+                presumed &= ~is_positive[name]  # the anchor's own positive is never dropped
+            keep[name] = keep[name] & ~presumed
+
     return Blocks(
         q=q,
         d=d,
         columns=columns,
         temperature=tau,
-        s_qd=q @ columns.T / tau,
-        s_qq=q @ q.T / tau,
-        s_dq=d @ q.T / tau,
-        s_dd=d @ columns.T / tau,
-        keep_qd=~group_cols,
-        keep_qq=~same_group,  # removes q_i itself and its group
-        keep_dq=~other_in_group,  # keeps the positive q_i
-        keep_dd=~(own_pair | group_cols),
+        s_qd=raw["qd"] / tau,
+        s_qq=raw["qq"] / tau,
+        s_dq=raw["dq"] / tau,
+        s_dd=raw["dd"] / tau,
+        keep_qd=keep["qd"],
+        keep_qq=keep["qq"],
+        keep_dq=keep["dq"],
+        keep_dd=keep["dd"],
     )
 
 
@@ -252,6 +286,7 @@ def samtone_loss(
     reduction="mean",
     hardness_mode=None,
     hardness_strength=0.0,
+    false_negative_margin=None,
 ):
     """The loss, as a float (or an [N] array for ``reduction="none"``).
 
@@ -259,9 +294,24 @@ def samtone_loss(
     NumPy (any float dtype, computed in float64).
     """
     dirs = _check_options(
-        directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode, hardness_strength
+        directions,
+        partition,
+        doc_anchor_weight,
+        reduction,
+        temperature,
+        hardness_mode,
+        hardness_strength,
+        false_negative_margin,
     )
-    b = build_blocks(q, d, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
+    b = build_blocks(
+        q,
+        d,
+        hard_negatives,
+        temperature=temperature,
+        group_ids=group_ids,
+        normalize=normalize,
+        false_negative_margin=false_negative_margin,
+    )
     losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     if reduction == "none":
         return losses
@@ -282,6 +332,7 @@ def samtone_grad(
     reduction="mean",
     hardness_mode=None,
     hardness_strength=0.0,
+    false_negative_margin=None,
 ):
     """Analytic gradients of the reduced loss (of its sum for ``reduction="none"``).
 
@@ -303,14 +354,30 @@ def samtone_grad(
 
     and, with ``normalize=True``, the chain rule through x / max(|x|, eps) (``_normalize_backward``).
     The hardness penalty is a constant (stop-gradient): it enters G through the softmax weights
-    only, and dtau sums G against the logits s without it.
+    only, and dtau sums G against the logits s without it. The false-negative margin is a mask: it
+    enters through ``keep`` alone (the comparison is piecewise constant).
     """
     dirs = _check_options(
-        directions, partition, doc_anchor_weight, reduction, temperature, hardness_mode, hardness_strength
+        directions,
+        partition,
+        doc_anchor_weight,
+        reduction,
+        temperature,
+        hardness_mode,
+        hardness_strength,
+        false_negative_margin,
     )
     q_raw = np.asarray(q, dtype=np.float64)
     d_raw = np.asarray(d, dtype=np.float64)
-    b = build_blocks(q_raw, d_raw, hard_negatives, temperature=temperature, group_ids=group_ids, normalize=normalize)
+    b = build_blocks(
+        q_raw,
+        d_raw,
+        hard_negatives,
+        temperature=temperature,
+        group_ids=group_ids,
+        normalize=normalize,
+        false_negative_margin=false_negative_margin,
+    )
     _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     logits = {"qd": b.s_qd, "qq": b.s_qq, "dq": b.s_dq, "dd": b.s_dd}  # without the penalty
     n_pairs, dim = b.q.shape

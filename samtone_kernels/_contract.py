@@ -39,6 +39,7 @@ class LossOptions:
     hardness_strength: float = 0.0
     gather_across_devices: bool = False
     chunk_bytes: int | None = None  # the budget of one chunk of materialised logits (None: the backend's)
+    false_negative_margin: float | None = None  # drop candidates more similar than the positive plus it
 
     @property
     def doc_anchor(self) -> bool:

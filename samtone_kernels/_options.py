@@ -24,6 +24,7 @@ def check_options(
     hardness_strength=0.0,
     gather_across_devices=False,
     chunk_bytes=None,
+    false_negative_margin=None,
 ) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
@@ -86,7 +87,19 @@ def check_options(
         strength,
         gather_across_devices,
         check_chunk_bytes(chunk_bytes),
+        check_margin(false_negative_margin),
     )
+
+
+def check_margin(margin) -> float | None:
+    """The false-negative margin: a finite real number (of raw similarity), or None (off)."""
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"false_negative_margin: expected a real number or None, got {type(margin).__name__}")
+    if not math.isfinite(float(margin)):
+        raise ValueError(f"false_negative_margin: expected a finite value (None turns it off), got {margin}")
+    return float(margin)
 
 
 def check_chunk_bytes(chunk_bytes) -> int | None:

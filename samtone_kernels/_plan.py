@@ -63,6 +63,8 @@ class Block:
 
     ``drops``: ``SELF | GROUP`` bits of the entries it removes. ``hardness``: the block takes the
     hardness penalty of ``hardness_mode`` (the q2d softmax only), on the entries ``HARDNESS`` names.
+    ``holds_positive``: the entry of the anchor's own pair is its positive (q2d's positives, d2q),
+    which the false-negative margin never removes.
     """
 
     direction: str
@@ -70,6 +72,7 @@ class Block:
     segment: str
     drops: int
     hardness: bool = False
+    holds_positive: bool = False
 
     def penalty(self, hardness_mode: str | None) -> int:
         """``OWN | OTHER`` bits of the entries that take the hardness penalty (0: none)."""
@@ -77,10 +80,10 @@ class Block:
 
 
 BLOCKS = (
-    Block("q2d", "q", "d", GROUP, True),  # q_i against the positives, minus its group-mates' (not its own)
+    Block("q2d", "q", "d", GROUP, True, True),  # q_i against the positives, minus its group-mates' (not its own)
     Block("q2d", "q", "n", 0, True),  # ... and against every hard negative
     Block("q2q", "q", "q", SELF | GROUP),  # q_i against the other queries, minus its group
-    Block("d2q", "d", "q", GROUP),  # d_i against the queries (q_i is its positive)
+    Block("d2q", "d", "q", GROUP, holds_positive=True),  # d_i against the queries (q_i is its positive)
     Block("d2d", "d", "d", SELF | GROUP),  # d_i against the other positives, minus its group
     Block("d2d", "d", "n", SELF),  # ... and the hard negatives of the other pairs
 )
@@ -102,6 +105,8 @@ DROP_GROUP = 8  # GROUP: the block removes the other pairs of the group
 PEN_OWN = 16  # the hardness penalty on the own pair's entry
 PEN_OTHER = 32  # ... on other pairs' entries
 PEN_COL = 64  # the penalty is in the column role's softmax (else the row role's)
+DROP_MARGIN = 128  # the false-negative margin removes entries more similar than the anchor's positive
+POSITIVE = 256  # ... except the own pair's entry, which is the anchor's positive (``Block.holds_positive``)
 
 # The grad kernel's last step (``Launch.finish``), as the bits of one integer constexpr.
 FUSED = 1  # the last sweep writes the gradient in the input dtype (else an epilogue kernel does)
@@ -129,11 +134,15 @@ class Walk:
     col: bool = False
     drops: int = 0
     penalised: str | None = None
+    positive: bool = False  # the walked blocks hold their anchors' positives at the own pair
 
-    def role(self, has_groups: bool, hardness_mode: str | None, document: str) -> int:
+    def role(self, has_groups: bool, hardness_mode: str | None, document: str, margin: bool = False) -> int:
         """The integer role (bits above). Without group ids the GROUP bit is cleared (nothing to
-        compare). ``document``: the segment whose q2d entries the penalty reads ("d" or "n")."""
+        compare). ``document``: the segment whose q2d entries the penalty reads ("d" or "n").
+        ``margin``: the false-negative margin is on."""
         role = ROW * self.row | COL * self.col
+        if margin and (self.row or self.col):
+            role |= DROP_MARGIN | POSITIVE * self.positive
         role |= DROP_SELF * bool(self.drops & SELF) | DROP_GROUP * bool(self.drops & GROUP and has_groups)
         if self.penalised is not None and hardness_mode is not None:
             pen = HARDNESS[hardness_mode][document]
@@ -173,19 +182,19 @@ class Launch:
     candidates_are_anchors: bool = False
 
     def roles(
-        self, has_groups: bool, hardness_mode: str | None = None, has_hard_negatives: bool = True
+        self, has_groups: bool, hardness_mode: str | None = None, has_hard_negatives: bool = True, margin: bool = False
     ) -> dict[str, int]:
         """The kernels' role constexprs ``Q_ROLE``, ``D_ROLE``, ``N_ROLE`` (0: the segment is not
         walked). Without hard negatives their segment is not walked, so a launch with ``N_ROLE`` has
         at least one block of them (the kernels rely on it to know their last walk at compile time).
         The penalty sits on the column role of the Q segment (queries anchor the tile's columns) and
         on the row role of D and N; its entries depend on whether the entry's document is a positive
-        or a hard negative."""
+        or a hard negative. ``margin``: the false-negative margin is on (DROP_MARGIN)."""
         out = {}
         for seg in SEGMENTS:
             walk = self.walks.get(seg, Walk()) if seg != "n" or has_hard_negatives else Walk()
             document = seg if walk.penalised != "col" else self.rows[0]  # "d" or "n"
-            out[f"{seg.upper()}_ROLE"] = walk.role(has_groups, hardness_mode, document)
+            out[f"{seg.upper()}_ROLE"] = walk.role(has_groups, hardness_mode, document, margin)
         return out
 
     def finish(self, normed: bool, want_dots: bool) -> int:
@@ -207,11 +216,11 @@ def _block(blocks, anchor, segment) -> Block | None:
 
 
 def _row_walk(block: Block) -> Walk:
-    return Walk(row=True, drops=block.drops, penalised="row" if block.hardness else None)
+    return Walk(row=True, drops=block.drops, penalised="row" if block.hardness else None, positive=block.holds_positive)
 
 
 def _col_walk(block: Block) -> Walk:
-    return Walk(col=True, drops=block.drops, penalised="col" if block.hardness else None)
+    return Walk(col=True, drops=block.drops, penalised="col" if block.hardness else None, positive=block.holds_positive)
 
 
 def forward_launches(directions) -> list[Launch]:
@@ -242,8 +251,9 @@ def backward_launches(directions, shared: bool) -> list[Launch]:
             walks = {}
             for y in SEGMENTS:
                 as_row, as_col = _block(blocks, x, y), _block(blocks, y, x)
-                if as_row and as_col:
-                    assert as_row.drops == as_col.drops, (as_row, as_col)  # the relations are symmetric
+                if as_row and as_col:  # the relations are symmetric
+                    assert as_row.drops == as_col.drops, (as_row, as_col)
+                    assert as_row.holds_positive == as_col.holds_positive, (as_row, as_col)
                 if as_row or as_col:
                     penalised = "row" if as_row and as_row.hardness else "col" if as_col and as_col.hardness else None
                     walks[y] = Walk(
@@ -251,6 +261,7 @@ def backward_launches(directions, shared: bool) -> list[Launch]:
                         col=as_col is not None,
                         drops=(as_row or as_col).drops,
                         penalised=penalised,
+                        positive=(as_row or as_col).holds_positive,
                     )
             if walks or x != "n":
                 launches.append(Launch(x, x if any(w.row for w in walks.values()) else None, walks))

@@ -104,16 +104,26 @@ def _pairs(n_cols: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def dropped(
-    block: _plan.Block, rows_g: torch.Tensor, col_pairs: torch.Tensor, group_ids: torch.Tensor | None
+    block: _plan.Block,
+    rows_g: torch.Tensor,
+    col_pairs: torch.Tensor,
+    group_ids: torch.Tensor | None,
+    presumed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """[n, W] mask of the entries ``block`` removes (True = not in the sums), or None when it removes
-    none: the anchor's own pair (``SELF``) and the other pairs of its group (``GROUP``, only with group
-    ids). ``rows_g`` [n] and ``col_pairs`` [W] are global pair indices."""
+    none: the anchor's own pair (``SELF``), the other pairs of its group (``GROUP``, only with group
+    ids), and the presumed false negatives of the margin (``presumed`` [n, W], except the anchor's
+    own positive where the block holds it). ``rows_g`` [n] and ``col_pairs`` [W] are global pair
+    indices."""
     own = rows_g[:, None] == col_pairs[None, :]
     drop = own if block.drops & _plan.SELF else None
     if block.drops & _plan.GROUP and group_ids is not None:
         mates = (group_ids[rows_g][:, None] == group_ids[col_pairs][None, :]) & ~own
         drop = mates if drop is None else drop | mates
+    if presumed is not None:
+        if block.holds_positive:
+            presumed = presumed & ~own
+        drop = presumed if drop is None else drop | presumed
     return drop
 
 
@@ -250,10 +260,18 @@ def row_lse_block(
     blocks = [b for b in _plan.selected(options.directions) if b.segment in segments]
     transposed = {(b.anchor, b.segment) for b in blocks} if anchors_are_candidates else set()
     parts: dict[str, list[torch.Tensor]] = {"q": [], "d": []}
+    # The anchors' positive similarities q_i . d_i (rows of a transposed tile are anchors too: there
+    # the anchors are the whole batch, offset 0).
+    positive = (q * d).sum(-1).detach() if options.false_negative_margin is not None else None
 
     def add(block: _plan.Block, s: torch.Tensor, row_pairs: torch.Tensor, col_pairs: torch.Tensor) -> None:
+        presumed = None
+        if options.false_negative_margin is not None:
+            # The raw similarity (s / scale) above the anchor pair's positive similarity plus the margin.
+            raw = s.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
+            presumed = raw > (positive[row_pairs - offset] + options.false_negative_margin)[:, None]
         s = penalised(s, block, options, scale, row_pairs, col_pairs)
-        drop = dropped(block, row_pairs, col_pairs, group_ids)
+        drop = dropped(block, row_pairs, col_pairs, group_ids, presumed)
         parts[block.anchor].append(s if drop is None else s.masked_fill(drop, float("-inf")))
 
     done = set()

@@ -60,6 +60,7 @@ def fused_samtone_loss(
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
     chunk_bytes: int | None = None,
+    false_negative_margin: float | None = None,
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -122,6 +123,13 @@ def fused_samtone_loss(
         Memory budget, in bytes, of one chunk of materialised logits in the backends that
         materialise them ("torch", "hybrid"): anchors go in row chunks that fit it. Default: 1 GiB.
         The fused kernel materialises none and ignores it.
+    false_negative_margin : float, optional
+        Drop presumed false negatives by similarity: a candidate other than the anchor's own
+        positive leaves the anchor's softmax when its raw similarity to the anchor (the dot
+        product, cosine with ``normalize=True``, not divided by the temperature) exceeds the pair's
+        positive similarity ``q_i . d_i`` plus this margin, in every block (hard negatives too).
+        A mask (no gradient through the comparison); composes with groups and hardness. None
+        (default): off. NaN or infinite: ``ValueError``.
 
     Returns
     -------
@@ -144,6 +152,7 @@ def fused_samtone_loss(
         hardness_strength=hardness_strength,
         gather_across_devices=gather_across_devices,
         chunk_bytes=chunk_bytes,
+        false_negative_margin=false_negative_margin,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
@@ -161,6 +170,7 @@ def fused_samtone_loss(
             hardness_mode=options.hardness_mode,
             hardness_strength=options.hardness_strength,
             chunk_bytes=options.chunk_bytes,
+            false_negative_margin=options.false_negative_margin,
         )
         backend = _choice.choose(paths, (queries, docs, hard_negatives), group_ids, options, measured)
     backend = resolve_backend(backend, queries)

@@ -23,7 +23,7 @@ class SamToNeLoss(nn.Module):
     learnable_temperature : bool, default False
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
     directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
-    process_group, hardness_mode, hardness_strength, chunk_bytes
+    process_group, hardness_mode, hardness_strength, chunk_bytes, false_negative_margin
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -48,6 +48,7 @@ class SamToNeLoss(nn.Module):
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
         chunk_bytes: int | None = None,
+        false_negative_margin: float | None = None,
     ) -> None:
         super().__init__()
         options = check_options(
@@ -60,6 +61,7 @@ class SamToNeLoss(nn.Module):
             hardness_strength=hardness_strength,
             gather_across_devices=gather_across_devices,
             chunk_bytes=chunk_bytes,
+            false_negative_margin=false_negative_margin,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -75,6 +77,7 @@ class SamToNeLoss(nn.Module):
         self.gather_across_devices = options.gather_across_devices
         self.process_group = process_group
         self.chunk_bytes = options.chunk_bytes
+        self.false_negative_margin = options.false_negative_margin
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
         else:
@@ -113,6 +116,7 @@ class SamToNeLoss(nn.Module):
             hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength,
             chunk_bytes=self.chunk_bytes,
+            false_negative_margin=self.false_negative_margin,
         )
 
     def extra_repr(self) -> str:

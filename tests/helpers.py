@@ -161,10 +161,12 @@ def assert_grad_close(
 
 
 @st.composite
-def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None, group_ids=None) -> Case:
+def cases(
+    draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None, group_ids=None, margin: bool = False
+) -> Case:
     """A random configuration: sizes (N = 1, odd N and D included), directions, partition, weight,
     group ids with ties, normalisation, reduction, temperature in [0.01, 10], large norms, duplicate
-    rows (tied logits)."""
+    rows (tied logits); with ``margin``, a false-negative margin (``margin_in_a_gap``)."""
     n_pairs = draw(st.integers(1, max_n))
     dim = draw(st.integers(1, max_d))
     n_hard = draw(st.integers(0, max_h))
@@ -204,7 +206,24 @@ def cases(draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None,
     )
     if hardness_mode:
         options.update(hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    return Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
+    case = Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
+    if margin:
+        case.options["false_negative_margin"] = margin_in_a_gap(case, draw(st.floats(0.0, 1.0)))
+    return case
+
+
+def margin_in_a_gap(case: Case, where: float) -> float:
+    """A false-negative margin m whose thresholds ``q_i . d_i + m`` sit in a wide gap between the
+    entries' raw similarities (every block, in float64), so that no dtype's rounding moves an entry
+    across one: the comparison the backends make is then exact. ``where`` in [0, 1] picks the gap
+    (0: below every entry, which drops all but the positives; 1: above every entry, which drops none)."""
+    b = reference.build_blocks(case.q, case.d, case.n, temperature=1.0, normalize=case.options["normalize"])
+    pos = np.einsum("ij,ij->i", b.q, b.d)[:, None]
+    gaps = np.sort(np.concatenate([(s - pos).ravel() for s in (b.s_qd, b.s_qq, b.s_dq, b.s_dd)]))
+    width = 0.02 * max(1.0, float(np.abs(gaps).max()))  # a few times the float16 error of a raw similarity
+    edges = [(lo, hi) for lo, hi in zip(gaps[:-1], gaps[1:]) if hi - lo > 2 * width]
+    candidates = [gaps[0] - 1.0] + [(lo + hi) / 2 for lo, hi in edges] + [gaps[-1] + 1.0]
+    return float(candidates[min(int(where * len(candidates)), len(candidates) - 1)])
 
 
 def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool, **extra) -> None:

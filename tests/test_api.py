@@ -73,6 +73,9 @@ BAD = [
     ("chunk_bytes 0", dict(chunk_bytes=0), ValueError, "chunk_bytes"),
     ("chunk_bytes float", dict(chunk_bytes=1.5e9), ValueError, "chunk_bytes"),
     ("chunk_bytes bool", dict(chunk_bytes=True), ValueError, "chunk_bytes"),
+    ("margin nan", dict(false_negative_margin=math.nan), ValueError, "false_negative_margin"),
+    ("margin inf", dict(false_negative_margin=math.inf), ValueError, "false_negative_margin"),
+    ("margin str", dict(false_negative_margin="0.1"), TypeError, "false_negative_margin"),
 ]
 
 

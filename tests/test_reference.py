@@ -18,7 +18,15 @@ def autograd_of_reference_formula(case: Case):
     d = torch.tensor(case.d, requires_grad=True)
     n = None if case.n is None else torch.tensor(case.n, requires_grad=True)
     tau = torch.tensor(float(opts["temperature"]), dtype=torch.float64, requires_grad=True)
-    blocks = reference.build_blocks(case.q, case.d, case.n, temperature=1.0, group_ids=case.group_ids)
+    blocks = reference.build_blocks(
+        case.q,
+        case.d,
+        case.n,
+        temperature=1.0,
+        group_ids=case.group_ids,
+        normalize=opts["normalize"],
+        false_negative_margin=opts.get("false_negative_margin"),
+    )
 
     def prep(x):
         return torch.nn.functional.normalize(x, dim=-1, eps=1e-12) if opts["normalize"] else x
@@ -66,6 +74,12 @@ def test_reference_gradients_match_autograd(case):
     for name, value in expected.items():
         scale = max(float(np.abs(value.numpy()).max(initial=0.0)), case.grad_floor())
         np.testing.assert_allclose(got[name], value.numpy(), rtol=1e-9, atol=1e-9 * scale, err_msg=name)
+
+
+@given(cases(margin=True))
+def test_reference_gradients_match_autograd_with_a_margin(case):
+    """The false-negative margin is a mask: the hand-derived gradient still matches autograd."""
+    test_reference_gradients_match_autograd.hypothesis.inner_test(case)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -218,3 +218,29 @@ def test_a_repeated_query_is_not_its_copys_negative_by_default():
     drop_in.mask_duplicates = True
     masked = fused_samtone_loss(q, d, normalize=True, directions=("q2d",), group_ids=torch.tensor([0, 1, 0, 2]))
     torch.testing.assert_close(drop_in([anchors, positives], None), masked)
+
+
+def test_the_margin_reaches_the_sentence_transformers_losses():
+    from samtone_kernels.integrations.sentence_transformers import (
+        FusedCachedMultipleNegativesRankingLoss,
+        FusedMultipleNegativesRankingLoss,
+    )
+
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [13, 14], [15, 16]])}
+    q, d = (model(f)["sentence_embedding"] for f in (anchors, positives))
+    ours = SamToNeRankingLoss(model, false_negative_margin=0.05)
+    expected = fused_samtone_loss(q, d, normalize=True, false_negative_margin=0.05)
+    torch.testing.assert_close(ours([anchors, positives], None), expected)
+    assert ours.get_config_dict()["false_negative_margin"] == 0.05
+    drop_in = FusedMultipleNegativesRankingLoss(model)
+    drop_in.false_negative_margin = 0.05
+    expected = fused_samtone_loss(q, d, normalize=True, directions=("q2d",), false_negative_margin=0.05)
+    torch.testing.assert_close(drop_in([anchors, positives], None), expected)
+    cached = FusedCachedMultipleNegativesRankingLoss(model)
+    cached.false_negative_margin = 0.05
+    assert cached.loss.false_negative_margin == 0.05
+    with pytest.raises(ValueError, match="false_negative_margin"):
+        SamToNeRankingLoss(model, false_negative_margin=float("nan"))

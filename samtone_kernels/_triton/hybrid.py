@@ -27,7 +27,7 @@ import triton
 from .. import _plan as plan
 from .._contract import LossOptions, Rows
 from .._rows import normalize_rows
-from .launch import _empty
+from .launch import _empty, margin_thresholds
 from .logit_epilogues import coefficient_kernel, lse_partials_kernel
 
 #: Default budget of one chunk's float32 logits plus its coefficient tile (bytes).
@@ -62,13 +62,13 @@ def chunk_rows(n_cols: int, itemsize: int, budget: int | None) -> int:
     return max(1, (CHUNK_BYTES if budget is None else budget) // max(1, n_cols * (4 + itemsize)))
 
 
-def pairs(directions, shared: bool, has_groups: bool, hardness_mode: str | None, has_hard: bool):
+def pairs(directions, shared: bool, has_groups: bool, hardness_mode: str | None, has_hard: bool, margin: bool = False):
     """(rows X, segment Y, role) of each tile the hybrid path takes, once per pair of tensors."""
     done, out = set(), []
     for launch in plan.backward_launches(directions, shared):
         if launch.rows not in ("q", "d"):
             continue  # the candidates' gradients come from the tiles of the anchors (G^T X)
-        roles = launch.roles(has_groups, hardness_mode, has_hard)
+        roles = launch.roles(has_groups, hardness_mode, has_hard, margin)
         for seg in launch.walks:
             pair = frozenset((launch.rows, seg))
             if seg == "n" and not has_hard or (shared and pair in done):
@@ -87,7 +87,9 @@ def forward_role(x_name: str, seg: str, role: int) -> int:
 class _Call:
     """The tensors of one call by their plan names, and how to iterate their tiles."""
 
-    def __init__(self, q, d, q_all, d_all, n_all, groups, offset, directions, hardness, hardness_mode, budget):
+    def __init__(
+        self, q, d, q_all, d_all, n_all, groups, offset, directions, hardness, hardness_mode, budget, scale, margin
+    ):
         self.shared = q_all is None
         self.tensors = {"q": q, "d": d}
         # The candidates of each segment, by the name of the anchors' segment: "q" and "d" are the anchors
@@ -102,7 +104,12 @@ class _Call:
             groups is not None,
             hardness_mode or None if self.hardness else None,
             n_all is not None and n_all.shape[1] > 0,
+            margin is not None,
         )
+        # The false-negative margin's logit threshold per global pair (a placeholder without it).
+        self.thresholds = q.new_ones((), dtype=torch.float32)
+        if margin is not None:
+            self.thresholds = margin_thresholds(self.candidates["q"], self.candidates["d"], scale, margin)
         self.n_cand = self.candidates["q"].shape[0]
         self.step = chunk_rows(self.n_cand, q.element_size(), budget)
         self.anchors = [launch.rows for launch in plan.forward_launches(directions)]
@@ -146,6 +153,7 @@ def _forward(call: _Call, scale: torch.Tensor) -> torch.Tensor:
                     row_part,
                     col_part,
                     call.groups,
+                    call.thresholds,
                     s.shape[0],
                     s.shape[1],
                     call.offset + c.start,
@@ -198,6 +206,7 @@ def _backward(call: _Call, lse: torch.Tensor, grad_lse: torch.Tensor, scale: tor
                     g.stride(0),
                     g.stride(1),
                     call.groups,
+                    call.thresholds,
                     row_lse[c],
                     row_w[c],
                     col_lse,
@@ -244,19 +253,32 @@ def hybrid_row_lse_op(
     hardness: float,
     hardness_mode: str,
     budget: int,
+    margin: float | None = None,
 ) -> torch.Tensor:
     """[A, n] float32 log-partitions of the anchors q, d [n, D] (pairs ``offset ..`` of the candidates
     q_all, d_all [N, D], n_all [N, H, D]; ``q_all = d_all = None``: the candidates are the anchors).
     ``directions``: ``plan.encode_directions``; ``budget``: bytes of a chunk's logits and
     coefficients."""
     call = _Call(
-        q, d, q_all, d_all, n_all, groups, offset, plan.decode_directions(directions), hardness, hardness_mode, budget
+        q,
+        d,
+        q_all,
+        d_all,
+        n_all,
+        groups,
+        offset,
+        plan.decode_directions(directions),
+        hardness,
+        hardness_mode,
+        budget,
+        scale,
+        margin,
     )
     return _forward(call, scale)
 
 
 @hybrid_row_lse_op.register_fake
-def _(q, d, q_all, d_all, n_all, groups, scale, offset, directions, hardness, hardness_mode, budget):
+def _(q, d, q_all, d_all, n_all, groups, scale, offset, directions, hardness, hardness_mode, budget, margin=None):
     return q.new_empty(
         (len(plan.forward_launches(plan.decode_directions(directions))), q.shape[0]), dtype=torch.float32
     )
@@ -278,13 +300,26 @@ def hybrid_row_lse_backward_op(
     hardness: float,
     hardness_mode: str,
     budget: int,
+    margin: float | None,
     want_dots: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dd, dq_all, dd_all, dn_all, dots): the gradients of F = sum(grad_lse * lse) in the inputs'
     dtypes, a tensor with no role as 0 rows (dn_all: H = 0), and ``sum_X <X, dF/dX>`` (0 without
     ``want_dots``)."""
     call = _Call(
-        q, d, q_all, d_all, n_all, groups, offset, plan.decode_directions(directions), hardness, hardness_mode, budget
+        q,
+        d,
+        q_all,
+        d_all,
+        n_all,
+        groups,
+        offset,
+        plan.decode_directions(directions),
+        hardness,
+        hardness_mode,
+        budget,
+        scale,
+        margin,
     )
     grads, dots = _backward(call, lse, grad_lse, scale, want_dots)
 
@@ -324,6 +359,7 @@ def _(
     hardness,
     hardness_mode,
     budget,
+    margin,
     want_dots,
 ):
     n_cand, dim = (q if q_all is None else q_all).shape
@@ -345,9 +381,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_all, d_all, n_all, groups, scale, offset, directions, hardness, hardness_mode, budget = inputs
+    q, d, q_all, d_all, n_all, groups, scale, offset, directions, hardness, hardness_mode, budget, margin = inputs
     ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)
-    ctx.flags = (offset, directions, hardness, hardness_mode, budget)
+    ctx.flags = (offset, directions, hardness, hardness_mode, budget, margin)
 
 
 def _autograd_backward(ctx, grad_lse):
@@ -360,7 +396,7 @@ def _autograd_backward(ctx, grad_lse):
         None if x is None or gx.shape != x.shape else gx for x, gx in zip((q, d, q_all, d_all, n_all), grads)
     )
     dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
-    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None, None
 
 
 hybrid_row_lse_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -396,6 +432,7 @@ def row_stats_hybrid(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, to
         options.hardness,
         options.hardness_mode or "",
         budget,
+        options.false_negative_margin,
     )
     pos = (q.float() * d.float()).sum(-1) * scale.float()
     return lse, pos

@@ -48,6 +48,7 @@ def lse_kernel(
     stride_neg_dim,
     NEG_INV_NORMS,
     GROUP_IDS,
+    THRESHOLDS,
     SCALE,
     LSE,
     n_rows,
@@ -83,6 +84,7 @@ def lse_kernel(
     row = (rows, rows_g, row_ok, inv_norms(X_INV_NORMS, rows, row_ok, BLOCK=BLOCK_M, NORMED=NORMED), None, None)
     seg_q = (Q, stride_q_row, stride_q_dim, Q_INV_NORMS, None, None)  # no column statistics: row blocks only
     seg_d = (D, stride_d_row, stride_d_dim, D_INV_NORMS, None, None)
+    pairs = (GROUP_IDS, THRESHOLDS)  # what the masks read per global pair index
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PAIRED:  # the Q and D tiles of each column tile together
@@ -93,7 +95,7 @@ def lse_kernel(
             row,
             seg_q,
             seg_d,
-            GROUP_IDS,
+            pairs,
             n_cols,
             dim,
             scale,
@@ -115,7 +117,7 @@ def lse_kernel(
                 row,
                 seg_q,
                 seg_q,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 dim,
                 scale,
@@ -136,7 +138,7 @@ def lse_kernel(
                 row,
                 seg_d,
                 seg_d,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 dim,
                 scale,
@@ -159,7 +161,7 @@ def lse_kernel(
                 row,
                 seg_n,
                 seg_n,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 dim,
                 scale,
@@ -212,6 +214,7 @@ def grad_kernel(
     stride_neg_dim,
     NEG_INV_NORMS,
     GROUP_IDS,
+    THRESHOLDS,
     SCALE,
     ROW_LSE,
     ROW_W,
@@ -293,6 +296,7 @@ def grad_kernel(
     partner = (POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef)
     seg_q = (Q, stride_q_row, stride_q_dim, Q_INV_NORMS, Q_LSE, Q_W)
     seg_d = (D, stride_d_row, stride_d_dim, D_INV_NORMS, D_LSE, D_W)
+    pairs = (GROUP_IDS, THRESHOLDS)  # what the masks read per global pair index
     dots = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROLE
     # comes with at least one block: plan.Launch.roles), else D's, else Q's. Only that walk's last
@@ -307,7 +311,7 @@ def grad_kernel(
             row,
             seg_q,
             seg_d,
-            GROUP_IDS,
+            pairs,
             n_cols,
             col_offset,
             dim,
@@ -335,7 +339,7 @@ def grad_kernel(
                 row,
                 seg_q,
                 seg_q,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 col_offset,
                 dim,
@@ -362,7 +366,7 @@ def grad_kernel(
                 row,
                 seg_d,
                 seg_d,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 col_offset,
                 dim,
@@ -391,7 +395,7 @@ def grad_kernel(
                 row,
                 seg_n,
                 seg_n,
-                GROUP_IDS,
+                pairs,
                 n_cols,
                 col_offset,
                 dim,

@@ -64,7 +64,9 @@ class Batch:
     argument is a placeholder the kernels never read.
     """
 
-    def __init__(self, q, d, q_all, d_all, n_all, groups, offset, normed, hardness=0.0, hardness_mode=""):
+    def __init__(
+        self, q, d, q_all, d_all, n_all, groups, offset, normed, hardness=0.0, hardness_mode="", scale=None, margin=None
+    ):
         self.shared = q_all is None
         self.hardness = float(hardness) if hardness_mode else 0.0  # alpha of the hardness penalty
         self.hardness_mode = hardness_mode or None
@@ -91,6 +93,12 @@ class Batch:
                 self._norms["q_all"], self._norms["d_all"] = self._norms["q"], self._norms["d"]
             if n_all is not None:
                 self._norms["n_all"] = self._norms["n"] = inverse_norms(n_all)  # [N, H]
+        self.margin = margin
+        self.thresholds = self.placeholder
+        if margin is not None:
+            self.thresholds = margin_thresholds(
+                self.tensors["q_all"], self.tensors["d_all"], scale, margin, self.norm("q_all"), self.norm("d_all")
+            )
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -129,7 +137,26 @@ class Batch:
 
     def roles(self, launch: plan.Launch) -> dict[str, int]:
         """The launch's ``Q_ROLE``, ``D_ROLE``, ``N_ROLE`` for this batch (``plan.Launch.roles``)."""
-        return launch.roles(self.has_groups, self.hardness_mode if self.hardness else None, self.n_hard > 0)
+        return launch.roles(
+            self.has_groups, self.hardness_mode if self.hardness else None, self.n_hard > 0, self.margin is not None
+        )
+
+
+def margin_thresholds(
+    q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, margin: float, r_q=None, r_d=None
+) -> torch.Tensor:
+    """[N] float32 logit thresholds of the false-negative margin, ``scale * (q_i . d_i + margin)`` per
+    pair (the unit vectors' dot product with inverse norms ``r_q``, ``r_d`` [N]; scalars are ignored),
+    in bounded chunks: an entry whose logit exceeds its anchor pair's threshold is a presumed false
+    negative. A constant: no gradient flows through it."""
+    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    normed = isinstance(r_q, torch.Tensor) and r_q.dim() == 1 and r_q.shape[0] == q.shape[0]
+    for c in row_chunks(q):
+        dots = (q[c].float() * d[c].float()).sum(-1)
+        if normed:
+            dots = dots * r_q[c] * r_d[c]
+        out[c] = (dots + margin) * scale.detach().float()
+    return out
 
 
 def _grid(n_rows: int, blocks: int = 1):
@@ -152,6 +179,7 @@ def forward(batch: Batch, directions: tuple[str, ...], scale: torch.Tensor) -> t
             X_INV_NORMS=batch.norm(launch.rows),
             **segments,
             GROUP_IDS=batch.groups,
+            THRESHOLDS=batch.thresholds,
             SCALE=scale,
             LSE=stats[a],
             n_rows=batch.n_anchor,
@@ -273,6 +301,7 @@ class Backward:
             X_INV_NORMS=rx,
             **b.segments(launch.candidates_are_anchors),
             GROUP_IDS=b.groups,
+            THRESHOLDS=b.thresholds,
             SCALE=self.scale,
             ROW_LSE=lse_r[r0:] if launch.anchor else lse_r,
             ROW_W=w_r[r0:] if launch.anchor else w_r,

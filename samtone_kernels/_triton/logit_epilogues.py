@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .sweeps import coefficient
-from .tiles import COL, PEN_COL, PEN_OTHER, PEN_OWN, ROW, has, keep_mask, penalised
+from .tiles import COL, PEN_COL, PEN_OTHER, PEN_OWN, ROW, has, keep_mask, penalised, unpresumed
 
 
 @triton.jit
@@ -44,6 +44,7 @@ def lse_partials_kernel(
     ROW_PART,
     COL_PART,
     GROUP_IDS,
+    THRESHOLDS,
     n_rows,
     n_cols,
     row_offset,
@@ -72,7 +73,10 @@ def lse_partials_kernel(
     scale = tl.load(SCALE)
     penalty = hardness / scale
     s = s * scale
-    keep = keep_mask(rows_g, row_ok, cols, col_ok, GROUP_IDS, ROLE=ROLE)
+    pairs = (GROUP_IDS, THRESHOLDS)
+    keep = keep_mask(rows_g, row_ok, cols, col_ok, pairs, ROLE=ROLE)
+    keep_row = unpresumed(keep, s, rows_g, row_ok, cols, col_ok, pairs, ROLE=ROLE, COLUMNS=False)
+    keep_col = unpresumed(keep, s, rows_g, row_ok, cols, col_ok, pairs, ROLE=ROLE, COLUMNS=True)
     penalised_s = s
     if has(ROLE, PEN_OWN | PEN_OTHER):
         penalised_s = penalised(s, rows_g, cols, penalty, ROLE=ROLE)
@@ -80,12 +84,12 @@ def lse_partials_kernel(
         s_row = s
         if has(ROLE, PEN_OWN | PEN_OTHER) and not has(ROLE, PEN_COL):
             s_row = penalised_s
-        tl.store(ROW_PART + pid_n * n_rows + rows, _partial_lse(s_row, keep, AXIS=1), mask=row_ok)
+        tl.store(ROW_PART + pid_n * n_rows + rows, _partial_lse(s_row, keep_row, AXIS=1), mask=row_ok)
     if has(ROLE, COL):
         s_col = s
         if has(ROLE, PEN_COL):
             s_col = penalised_s
-        tl.store(COL_PART + pid_m * n_cols + cols, _partial_lse(s_col, keep, AXIS=0), mask=col_ok)
+        tl.store(COL_PART + pid_m * n_cols + cols, _partial_lse(s_col, keep_col, AXIS=0), mask=col_ok)
 
 
 @triton.jit
@@ -97,6 +101,7 @@ def coefficient_kernel(
     stride_g_row,
     stride_g_col,
     GROUP_IDS,
+    THRESHOLDS,
     ROW_LSE,
     ROW_W,
     COL_LSE,
@@ -134,7 +139,7 @@ def coefficient_kernel(
         cols,
         col_ok,
         0,
-        GROUP_IDS,
+        (GROUP_IDS, THRESHOLDS),
         penalty,
         ROLE=ROLE,
         NORMED=False,

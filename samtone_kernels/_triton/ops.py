@@ -30,6 +30,7 @@ def row_lse_op(
     normed: bool,
     hardness: float = 0.0,
     hardness_mode: str = "",
+    margin: float | None = None,
 ) -> torch.Tensor:
     """[A + 1, n] float32 row statistics of the anchors q, d [n, D], which are pairs
     ``offset .. offset + n - 1`` of the candidates q_all, d_all [N, D], n_all [N, H, D]: log Zq (row
@@ -37,13 +38,16 @@ def row_lse_op(
     ``q_all = d_all = None``: the candidates are the anchors themselves (no gathered batch).
     ``directions``: the selected directions as one value (``plan.encode_directions``: "q2d,q2q").
     ``normed``: every embedding is used as its unit vector (the kernels scale logit tiles).
-    ``hardness``, ``hardness_mode`` ("" for none): the q2d softmax's hardness penalty."""
-    batch = Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
+    ``hardness``, ``hardness_mode`` ("" for none): the q2d softmax's hardness penalty. ``margin``:
+    the false-negative margin (None: off)."""
+    batch = Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode, scale, margin)
     return forward(batch, plan.decode_directions(directions), scale)
 
 
 @row_lse_op.register_fake
-def _(q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness=0.0, hardness_mode=""):
+def _(
+    q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness=0.0, hardness_mode="", margin=None
+):
     return q.new_empty(
         (len(plan.forward_launches(plan.decode_directions(directions))) + 1, q.shape[0]), dtype=torch.float32
     )
@@ -65,6 +69,7 @@ def row_lse_backward_op(
     normed: bool,
     hardness: float,
     hardness_mode: str,
+    margin: float | None,
     want_dots: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of F = sum(grad_stats * stats), each in its input's dtype, and ``sum_X <X, dF/dX>``.
@@ -76,7 +81,7 @@ def row_lse_backward_op(
     <X, dF/dX> when ``want_dots`` (the temperature's gradient), else 0; with ``normed``, X are the
     unit vectors and the gradients are taken back through the normalisation (the epilogue).
     """
-    batch = Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode)
+    batch = Batch(q, d, q_all, d_all, n_all, groups, offset, normed, hardness, hardness_mode, scale, margin)
     directions = plan.decode_directions(directions)
     backward = Backward(batch, grad_stats, stats, scale, len(plan.forward_launches(directions)), want_dots)
     grads = {
@@ -118,6 +123,7 @@ def _(
     normed,
     hardness,
     hardness_mode,
+    margin,
     want_dots,
 ):
     shared = q_all is None
@@ -143,9 +149,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness, hardness_mode = inputs
+    q, d, q_all, d_all, n_all, groups, scale, offset, directions, normed, hardness, hardness_mode, margin = inputs
     ctx.save_for_backward(q, d, q_all, d_all, n_all, groups, scale, output)  # inputs and [A + 1, n] stats
-    ctx.flags = (offset, directions, normed, hardness, hardness_mode)
+    ctx.flags = (offset, directions, normed, hardness, hardness_mode, margin)
 
 
 def _backward(ctx, grad_stats):
@@ -161,7 +167,7 @@ def _backward(ctx, grad_stats):
     # Homogeneity (package docstring): dF/dscale = sum_X <X, dF/dX> / (2 scale), over every input in
     # every role it plays (anchor and candidate); the op summed the dots before casting.
     dscale = (dots / (2 * scale)).to(scale.dtype) if want_dots else None
-    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None
+    return dq, dd, dq_all, dd_all, dn_all, None, dscale, None, None, None, None, None, None
 
 
 row_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -211,5 +217,6 @@ def row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, to
         normed_for(options, q.dtype),
         options.hardness,
         options.hardness_mode or "",
+        options.false_negative_margin,
     )
     return stats[:-1], stats[-1]

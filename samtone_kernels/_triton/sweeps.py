@@ -11,7 +11,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import COL, DOTS, FUSED, PARTNER, PEN_COL, PEN_OTHER, PEN_OWN, ROW, has, keep_mask, logit_pair, penalised
+from .tiles import (
+    COL,
+    DOTS,
+    FUSED,
+    PARTNER,
+    PEN_COL,
+    PEN_OTHER,
+    PEN_OWN,
+    ROW,
+    has,
+    keep_mask,
+    logit_pair,
+    penalised,
+    unpresumed,
+)
 
 
 @triton.jit
@@ -23,7 +37,7 @@ def coefficient(
     cols,
     col_ok,
     col_offset,
-    GROUP_IDS,
+    pairs,
     penalty,
     ROLE: tl.constexpr,
     NORMED: tl.constexpr,
@@ -39,21 +53,25 @@ def coefficient(
     unit vectors."""
     _, rows_g, row_ok, _, row_lse, row_w = row
     _, _, _, _, COL_LSE, COL_W = seg
-    keep = keep_mask(rows_g, row_ok, cols + col_offset, col_ok, GROUP_IDS, ROLE=ROLE)
+    cols_g = cols + col_offset
+    keep = keep_mask(rows_g, row_ok, cols_g, col_ok, pairs, ROLE=ROLE)
     s_row = s
     s_col = s
     if has(ROLE, PEN_OWN | PEN_OTHER):
         if has(ROLE, PEN_COL):
-            s_col = penalised(s, rows_g, cols + col_offset, penalty, ROLE=ROLE)
+            s_col = penalised(s, rows_g, cols_g, penalty, ROLE=ROLE)
         else:
-            s_row = penalised(s, rows_g, cols + col_offset, penalty, ROLE=ROLE)
+            s_row = penalised(s, rows_g, cols_g, penalty, ROLE=ROLE)
     coef = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Each role's margin mask is made where it is used, so the two are never live together.
     if has(ROLE, ROW):
-        coef += tl.exp(tl.where(keep, s_row - row_lse[:, None], float("-inf"))) * row_w[:, None]
+        keep_row = unpresumed(keep, s, rows_g, row_ok, cols_g, col_ok, pairs, ROLE=ROLE, COLUMNS=False)
+        coef += tl.exp(tl.where(keep_row, s_row - row_lse[:, None], float("-inf"))) * row_w[:, None]
     if has(ROLE, COL):
         col_lse = tl.load(COL_LSE + cols, mask=col_ok, other=0.0)
         col_w = tl.load(COL_W + cols, mask=col_ok, other=0.0)
-        coef += tl.exp(tl.where(keep, s_col - col_lse[None, :], float("-inf"))) * col_w[None, :]
+        keep_col = unpresumed(keep, s, rows_g, row_ok, cols_g, col_ok, pairs, ROLE=ROLE, COLUMNS=True)
+        coef += tl.exp(tl.where(keep_col, s_col - col_lse[None, :], float("-inf"))) * col_w[None, :]
     if NORMED:
         coef = coef * y_inv_norm[None, :]  # sum_j coef_ij r_j y_j = sum_j coef_ij (unit y_j), raw y in the sweep
     return coef
@@ -66,7 +84,7 @@ def coefficients(
     row,
     seg_a,
     seg_b,
-    GROUP_IDS,
+    pairs,
     n_cols,
     col_offset,
     dim,
@@ -115,7 +133,7 @@ def coefficients(
             cols,
             col_ok,
             col_offset,
-            GROUP_IDS,
+            pairs,
             penalty,
             ROLE=A_ROLE,
             NORMED=NORMED,
@@ -131,7 +149,7 @@ def coefficients(
             cols,
             col_ok,
             col_offset,
-            GROUP_IDS,
+            pairs,
             penalty,
             ROLE=B_ROLE,
             NORMED=NORMED,
@@ -244,7 +262,7 @@ def _walk_step(
     row,
     seg_a,
     seg_b,
-    GROUP_IDS,
+    pairs,
     n_cols,
     col_offset,
     dim,
@@ -269,7 +287,7 @@ def _walk_step(
         row,
         seg_a,
         seg_b,
-        GROUP_IDS,
+        pairs,
         n_cols,
         col_offset,
         dim,
@@ -291,7 +309,7 @@ def _walk_step(
             row,
             seg_a,
             seg_b,
-            GROUP_IDS,
+            pairs,
             n_cols,
             col_offset,
             dim,
@@ -337,7 +355,7 @@ def grad_walk(
     row,
     seg_a,
     seg_b,
-    GROUP_IDS,
+    pairs,
     n_cols,
     col_offset,
     dim,
@@ -381,7 +399,7 @@ def grad_walk(
             row,
             seg_a,
             seg_b,
-            GROUP_IDS,
+            pairs,
             n_cols,
             col_offset,
             dim,
@@ -413,7 +431,7 @@ def grad_walk(
             row,
             seg_a,
             seg_b,
-            GROUP_IDS,
+            pairs,
             n_cols,
             col_offset,
             dim,

@@ -33,6 +33,8 @@ DROP_GROUP = tl.constexpr(_plan.DROP_GROUP)
 PEN_OWN = tl.constexpr(_plan.PEN_OWN)
 PEN_OTHER = tl.constexpr(_plan.PEN_OTHER)
 PEN_COL = tl.constexpr(_plan.PEN_COL)
+DROP_MARGIN = tl.constexpr(_plan.DROP_MARGIN)
+POSITIVE = tl.constexpr(_plan.POSITIVE)
 FUSED = tl.constexpr(_plan.FUSED)
 PARTNER = tl.constexpr(_plan.PARTNER)
 DOTS = tl.constexpr(_plan.DOTS)
@@ -54,9 +56,11 @@ def inv_norms(INV_NORMS, idx, ok, BLOCK: tl.constexpr, NORMED: tl.constexpr):
 
 
 @triton.jit
-def keep_mask(rows_g, row_ok, cols_g, col_ok, GROUP_IDS, ROLE: tl.constexpr):
+def keep_mask(rows_g, row_ok, cols_g, col_ok, pairs, ROLE: tl.constexpr):
     """Keep-mask [BLOCK_M, BLOCK_N]: in range, minus the own pair (DROP_SELF: rows_g == cols_g) and
-    the other pairs of the row's group (DROP_GROUP: equal group ids, rows_g != cols_g)."""
+    the other pairs of the row's group (DROP_GROUP: equal group ids, rows_g != cols_g). ``pairs =
+    (GROUP_IDS, THRESHOLDS)``: what the masks read per global pair index."""
+    GROUP_IDS, _ = pairs
     keep = row_ok[:, None] & col_ok[None, :]
     if has(ROLE, DROP_SELF | DROP_GROUP):
         same = rows_g[:, None] == cols_g[None, :]
@@ -66,6 +70,24 @@ def keep_mask(rows_g, row_ok, cols_g, col_ok, GROUP_IDS, ROLE: tl.constexpr):
             g_rows = tl.load(GROUP_IDS + rows_g, mask=row_ok, other=0)
             g_cols = tl.load(GROUP_IDS + cols_g, mask=col_ok, other=0)
             keep = keep & ~((g_rows[:, None] == g_cols[None, :]) & ~same)
+    return keep
+
+
+@triton.jit
+def unpresumed(keep, s, rows_g, row_ok, cols_g, col_ok, pairs, ROLE: tl.constexpr, COLUMNS: tl.constexpr):
+    """``keep`` minus the presumed false negatives (DROP_MARGIN) of the anchors on the rows, or with
+    COLUMNS on the columns: the entries whose logit s (unpenalised) exceeds the anchor pair's
+    threshold ``scale * (q . d + margin)`` (THRESHOLDS, per global pair), except the anchor's own
+    positive (POSITIVE: the block holds it at the own pair)."""
+    if has(ROLE, DROP_MARGIN):
+        _, THRESHOLDS = pairs
+        if COLUMNS:
+            presumed = s > tl.load(THRESHOLDS + cols_g, mask=col_ok, other=float("inf"))[None, :]
+        else:
+            presumed = s > tl.load(THRESHOLDS + rows_g, mask=row_ok, other=float("inf"))[:, None]
+        if has(ROLE, POSITIVE):
+            presumed = presumed & (rows_g[:, None] != cols_g[None, :])
+        keep = keep & ~presumed
     return keep
 
 
@@ -137,13 +159,15 @@ def logit_pair(
 
 
 @triton.jit
-def lse_fold(m, l, s, row, cols, col_ok, GROUP_IDS, penalty, ROLE: tl.constexpr):
+def lse_fold(m, l, s, row, cols, col_ok, pairs, penalty, ROLE: tl.constexpr):
     """Fold a logit tile (global column index = local index) into the running (max m, sum l) of each
     anchor row; the role's PEN bits: the hardness penalty's entries (``penalised``)."""
     _, rows_g, row_ok, _, _, _ = row
+    keep = keep_mask(rows_g, row_ok, cols, col_ok, pairs, ROLE=ROLE)
+    keep = unpresumed(keep, s, rows_g, row_ok, cols, col_ok, pairs, ROLE=ROLE, COLUMNS=False)
     if has(ROLE, PEN_OWN | PEN_OTHER):
         s = penalised(s, rows_g, cols, penalty, ROLE=ROLE)
-    s = tl.where(keep_mask(rows_g, row_ok, cols, col_ok, GROUP_IDS, ROLE=ROLE), s, float("-inf"))
+    s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     # A row with nothing kept so far keeps m = -inf; shift by 0 so exp(-inf - 0) = 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -159,7 +183,7 @@ def lse_walk(
     row,
     seg_a,
     seg_b,
-    GROUP_IDS,
+    pairs,
     n_cols,
     dim,
     scale,
@@ -195,7 +219,7 @@ def lse_walk(
             PRECISION=PRECISION,
         )
         if A_ROLE != 0:
-            m, l = lse_fold(m, l, s_a, row, cols, col_ok, GROUP_IDS, penalty, ROLE=A_ROLE)
+            m, l = lse_fold(m, l, s_a, row, cols, col_ok, pairs, penalty, ROLE=A_ROLE)
         if B_ROLE != 0:
-            m, l = lse_fold(m, l, s_b, row, cols, col_ok, GROUP_IDS, penalty, ROLE=B_ROLE)
+            m, l = lse_fold(m, l, s_b, row, cols, col_ok, pairs, penalty, ROLE=B_ROLE)
     return m, l

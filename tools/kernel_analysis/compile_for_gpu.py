@@ -71,6 +71,7 @@ FLOAT32 = {
     "COL_PART",
     "COL_LSE",
     "COL_W",
+    "THRESHOLDS",
 }
 LAST_STRIDES = {
     "stride_s_col",
@@ -111,13 +112,19 @@ def variants(everything: bool = True):
     rotation, so that every flag takes each of its values."""
     seen = []
     combos = itertools.product(
-        enumerate(DIRECTION_SETS + JOINT_ONLY_SETS), [False, True], [False, True], HARDNESS, [True, False]
+        enumerate(DIRECTION_SETS + JOINT_ONLY_SETS),
+        [False, True],
+        [False, True],
+        HARDNESS,
+        [True, False],
+        [False, True],
     )
-    for (i, directions), groups, normed, hardness, has_hard in combos:
+    for (i, directions), groups, normed, hardness, has_hard, margin in combos:
         if not everything and (
             normed != groups
             or hardness != HARDNESS[(i + groups) % len(HARDNESS)]
             or has_hard != ((i + groups) % 2 == 0)
+            or margin != ((i + groups) % 3 == 1)
         ):
             continue
         launches = [(K.lse_kernel, launch) for launch in plan.forward_launches(directions)]
@@ -130,7 +137,7 @@ def variants(everything: bool = True):
         for kernel, launch, dots in [(k, la, dots) for k, la in launches for dots in (False, True)]:
             if not everything and dots != (i % 2 == 0):
                 continue
-            flags = launch.roles(groups, hardness, has_hard)
+            flags = launch.roles(groups, hardness, has_hard, margin)
             if kernel is K.grad_kernel:
                 flags["FINISH"] = launch.finish(normed, dots)
             item = (kernel.fn.__name__, {**flags, "NORMED": normed})
@@ -145,10 +152,10 @@ def hybrid_variants():
     """(kernel name, flags) of the hybrid path's epilogues: every role a tile of it takes, forward
     (``lse_partials_kernel``) and backward (``coefficient_kernel``), without repeats."""
     seen = []
-    for directions, shared, groups, hardness in itertools.product(
-        DIRECTION_SETS + JOINT_ONLY_SETS, [True, False], [False, True], HARDNESS
+    for directions, shared, groups, hardness, margin in itertools.product(
+        DIRECTION_SETS + JOINT_ONLY_SETS, [True, False], [False, True], HARDNESS, [False, True]
     ):
-        for x, seg, role in hybrid.pairs(directions, shared, groups, hardness, True):
+        for x, seg, role in hybrid.pairs(directions, shared, groups, hardness, True, margin):
             for item in (
                 ("lse_partials_kernel", {"ROLE": hybrid.forward_role(x, seg, role)}),
                 ("coefficient_kernel", {"ROLE": role}),
@@ -158,12 +165,16 @@ def hybrid_variants():
                     yield item
 
 
-def heaviest_backward(normed: bool = False) -> dict:
+def heaviest_backward(normed: bool = False, margin: bool = False) -> dict:
     """The queries' launch of bidirectional SamToNe (every walk, both roles) with groups and the
     hardness penalty; without ``normed`` its last sweep writes the gradient, the positive logit's
     term and the dots (``plan.Launch.finish``)."""
     launch = plan.backward_launches(DIRECTION_SETS[-1], shared=True)[0]
-    return {**launch.roles(True, "all_negatives"), "FINISH": launch.finish(normed, True), "NORMED": normed}
+    return {
+        **launch.roles(True, "all_negatives", True, margin),
+        "FINISH": launch.finish(normed, True),
+        "NORMED": normed,
+    }
 
 
 def heaviest_forward() -> dict:
@@ -241,8 +252,8 @@ def jobs(everything: bool):
             arch = ARCHS[(i + j) % len(ARCHS)]
             yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"  # (their own tile, fixed)
     for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
-        for tile, normed in itertools.product(C.tiles_for(arch), (False, True)):
-            yield "grad_kernel", heaviest_backward(normed), "bf16", tile, arch, True, "tf32"
+        for tile, normed, margin in itertools.product(C.tiles_for(arch), (False, True), (False, True)):
+            yield "grad_kernel", heaviest_backward(normed, margin), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
         yield "grad_kernel", heaviest_backward(), "bf16", C.tiles_for(arch)[0], arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision

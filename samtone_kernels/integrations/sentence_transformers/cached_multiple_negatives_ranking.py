@@ -77,6 +77,7 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
         "hardness_strength",
         "chunk_bytes",
         "mask_duplicates",
+        "false_negative_margin",
     )
 
     def __init__(
@@ -153,6 +154,11 @@ class FusedCachedMultipleNegativesRankingLoss(nn.Module):
     @property
     def hardness_strength(self) -> float:
         return self.loss.hardness_strength
+
+    @property
+    def false_negative_margin(self) -> float | None:
+        """The wrapped loss's ``false_negative_margin`` (assignable, as the hyperparameters)."""
+        return self.loss.false_negative_margin
 
     @property
     def mask_duplicates(self) -> bool:

@@ -60,6 +60,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         mask_duplicates: False (MNRL's numbers) by default; True: pairs with identical anchor texts
             or identical positive texts share a group id (read off the tokens in ``forward``), so
             neither a repeated query nor a repeated document is a negative of its copy's pair.
+        false_negative_margin: None (default, MNRL's numbers); a number: drop the candidates more
+            similar to the anchor than its positive by more than it (``fused_samtone_loss``).
 
     References:
         - Representation Learning with Contrastive Predictive Coding (InfoNCE): https://arxiv.org/abs/1807.03748
@@ -142,6 +144,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         # Not MNRL arguments (the signature is MNRL's): attributes to set.
         self.chunk_bytes = None
         self.mask_duplicates = False
+        self.false_negative_margin = None
 
     @property
     def temperature(self) -> float:
@@ -176,6 +179,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             normalize=_fused_normalize(self.similarity_fct),
             gather_across_devices=self.gather_across_devices,
             chunk_bytes=check_chunk_bytes(self.chunk_bytes),
+            false_negative_margin=self.false_negative_margin,
             group_ids=group_ids,
             **hardness,
         )

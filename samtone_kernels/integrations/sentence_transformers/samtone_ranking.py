@@ -60,6 +60,9 @@ class SamToNeRankingLoss(nn.Module):
             count instead.
         chunk_bytes: Memory budget of one chunk of materialised logits (the "torch" and "hybrid"
             backends), as in ``fused_samtone_loss``. None (default): 1 GiB.
+        false_negative_margin: Drop presumed false negatives: a candidate more similar to the anchor
+            than its positive by more than this (cosine with ``normalize=True``), as in
+            ``fused_samtone_loss``. None (default): off.
 
     References:
         - SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
@@ -108,6 +111,7 @@ class SamToNeRankingLoss(nn.Module):
         mini_batch_size: int | None = None,
         mini_batch_num_tokens: int | None = None,
         chunk_bytes: int | None = None,
+        false_negative_margin: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(directions, str) and isinstance(directions, Sequence):
@@ -122,6 +126,7 @@ class SamToNeRankingLoss(nn.Module):
             hardness_strength=hardness_strength,
             gather_across_devices=gather_across_devices,
             chunk_bytes=chunk_bytes,
+            false_negative_margin=false_negative_margin,
         )
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -131,6 +136,7 @@ class SamToNeRankingLoss(nn.Module):
         self.hardness_mode = options.hardness_mode
         self.hardness_strength = options.hardness_strength
         self.chunk_bytes = options.chunk_bytes
+        self.false_negative_margin = options.false_negative_margin
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         if isinstance(temperature, torch.Tensor):
@@ -226,6 +232,7 @@ class SamToNeRankingLoss(nn.Module):
             hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength,
             chunk_bytes=self.chunk_bytes,
+            false_negative_margin=self.false_negative_margin,
         )
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -238,6 +245,7 @@ class SamToNeRankingLoss(nn.Module):
             "gather_across_devices": self.gather_across_devices,
             "mask_duplicates": self.mask_duplicates,
             "mask_duplicate_positives": self.mask_duplicate_positives,
+            "false_negative_margin": self.false_negative_margin,
             "hardness_mode": self.hardness_mode,
             "hardness_strength": self.hardness_strength,
             "mini_batch_size": self.mini_batch_size,
