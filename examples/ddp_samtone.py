@@ -48,6 +48,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="pairs per rank")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        raise SystemExit(
+            "examples/ddp_samtone.py runs one process per rank: start it with torchrun, e.g. "
+            "torchrun --standalone --nproc_per_node=2 examples/ddp_samtone.py"
+        )
 
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

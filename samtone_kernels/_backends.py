@@ -94,6 +94,22 @@ def check_backend_name(name: str) -> str:
     return name
 
 
+def check_backend_here(name: str) -> str:
+    """``check_backend_name``, and for a loss constructed with a Triton backend, that this machine can
+    ever run it (triton installed; a CUDA GPU, or the interpreter): said when the loss is built, not
+    at its first step. Which device the embeddings will be on is checked when they arrive."""
+    check_backend_name(name)
+    if name in ("triton", "hybrid"):
+        if not triton_available():
+            raise ValueError(f"backend={name!r}: the triton package is not installed (pip install triton)")
+        if not torch.cuda.is_available() and not interpreting():
+            raise ValueError(
+                f"backend={name!r} needs a CUDA GPU and this machine has none (the Triton interpreter, "
+                "TRITON_INTERPRET=1, runs it on CPU for testing); use backend='auto' or 'torch'"
+            )
+    return name
+
+
 def resolve_backend(name: str, x: torch.Tensor) -> Backend:
     """The backend ``name`` ("auto" or a ``REGISTRY`` key) runs for embeddings like ``x``; an unknown
     name, or a backend asked for by name that cannot run, raises its reason."""

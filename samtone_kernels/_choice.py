@@ -42,7 +42,7 @@ _warned: set[tuple] = set()
 
 def backend_choices() -> dict[tuple, str]:
     """The paths ``backend="auto"`` chose so far, by key: (device, dtype, D, N bucket, H, directions,
-    partition, normalize, hardness mode, group ids given, gathered)."""
+    partition, normalize, hardness mode, group ids given, margin on, gathered)."""
     return dict(_choices)
 
 
@@ -65,6 +65,7 @@ def key(queries: torch.Tensor, hard_negatives: torch.Tensor | None, group_ids, o
         options.normalize,
         options.hardness_mode,
         group_ids is not None,
+        options.false_negative_margin is not None,
         options.gather_across_devices,
     )
 

@@ -77,6 +77,19 @@ def check_options(
     strength = float(hardness_strength)
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"hardness_strength: expected a finite value >= 0, got {strength}")
+    if strength > 0 and hardness_mode is None:
+        warnings.warn(
+            f"hardness_strength={strength} has no effect without hardness_mode (set hardness_mode to "
+            "'in_batch_negatives', 'hard_negatives' or 'all_negatives')",
+            UserWarning,
+            stacklevel=3,
+        )
+    if strength == 0 and hardness_mode is not None:
+        warnings.warn(
+            f"hardness_mode={hardness_mode!r} has no effect with hardness_strength=0.0 (set a positive strength)",
+            UserWarning,
+            stacklevel=3,
+        )
     return LossOptions(
         canonical,
         partition,

@@ -10,6 +10,7 @@ backends share those semantics exactly.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -156,6 +157,14 @@ def fused_samtone_loss(
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
+    if process_group is not None and not options.gather_across_devices:
+        warnings.warn("process_group has no effect without gather_across_devices=True", UserWarning, stacklevel=2)
+    if (
+        options.hardness_mode == "hard_negatives"
+        and options.hardness
+        and (hard_negatives is None or hard_negatives.shape[1] == 0)
+    ):
+        warnings.warn("hardness_mode='hard_negatives' has no effect without hard negatives", UserWarning, stacklevel=2)
     if check_backend_name(backend) == "auto" and (paths := _choice.measured_paths(queries)):
         # The faster GPU path for this call's key, measured once (on detached copies, in one process).
         measured = functools.partial(
@@ -190,6 +199,9 @@ def fused_samtone_loss(
         rows, world, total = Rows(q, d, q, d, n, scale, group_ids), 1, q.shape[0]
     lse, pos = backend.row_stats(rows, options)
     losses = _assemble(lse, pos, options)
+    # Every l_i >= 0 (the positive is in each of its softmaxes); rounding can leave -1e-7 where the
+    # positive is alone. Such a value becomes an exact 0, its gradient kept.
+    losses = torch.where(losses < 0, losses - losses.detach(), losses)
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
     # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync). Every

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._backends import check_backend_name
+from ._backends import check_backend_here
 from ._options import check_options, check_temperature
 from .loss import fused_samtone_loss
 
@@ -71,7 +71,7 @@ class SamToNeLoss(nn.Module):
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
         self.reduction = options.reduction
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_here(backend)
         self.hardness_mode = options.hardness_mode
         self.hardness_strength = options.hardness_strength
         self.gather_across_devices = options.gather_across_devices

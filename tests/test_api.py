@@ -126,6 +126,40 @@ def test_triton_backend_on_cpu_without_interpreter_says_so(monkeypatch):
         fused_samtone_loss(q, d, n, backend="triton")
 
 
+def test_a_triton_backend_this_machine_cannot_run_is_refused_at_construction(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for backend in ("triton", "hybrid"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            SamToNeLoss(backend=backend)
+    SamToNeLoss(backend="torch")
+
+
+def test_options_that_do_nothing_warn():
+    q, d, n = inputs()
+    with pytest.warns(UserWarning, match="hardness_strength=2.0 has no effect"):
+        fused_samtone_loss(q, d, hardness_strength=2.0)
+    with pytest.warns(UserWarning, match="has no effect with hardness_strength=0.0"):
+        fused_samtone_loss(q, d, hardness_mode="all_negatives")
+    with pytest.warns(UserWarning, match="without hard negatives"):
+        fused_samtone_loss(q, d, hardness_mode="hard_negatives", hardness_strength=1.0)
+    with pytest.warns(UserWarning, match="process_group has no effect"):
+        fused_samtone_loss(q, d, process_group=object())
+
+
+def test_a_lone_positive_gives_an_exact_zero_never_a_negative_loss():
+    """N = 1 without negatives: the softmax holds the positive alone, so l = 0; rounding between the
+    positive logit and the log-partition can leave -1e-7, which the trainer would log as a negative
+    loss. Never below 0; the gradient is kept (it is 0 here)."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        q, d = (torch.randn(1, 7, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        loss = fused_samtone_loss(q * 3, d, directions=("q2d",))
+        assert float(loss.detach()) >= 0.0
+        grads = torch.autograd.grad(loss, [q, d])
+        assert all(float(x.abs().max()) < 1e-5 for x in grads)
+
+
 def test_hard_negatives_with_zero_columns_are_none():
     q, d, _ = inputs()
     a = fused_samtone_loss(q, d, torch.empty(N, 0, D, device=DEVICE), backend="torch")

@@ -109,3 +109,18 @@ def test_ddp_example_runs_under_torchrun():
     assert code == 0, out[-2000:] + err[-3000:]
     losses = [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
     assert len(losses) == 2 and losses[-1] < losses[0], out  # steps 0 and 5: it learns
+
+
+def test_ddp_example_without_torchrun_says_to_use_it():
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "ddp_samtone.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "torchrun" in done.stderr, done.stderr[-2000:]

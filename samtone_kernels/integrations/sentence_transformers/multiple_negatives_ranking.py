@@ -167,7 +167,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         negatives = torch.stack(list(embeddings[2:]), dim=1) if len(embeddings) > 2 else None  # [N, H, D]
         hardness = {}
-        if self.hardness_mode is not None:
+        if self.hardness_mode is not None and self.hardness_strength > 0:  # else a no-op (MNRL warns)
             hardness = {"hardness_mode": self.hardness_mode, "hardness_strength": self.hardness_strength}
         return fused_samtone_loss(
             embeddings[0],

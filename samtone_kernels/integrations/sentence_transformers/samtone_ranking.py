@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ... import fused_samtone_loss
-from ..._backends import check_backend_name
+from ..._backends import check_backend_here
 from ..._options import check_options, check_temperature
 from ._common import DIRECTION_NAMES, _cached_loss, duplicate_groups, embed_columns, pair_groups
 
@@ -147,7 +147,7 @@ class SamToNeRankingLoss(nn.Module):
         self.partition = options.partition
         self.doc_anchor_weight = options.doc_anchor_weight
         self.normalize = options.normalize
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_here(backend)
         for name, value in (
             ("mask_duplicates", mask_duplicates),
             ("mask_duplicate_positives", mask_duplicate_positives),
