@@ -116,3 +116,28 @@ def test_a_gathered_slice_with_a_margin_matches_torch(backend):
         results.append([stats.detach(), *torch.autograd.grad((stats * weights).sum(), [q, d, n, scale])])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_older_gpus_compute_a_margin_by_the_hybrid_path(monkeypatch):
+    """On GPUs older than ``configs.MARGIN_MIN_ARCH`` the fused backward with a margin would spill, so
+    backend="triton" hands such calls to the hybrid path, preparation included (the fused path
+    normalises in its kernels, the hybrid path into copies): forced here on CPU, the result is the
+    hybrid path's, and both equal the torch backend."""
+    from types import SimpleNamespace
+
+    from samtone_kernels._triton import ops
+
+    monkeypatch.setattr(ops, "running_arch", lambda: 80)
+    assert ops._margin_by_hybrid(SimpleNamespace(false_negative_margin=0.1), SimpleNamespace(is_cuda=True))
+    monkeypatch.setattr(ops, "running_arch", lambda: 90)
+    assert not ops._margin_by_hybrid(SimpleNamespace(false_negative_margin=0.1), SimpleNamespace(is_cuda=True))
+    monkeypatch.setattr(ops, "_margin_by_hybrid", lambda options, x: options.false_negative_margin is not None)
+    calls = []
+    stats = ops.row_stats_hybrid
+    monkeypatch.setattr(ops, "row_stats_hybrid", lambda *a: calls.append(1) or stats(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, d = (torch.randn(10, 6, generator=gen).to(DEVICE) for _ in range(2))
+    kwargs = dict(directions=("q2d", "q2q", "d2q"), normalize=True, false_negative_margin=0.1)
+    routed = fused_samtone_loss(q, d, backend="triton", **kwargs)
+    assert calls == [1]
+    torch.testing.assert_close(routed, fused_samtone_loss(q, d, backend="torch", **kwargs), rtol=1e-5, atol=1e-5)

@@ -35,6 +35,14 @@ GPU_TILES = {
 }
 
 
+#: The oldest architecture on which the fused kernel takes the false-negative margin. Its backward's
+#: two per-role threshold tests need more registers than sm_80 / sm_89 give the offered configs
+#: without spilling (triton 3.6, ``ptxas``), so there ``backend="triton"`` computes a call with a
+#: margin by the hybrid path (``ops.row_stats_triton``); the compile check compiles those variants
+#: for sm_90 only.
+MARGIN_MIN_ARCH = 90
+
+
 def tiles_for(arch: int) -> tuple:
     """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...)."""
     return GPU_TILES[90] if arch >= 90 else GPU_TILES[80]

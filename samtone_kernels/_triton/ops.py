@@ -13,6 +13,8 @@ import torch
 from .. import _plan as plan
 from .._contract import LossOptions, Rows
 from .._rows import normalize_rows
+from .configs import MARGIN_MIN_ARCH, running_arch
+from .hybrid import prepare_hybrid, row_stats_hybrid
 from .launch import Backward, Batch, forward, outputs
 
 
@@ -181,10 +183,18 @@ def normed_for(options: LossOptions, dtype: torch.dtype) -> bool:
     return options.normalize and not options.gather_across_devices and dtype != torch.float16
 
 
+def _margin_by_hybrid(options: LossOptions, x: torch.Tensor) -> bool:
+    """A call with the false-negative margin on a GPU older than ``configs.MARGIN_MIN_ARCH``: the
+    fused backward would spill there, so the hybrid path (the same masks) computes it."""
+    return options.false_negative_margin is not None and x.is_cuda and (running_arch() or 0) < MARGIN_MIN_ARCH
+
+
 def prepare_triton(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
     """The Triton backend's ``prepare``: the kernels read the input dtype (tensor cores) and accumulate
     in float32, so nothing is upcast. Normalisation happens in the kernels (``normed_for``)
     or into a copy by ``normalize_rows``, which saves no float32 copy for the backward."""
+    if _margin_by_hybrid(options, embeddings[0]):
+        return prepare_hybrid(embeddings, options)
     if options.normalize and not normed_for(options, embeddings[0].dtype):
         return [normalize_rows(x) for x in embeddings]
     return list(embeddings)
@@ -200,6 +210,8 @@ def row_stats_triton(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, to
     (``q_all is q and d_all is d``), each tensor's whole gradient comes from one launch.
     """
     q, d, q_all, d_all, scale = rows.q, rows.d, rows.q_all, rows.d_all, rows.scale
+    if _margin_by_hybrid(options, q):
+        return row_stats_hybrid(rows, options)
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), scale, dtype=torch.float32, device=q.device)
     if q_all is q and d_all is d:

@@ -233,9 +233,17 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     return line, failures
 
 
+def margin_of(fn: str, flags: dict) -> bool:
+    """Whether a launch of the fused kernels has the false-negative margin: it runs on sm_90 and
+    newer only (``configs.MARGIN_MIN_ARCH``; older GPUs compute those calls by the hybrid path)."""
+    return fn in ("lse_kernel", "grad_kernel") and any(flags.get(f"{seg}_ROLE", 0) & plan.DROP_MARGIN for seg in "QDN")
+
+
 def jobs(everything: bool):
     if everything:
         for (fn, flags), dtype, arch, contiguous in itertools.product(variants(), DTYPES, ARCHS, [True, False]):
+            if margin_of(fn, flags) and arch < C.MARGIN_MIN_ARCH:
+                continue  # the hybrid path computes those calls there
             for tile, precision in itertools.product(C.tiles_for(arch), precisions(dtype)):
                 yield fn, flags, dtype, tile, arch, contiguous, precision
         for (fn, flags), dtype, arch in itertools.product(hybrid_variants(), DTYPES, ARCHS):
@@ -245,6 +253,8 @@ def jobs(everything: bool):
     for i, (fn, flags) in enumerate(variants(everything=False)):
         dtype, precision = combos[i % len(combos)]
         arch = ARCHS[i % len(ARCHS)]
+        if margin_of(fn, flags) and arch < C.MARGIN_MIN_ARCH:
+            arch = C.MARGIN_MIN_ARCH  # the hybrid path computes those calls on older GPUs
         tiles = C.tiles_for(arch)
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
     for i, (fn, flags) in enumerate(hybrid_variants()):  # the hybrid path's epilogues, each dtype and arch
@@ -253,7 +263,8 @@ def jobs(everything: bool):
             yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"  # (their own tile, fixed)
     for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
         for tile, normed, margin in itertools.product(C.tiles_for(arch), (False, True), (False, True)):
-            yield "grad_kernel", heaviest_backward(normed, margin), "bf16", tile, arch, True, "tf32"
+            if not margin or arch >= C.MARGIN_MIN_ARCH:
+                yield "grad_kernel", heaviest_backward(normed, margin), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
         yield "grad_kernel", heaviest_backward(), "bf16", C.tiles_for(arch)[0], arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision
