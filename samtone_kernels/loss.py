@@ -91,7 +91,11 @@ def fused_samtone_loss(
         anchor i and j != i in its group, column (j, 0) leaves q2d and d2d, and q_j leaves q2q and
         d2q. Hard negatives are never removed. Moved to the embeddings' device if needed.
     normalize : bool, default False
-        L2-normalise every embedding first (``x / max(|x|, 1e-12)``: cosine similarity).
+        L2-normalise every embedding first (``x / max(|x|, 1e-12)``: cosine similarity): the usual
+        choice with temperatures of 0.01 to 0.1, since the logits are then bounded by 1 /
+        temperature. Without it the logits are raw dot products / temperature, right only for
+        embeddings that are unit vectors already or a temperature chosen for their norms (64 random
+        standard-normal pairs of dimension 64 at 0.05: a loss of 421 without it, 7.7 with it).
     reduction : {"mean", "sum", "none"}, default "mean"
         "none" returns the [N] per-pair losses.
     backend : {"auto", "triton", "hybrid", "torch"}, default "auto"
