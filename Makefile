@@ -1,6 +1,10 @@
 # Two entry points, both self-contained on a bare machine: `make test` and `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
+# An active virtual environment is used as it is, not a second one made beside it.
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Hypothesis profile: ci (bounded, the default), dev (larger), gpu.

@@ -42,19 +42,43 @@ def peer_version(module: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median milliseconds: triton's do_bench on the GPU, a monotonic clock on the CPU."""
+def time_quantiles_ms(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds: triton's do_bench on the GPU, a monotonic clock
+    on the CPU (``repeats`` runs after a warm-up)."""
     if device == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0])
+        median, low, high = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return float(median), float(low), float(high)
     fn()  # warm-up (compilation, caches)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+        samples.append(1e3 * (time.perf_counter() - start))
+    samples.sort()
+
+    def quantile(f: float) -> float:
+        return samples[min(len(samples) - 1, round(f * (len(samples) - 1)))]
+
+    return statistics.median(samples), quantile(0.2), quantile(0.8)
+
+
+def time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Median milliseconds (``time_quantiles_ms``)."""
+    return time_quantiles_ms(fn, device, repeats)[0]
+
+
+#: A row whose 20th-80th percentile range is wider than this fraction of its median is flagged: on a
+#: busy machine its median cannot be read against the other rows'.
+NOISY_SPREAD = 0.25
+
+
+def spread_note(median: float, low: float, high: float) -> str:
+    """ "" or a flag for a timing whose spread is too wide to read."""
+    if median > 0 and (high - low) / median > NOISY_SPREAD:
+        return f"noisy: p20-p80 {low:.3g}-{high:.3g} ms"
+    return ""
 
 
 @contextlib.contextmanager
@@ -135,6 +159,8 @@ COLUMNS = [
     "impl",
     "status",
     "fwd_bwd_ms",
+    "fwd_bwd_p20_ms",
+    "fwd_bwd_p80_ms",
     "fwd_ms",
     "peak_mem_mb",
     "tflops",
@@ -181,6 +207,7 @@ def format_row(r: dict) -> str:
         f"{r['workload']:<22}{r['n']:>8}{r['d']:>6} {r['dtype']:<9}{r['impl']:<22}"
         f"{num('fwd_bwd_ms', '>11.3f')}{num('fwd_ms', '>10.3f')}{num('peak_mem_mb', '>11.1f')}"
         f"{num('tflops', '>9.2f')}{num('efficiency', '>7.2f')}  {r['status']}"
+        + (f" ({r['note']})" if r.get("note") else "")
     )
 
 

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import time
 
 import torch
 
@@ -48,11 +49,16 @@ CPU_NOTE = "no CUDA GPU: the fused kernel needs one and is not timed here"
 def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[dict]:
     rows, told = [], set()
     matmul_cache = {}
+    total, done, started = len(workloads) * len(dtypes) * len(sizes), 0, time.perf_counter()
     for w in workloads:
         torch._dynamo.reset()  # torch.compile starts each workload with an empty cache
         for dtype in dtypes:
             out_of_memory = {}  # impl -> N at which it ran out
             for n_pairs in sizes:
+                if done:  # what is left, from the pace so far
+                    left = (time.perf_counter() - started) / done * (total - done)
+                    print(f"# progress: {done}/{total} problem sizes done, about {left / 60:.1f} min left", flush=True)
+                done += 1
                 q, d, n = peers.make_inputs(w, n_pairs, device, dtype)
                 key = (min(n_pairs, 16384), w.dim)
                 if key not in matmul_cache:
@@ -108,7 +114,10 @@ def measure(fn, embeddings, ours: float | None, dtype: torch.dtype, device: str,
     def fwd_bwd():
         return torch.autograd.grad(fn(*embeddings), inputs)
 
-    result["fwd_bwd_ms"] = harness.time_ms(fwd_bwd, device, repeats)
+    median, low, high = harness.time_quantiles_ms(fwd_bwd, device, repeats)
+    result.update(
+        fwd_bwd_ms=median, fwd_bwd_p20_ms=low, fwd_bwd_p80_ms=high, note=harness.spread_note(median, low, high)
+    )
     with torch.no_grad():
         result["fwd_ms"] = harness.time_ms(lambda: fn(*embeddings), device, repeats)
     mem = harness.peak_memory_bytes(fwd_bwd, device)
@@ -184,6 +193,8 @@ def main(argv=None) -> int:
         "where an implementation does less than that textbook work (the eager one: d2q's logits are q2d's "
         "transposed)"
     )
+    if not args.quick:
+        print("# the full sweep can take many minutes on a small machine: --quick runs one small size of each")
     print(harness.TABLE_HEAD)
 
     def emit(row):

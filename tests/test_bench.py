@@ -203,3 +203,12 @@ def test_cached_memory_script_shows_caching_bounds_the_step(tmp_path):
     plain_small, plain_large = (cached_memory.step_peak(model, batch, None) for batch in (16, 128))
     assert large <= 1.3 * small, (small, large)
     assert plain_large - plain_small >= 10 * (large - small), (plain_small, plain_large, small, large)
+
+
+def test_timings_carry_their_spread_and_wide_ones_are_flagged():
+    from bench import harness
+
+    median, low, high = harness.time_quantiles_ms(lambda: sum(range(1000)), "cpu", 9)
+    assert 0 < low <= median <= high
+    assert harness.spread_note(10.0, 9.5, 11.0) == ""
+    assert harness.spread_note(10.0, 8.0, 14.0).startswith("noisy")
