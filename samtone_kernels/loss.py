@@ -2,9 +2,9 @@
 
 Every backend (``_backends.REGISTRY``, over the contract of ``_contract``) computes the per-anchor
 log-partitions ``lse`` [A, N] and the positive logits [N] (the fused backend in one op, so that their
-gradients share its buffers); the
-partition, the non-finite check and the reduction are assembled here once, in torch, so all
-backends share those semantics exactly.
+gradients share its buffers); the partition, the non-finite check and the reduction are assembled
+here once, in torch, so all backends share those semantics exactly. ``backend="auto"`` on a GPU is
+chosen by measurement (``_choice``).
 """
 
 from __future__ import annotations
