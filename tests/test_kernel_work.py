@@ -108,3 +108,15 @@ def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
         counted = row["load_bytes"] + row["store_bytes"]
         assert abs(modelled[kernel] - counted) <= 0.02 * counted, (kernel, modelled[kernel], counted)
     assert set(counts.per_kernel) == {k for k, v in modelled.items() if v}
+
+
+def test_the_roofline_model_runs_and_stays_in_range():
+    """The modelled table of bench/RESULTS.md (arithmetic, not a timing): fractions in (0, 1], the
+    hybrid path's growing with D (its logit traffic is fixed per logit, its work grows with D)."""
+    from tools.kernel_analysis import roofline
+
+    gpu = roofline.GPUS[0]
+    hybrid = [roofline.hybrid_fraction(gpu, ("q2d", "q2q"), 16384, dim) for dim in (64, 256, 1024)]
+    assert all(0 < f <= 1 for f in hybrid) and hybrid == sorted(hybrid)
+    assert 0 < roofline.fused_fraction(gpu, ("q2d", "q2q"), 16384, 768) <= 1
+    assert "MODELLED, NOT MEASURED" in roofline.table(dims=(128,), sizes=(4096,))
