@@ -704,3 +704,16 @@ def test_samtone_loss_merges_the_candidate_columns(tiny_model):
     model.register_forward_hook(lambda module, args, output, calls=calls: calls.append(args[0]["input_ids"].shape[0]))
     SamToNeRankingLoss(model, mask_duplicate_positives=True)(_features(model), None).backward()
     assert calls == [7, 14]  # anchors, then positives and negatives in one forward
+
+
+def test_cached_drop_in_is_one_of_sentence_transformers_cached_losses(tiny_model):
+    """An instance of their cached-loss base, so their wrappers recognise it, with its mini-batch
+    embedding (inherited, their own); its forward keeps this library's GradCache, which replays
+    autocast too (``test_cached_replays_autocast``)."""
+    model = tiny_model().eval()  # no dropout: the two embeddings below are comparable
+    loss = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    assert isinstance(loss, st_gradcache.CachedLossMixin) and loss.uses_gradient_cache
+    features = _features(model, 2)
+    reps, state = loss.embed_minibatch(features[0], 0, 2, with_grad=False, copy_random_state=True)
+    torch.testing.assert_close(reps, model(st_gradcache._create_minibatch(features[0], 0, 2))["sentence_embedding"])
+    assert state is not None

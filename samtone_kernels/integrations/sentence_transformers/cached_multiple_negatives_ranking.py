@@ -10,7 +10,22 @@ from ._common import _cached_loss, _has_static_embedding_input, cos_sim, pair_gr
 from .multiple_negatives_ranking import FusedMultipleNegativesRankingLoss
 
 
-class FusedCachedMultipleNegativesRankingLoss(nn.Module):
+class _NoCachedLossBase:
+    """Stands in for sentence-transformers' cached-loss base where sentence-transformers lacks it."""
+
+
+def _cached_loss_base() -> type:
+    """sentence-transformers' ``CachedLossMixin`` (so that its wrappers recognise this loss as a cached
+    one, and its ``embed_minibatch`` / ``embed_minibatch_iter`` / ``forward_cached`` are there), or a
+    stand-in: the module imports without sentence-transformers."""
+    try:
+        from sentence_transformers.base.losses.gradcache import CachedLossMixin
+    except ImportError:
+        return _NoCachedLossBase
+    return CachedLossMixin
+
+
+class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache MNRL), fused.
 
     The arguments, attributes, errors, config dict and citation of
