@@ -257,10 +257,9 @@ def jobs(everything: bool):
             arch = C.MARGIN_MIN_ARCH  # the hybrid path computes those calls on older GPUs
         tiles = C.tiles_for(arch)
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
-    for i, (fn, flags) in enumerate(hybrid_variants()):  # the hybrid path's epilogues, each dtype and arch
-        for j, dtype in enumerate(DTYPES):
-            arch = ARCHS[(i + j) % len(ARCHS)]
-            yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"  # (their own tile, fixed)
+    for i, (fn, flags) in enumerate(hybrid_variants()):  # the hybrid path's epilogues: dtypes and archs in rotation
+        dtype, arch = list(DTYPES)[i % len(DTYPES)], ARCHS[(i // len(DTYPES)) % len(ARCHS)]
+        yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"  # (their own tile, fixed)
     for arch in ARCHS:  # every config the autotuner may pick there, for the heaviest launches, bf16
         for tile, normed, margin in itertools.product(C.tiles_for(arch), (False, True), (False, True)):
             if not margin or arch >= C.MARGIN_MIN_ARCH:
