@@ -10,9 +10,9 @@ fraction is the textbook FLOPs (3 tile products per block) / peak / time.
 - The fused kernels: executed work ``_plan.tile_units``; bytes ``traffic_model.bytes_by_kernel`` at
   the tile each GPU is offered (sm_90: 64 x 64 paired, two tiles per sweep; sm_80: 64 x 128, each
   segment alone, one tile per sweep). Attainable fraction of the tensor rate in their dot products:
-  ``FUSED_ATTAINABLE``, from the compile review (docs and ../shared notes: on sm_90 the K-loop is
-  capped near half the rate by shared-memory reads and the first dot of each sweep is issued twice,
-  192 useful of 240; the sm_80 walk uses mma.sync).
+  ``FUSED_ATTAINABLE``, from a review of the compiled kernels (PTX and ``ptxas -v``): on sm_90 the
+  K-loop is capped near half the rate by shared-memory reads and the first dot of each sweep is
+  issued twice, 192 useful of 240; the sm_80 walk uses mma.sync.
 - The hybrid path: GEMM work 4 units per block with no partner, 4 for the q-d tile serving q2d and
   d2q, 3 for a symmetric tile (``_triton/hybrid.py``); at ``GEMM_ATTAINABLE`` of the rate. Bytes per
   logit: the forward GEMM writes the float32 logits (4) and the epilogue reads them (4); the backward
