@@ -40,7 +40,7 @@ def exact_float32():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=15 if DEVICE.type == "cpu" else None)
+@settings(max_examples=10 if DEVICE.type == "cpu" else None)
 @given(case=cases(max_n=29, max_d=24, max_h=2), tensor_temperature=st.booleans())
 def test_hybrid_matches_reference(dtype, case, tensor_temperature):
     """Values and every gradient: every option the cases draw (directions, partitions, groups with

