@@ -150,7 +150,9 @@ def choose(paths: list[str], inputs: tuple, group_ids, options: LossOptions, los
     k = key(queries, hard_negatives, group_ids, options)
     if k in _choices:
         return _choices[k]
-    if torch.compiler.is_compiling():  # no timing inside a traced graph: the first candidate
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        # No timing inside a traced graph, and none without autograd (an evaluation pass: the
+        # measurement runs the backward too): the first candidate, not cached, until a training call.
         return paths[0]
     n, dim = queries.shape
     m = n * (1 + (0 if hard_negatives is None else hard_negatives.shape[1]))

@@ -120,3 +120,16 @@ def test_cpu_keeps_torch_without_measuring(monkeypatch):
     assert _choice.measured_paths(torch.randn(3, 2)) == []
     fused_samtone_loss(*_inputs())
     assert backend_choices() == {}
+
+
+def test_an_evaluation_call_takes_the_first_path_and_measures_nothing(clock):
+    """Under torch.no_grad (an evaluation pass) the measurement, which runs a backward, cannot run:
+    the first candidate computes the loss and nothing is cached, so the next training call measures."""
+    _, calls = clock
+    q, d = _inputs()
+    with torch.no_grad():
+        loss = fused_samtone_loss(q, d)
+    torch.testing.assert_close(loss, fused_samtone_loss(q.detach(), d.detach(), backend="triton"))
+    assert calls == [] and backend_choices() == {}
+    fused_samtone_loss(q, d)
+    assert calls == ["triton", "hybrid"]
