@@ -27,6 +27,7 @@ import triton
 from .. import _plan as plan
 from .._contract import LossOptions, Rows
 from .._rows import normalize_rows
+from .configs import INTERPRETING
 from .launch import _empty, margin_thresholds
 from .logit_epilogues import coefficient_kernel, lse_partials_kernel
 
@@ -38,8 +39,6 @@ _INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=16)
 
 
 def _tile() -> dict:
-    from .configs import INTERPRETING
-
     return dict(_INTERPRETER_TILE) if INTERPRETING else dict(EPILOGUE_TILE)
 
 

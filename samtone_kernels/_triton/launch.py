@@ -97,7 +97,11 @@ class Batch:
         self.thresholds = self.placeholder
         if margin is not None:
             self.thresholds = margin_thresholds(
-                self.tensors["q_all"], self.tensors["d_all"], scale, margin, self.norm("q_all"), self.norm("d_all")
+                self.tensors["q_all"],
+                self.tensors["d_all"],
+                scale,
+                margin,
+                *((self._norms["q_all"], self._norms["d_all"]) if normed else ()),
             )
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -146,14 +150,13 @@ def margin_thresholds(
     q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, margin: float, r_q=None, r_d=None
 ) -> torch.Tensor:
     """[N] float32 logit thresholds of the false-negative margin, ``scale * (q_i . d_i + margin)`` per
-    pair (the unit vectors' dot product with inverse norms ``r_q``, ``r_d`` [N]; scalars are ignored),
+    pair (the unit vectors' dot product when inverse norms ``r_q``, ``r_d`` [N] are given),
     in bounded chunks: an entry whose logit exceeds its anchor pair's threshold is a presumed false
     negative. A constant: no gradient flows through it."""
     out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-    normed = isinstance(r_q, torch.Tensor) and r_q.dim() == 1 and r_q.shape[0] == q.shape[0]
     for c in row_chunks(q):
         dots = (q[c].float() * d[c].float()).sum(-1)
-        if normed:
+        if r_q is not None:
             dots = dots * r_q[c] * r_d[c]
         out[c] = (dots + margin) * scale.detach().float()
     return out
