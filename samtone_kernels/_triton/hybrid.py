@@ -224,7 +224,7 @@ def _backward(call: _Call, lse: torch.Tensor, grad_lse: torch.Tensor, scale: tor
                     dy = grad_of(y_name, call.candidates[seg])
                     (dy[:, k] if seg == "n" else dy).add_(mm_f32(g.T, x[c]))
     factor = scale * w_max
-    grads = {name: a * factor for name, a in acc.items()}
+    grads = {name: a.mul_(factor) for name, a in acc.items()}  # in place: no second float32 copy
     dots = None
     if want_dots:  # homogeneity: dF/dscale = sum_X <X, dF/dX> / (2 scale), every tensor in every role
         sources = {
