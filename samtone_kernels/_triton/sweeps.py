@@ -218,19 +218,25 @@ def sweep(
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
         k_ok = ks[None, :] < dim
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        ok = row_ok[:, None] & k_ok
+        buf = BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim
+        # The buffer's load comes first (issued before any MMA wait), and each product after the first
+        # goes into its own accumulator, added after: chained through one accumulator, Triton lays the
+        # chain's first dot out with every warp along M (its choice for FlashAttention's chained dots),
+        # and on sm_90 both warpgroups of a 64-row tile then compute the same product. The accumulators
+        # start from ``zero``, a run-time zero, which Triton cannot fold back into one chain as it folds
+        # ``dot(a, b, 0) + c`` (tools/kernel_analysis/tensor_cores.py; the compile check counts it).
+        acc = tl.load(buf, mask=ok & started_rows[:, None], other=0.0)
+        zero = acc * 0.0  # (a non-finite buffer gives NaN here: the gradient is non-finite either way)
         if A_ROLE != 0:
             acc = _times_chunk(acc, coef_a0, seg_a, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
         if B_ROLE != 0:
-            acc = _times_chunk(acc, coef_b0, seg_b, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
+            acc += _times_chunk(zero, coef_b0, seg_b, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
         if SPAN == 2:
             if A_ROLE != 0:
-                acc = _times_chunk(acc, coef_a1, seg_a, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
+                acc += _times_chunk(zero, coef_a1, seg_a, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
             if B_ROLE != 0:
-                acc = _times_chunk(acc, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
-        ok = row_ok[:, None] & k_ok
-        buf = BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim
-        acc += tl.load(buf, mask=ok & started_rows[:, None], other=0.0)
+                acc += _times_chunk(zero, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
         if has(FINISH, FUSED):  # masks, not a branch: the loop stays one block for the software pipeliner
             out_ok = ok & last_rows[:, None]
             grad = acc * factor

@@ -9,6 +9,8 @@ a strided one too. Failures:
 
 * a 16-bit compile of a contiguous launch that spills registers (strided launches, the rare case,
   are compiled and their spills printed);
+* a dot whose warps repeat each other's tensor-core work (``tensor_cores.mma_work``: issued more
+  wgmma / mma.sync instructions than its tile needs);
 * a config whose shared memory exceeds ``configs.shared_bytes`` (the bound the autotuner prunes
   with), or that the prune keeps for an architecture whose limit it exceeds.
 
@@ -43,6 +45,7 @@ from samtone_kernels._triton import kernels as K  # noqa: E402
 from samtone_kernels._triton.epilogue import epilogue_kernel  # noqa: E402
 from samtone_kernels._triton.logit_epilogues import coefficient_kernel, lse_partials_kernel  # noqa: E402
 from tools.kernel_analysis.ptxas_check import SHARED_LIMIT, compile_kernel, resource_usage, signature  # noqa: E402
+from tools.kernel_analysis.tensor_cores import mma_work  # noqa: E402
 
 DIRECTION_SETS, JOINT_ONLY_SETS = list(plan.DIRECTION_SETS), list(plan.JOINT_ONLY_SETS)
 DTYPES = {"bf16": ("*bf16", 2), "fp16": ("*fp16", 2), "fp32": ("*fp32", 4)}
@@ -226,9 +229,17 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
             failures.append(f"{label}: kept by the prune but {use['shared']} B > sm_{arch}'s {SHARED_LIMIT[arch]} B")
     if contiguous and dtype != "fp32" and use["spill_stores"]:
         failures.append(f"{label}: {use['spill_stores']} B of register spills")
+    dots = mma_work(compiled.asm["ttgir"], warps)
+    for d in dots:
+        if d["issued"] > d["useful"]:
+            failures.append(
+                f"{label}: a {'x'.join(map(str, d['tile']))} dot laid out warpsPerCTA={list(d['warps'])} issues "
+                f"{d['issued']} tensor-core instructions where {d['useful']} do its work"
+            )
+    issued, useful = sum(d["issued"] for d in dots), sum(d["useful"] for d in dots)
     line = (
         f"{label}: {use['registers']} regs, spills {use['spill_stores']}/{use['spill_loads']} B, "
-        f"shared {use['shared']} B ({time.perf_counter() - start:.1f} s)"
+        f"shared {use['shared']} B, MMA issued/useful {issued}/{useful} ({time.perf_counter() - start:.1f} s)"
     )
     return line, failures
 
