@@ -29,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from . import _plan
 from ._constants import NORM_EPS
 from ._contract import LossOptions, Rows
+from ._gemm import HALF, matmul_f32
+from ._rows import normalize_rows
 
 # Budget of one chunk's logit buffers (bytes). Above it, the anchors are split into chunks of rows.
 CHUNK_BYTES = 1 << 30
@@ -37,9 +39,18 @@ CHUNK_BYTES = 1 << 30
 _LIVE_BUFFERS = 4
 
 
+def gemms_in_input_dtype(x: torch.Tensor) -> bool:
+    """Whether 16-bit inputs go into the logit GEMMs as they are (float32 output, ``_gemm``): on CUDA,
+    where a float32 GEMM is several times slower than a 16-bit one. Elsewhere they are upcast once."""
+    return x.dtype in HALF and x.is_cuda
+
+
 def prepare_torch(embeddings: list[torch.Tensor], options: LossOptions) -> list[torch.Tensor]:
-    """Half inputs are upcast once (logits, softmax and statistics all in float32, float64 stays
-    float64), then normalised if asked."""
+    """16-bit inputs stay 16-bit where ``gemms_in_input_dtype`` (normalised in float32 and rounded
+    back, as the GEMMs take them); elsewhere they are upcast once (logits, softmax and statistics all
+    in float32, float64 stays float64), then normalised if asked."""
+    if gemms_in_input_dtype(embeddings[0]):
+        return [normalize_rows(x) for x in embeddings] if options.normalize else list(embeddings)
     dtype = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
     prepared = [x.to(dtype) for x in embeddings]
     if options.normalize:
@@ -61,7 +72,14 @@ def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, tor
         options,
         budget=options.chunk_bytes,
     )
-    return lse, (rows.q * rows.d).sum(-1) * rows.scale
+    return lse, _dots(rows.q, rows.d) * rows.scale
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise a_i . b_i, in float32 for 16-bit rows."""
+    if a.dtype in HALF:
+        a, b = a.float(), b.float()
+    return (a * b).sum(-1)
 
 
 def row_bytes(n_cand: int, n_cols: int, options: LossOptions, itemsize: int) -> int:
@@ -179,7 +197,8 @@ def row_lse_torch(
     if n_all is not None and n_all.shape[1] == 0:
         n_all = None
     n_cols = d_all.shape[0] * (1 + (0 if n_all is None else n_all.shape[1]))
-    step = chunk_rows(q_all.shape[0], n_cols, options, q.element_size(), budget)
+    logit_size = 8 if q.dtype == torch.float64 else 4  # the logits are float32 for 16-bit inputs
+    step = chunk_rows(q_all.shape[0], n_cols, options, logit_size, budget)
     if step >= q.shape[0]:
         return row_lse_block(
             q,
@@ -262,7 +281,7 @@ def row_lse_block(
     parts: dict[str, list[torch.Tensor]] = {"q": [], "d": []}
     # The anchors' positive similarities q_i . d_i (rows of a transposed tile are anchors too: there
     # the anchors are the whole batch, offset 0).
-    positive = (q * d).sum(-1).detach() if options.false_negative_margin is not None else None
+    positive = _dots(q, d).detach() if options.false_negative_margin is not None else None
 
     def add(block: _plan.Block, s: torch.Tensor, row_pairs: torch.Tensor, col_pairs: torch.Tensor) -> None:
         presumed = None
@@ -280,9 +299,12 @@ def row_lse_block(
             continue
         candidates, width = segments[block.segment]
         col_pairs = _pairs(candidates.shape[0], width, device)
-        if block.anchor not in scaled:
-            scaled[block.anchor] = anchors[block.anchor] * scale
-        s = scaled[block.anchor] @ candidates.T
+        if q.dtype in HALF:  # 16-bit GEMM, float32 logits; the scale after it (not rounded to 16 bits)
+            s = matmul_f32(anchors[block.anchor], candidates.T) * scale
+        else:
+            if block.anchor not in scaled:
+                scaled[block.anchor] = anchors[block.anchor] * scale
+            s = scaled[block.anchor] @ candidates.T
         partner = (block.segment, block.anchor)
         if block.anchor != block.segment and partner in transposed:
             # The partner block's logits are this one's transpose (s(y_j, x_i) = S_ij): its entries

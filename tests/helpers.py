@@ -226,15 +226,18 @@ def margin_in_a_gap(case: Case, where: float) -> float:
     return float(candidates[min(int(where * len(candidates)), len(candidates) - 1)])
 
 
-def run_and_compare(case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool, **extra) -> None:
+def run_and_compare(
+    case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool, renormalized: bool | None = None, **extra
+) -> None:
     """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
 
     The kernel paths normalise in float32 and round the unit vectors back to ``dtype`` (the torch
-    path keeps them in float32): that rounding is part of their budget. ``extra``: options of the
-    implementation that do not change the loss (``chunk_bytes``), passed to it only.
+    path keeps them in float32, ``renormalized`` unless told): that rounding is part of their budget.
+    ``extra``: options of the implementation that do not change the loss (``chunk_bytes``), passed to
+    it only.
     """
     case = case.rounded(dtype)
-    tol = dict(renormalized=backend in ("triton", "hybrid"))
+    tol = dict(renormalized=backend in ("triton", "hybrid") if renormalized is None else renormalized)
     q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
     loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs, **extra)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference
@@ -19,7 +19,8 @@ from helpers import (
     require,
     run_and_compare,
 )
-from samtone_kernels import SamToNeLoss, fused_samtone_loss
+from samtone_kernels import SamToNeLoss, _gemm, _torch_impl, fused_samtone_loss
+from samtone_kernels._gemm import mm_f32
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -28,6 +29,25 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 @given(case=cases(), tensor_temperature=st.booleans())
 def test_torch_matches_reference(dtype, case, tensor_temperature):
     run_and_compare(case, dtype, "torch", tensor_temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@settings(max_examples=12)
+@given(case=cases(max_n=5, max_d=6))
+def test_torch_with_16_bit_gemms_matches_reference(dtype, case):
+    """As on CUDA: 16-bit inputs go into the logit GEMMs as they are, float32 logits out, and so do the
+    backward's (``_gemm.matmul_f32``); forced here, where the CPU upcasts inside the GEMM instead."""
+    seen = []
+
+    def spy(a, b):
+        seen.append((a.dtype, b.dtype))
+        return mm_f32(a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_torch_impl, "gemms_in_input_dtype", lambda x: x.dtype in (torch.float16, torch.bfloat16))
+        mp.setattr(_gemm, "mm_f32", spy)
+        run_and_compare(case, dtype, "torch", tensor_temperature=False, renormalized=True)
+    assert seen and all(types == (dtype, dtype) for types in seen), seen
 
 
 def test_gradcheck_float64():

@@ -26,6 +26,7 @@ import triton
 
 from .. import _plan as plan
 from .._contract import LossOptions, Rows
+from .._gemm import mm_f32
 from .._rows import normalize_rows
 from .configs import INTERPRETING
 from .launch import _empty, margin_thresholds
@@ -40,20 +41,6 @@ _INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=16)
 
 def _tile() -> dict:
     return dict(_INTERPRETER_TILE) if INTERPRETING else dict(EPILOGUE_TILE)
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in float32, without upcasting 16-bit inputs on CUDA
-    (``torch.mm(..., out_dtype=torch.float32)``); elsewhere the operands are upcast (CPU GEMMs have no
-    16-bit path with a float32 output)."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype
-            pass
-    return a.float() @ b.float()
 
 
 def chunk_rows(n_cols: int, itemsize: int, budget: int | None) -> int:
