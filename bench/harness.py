@@ -1,5 +1,6 @@
-"""The benchmark harness: timing, peak memory, the same-run matmul rate, the agreement check, the
-result table and files (CSV, JSON, PNG) and the header naming the machine and versions.
+"""The benchmark harness: timing (several implementations' runs interleaved), peak memory, the
+same-run matmul that rates are compared with, the agreement check, the result table and files (CSV,
+JSON, PNG) and the header naming the machine and versions.
 
 Generic: it knows nothing of the loss's workloads or implementations (those are ``bench.peers``);
 ``bench.speed`` puts the two together. The scripts run as modules from the repository root
@@ -42,26 +43,140 @@ def peer_version(module: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------------
-def time_quantiles_ms(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile) milliseconds: triton's do_bench on the GPU, a monotonic clock
-    on the CPU (``repeats`` runs after a warm-up)."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        median, low, high = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return float(median), float(low), float(high)
-    fn()  # warm-up (compilation, caches)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(1e3 * (time.perf_counter() - start))
-    samples.sort()
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of samples (the percentiles by nearest rank)."""
+    samples = sorted(samples)
 
     def quantile(f: float) -> float:
         return samples[min(len(samples) - 1, round(f * (len(samples) - 1)))]
 
     return statistics.median(samples), quantile(0.2), quantile(0.8)
+
+
+class _ClockTimer:
+    """Wall-clock time around each call (the CPU)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def start(self) -> float:
+        return self.clock()
+
+    def stop(self, started: float) -> Callable[[], float]:
+        ms = 1e3 * (self.clock() - started)
+        return lambda: ms
+
+    def finish(self) -> None:
+        pass
+
+
+def _l2_flush_buffer() -> torch.Tensor:
+    """256 MB on the GPU, zeroed before each timed call so that no call finds the previous one's data
+    in L2 (as ``triton.testing.do_bench``)."""
+    return torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
+
+
+class _CudaTimer:
+    """CUDA events around each call, after flushing L2 (``triton.testing.do_bench``'s method); the
+    readings are valid after ``finish``."""
+
+    def __init__(self) -> None:
+        self.flush = _l2_flush_buffer()
+
+    def start(self) -> tuple:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.flush.zero_()
+        begin.record()
+        return begin, end
+
+    def stop(self, events: tuple) -> Callable[[], float]:
+        begin, end = events
+        end.record()
+        return lambda: begin.elapsed_time(end)
+
+    def finish(self) -> None:
+        torch.cuda.synchronize()
+
+
+#: On the GPU, warm-up and timed milliseconds per implementation (``triton.testing.do_bench``'s
+#: defaults): the number of rounds follows from a first estimate of each call's time, and is at
+#: least CUDA_MIN_ROUNDS (calls of a second or more, at the largest sizes, get no more).
+CUDA_WARMUP_MS, CUDA_REP_MS, CUDA_MIN_ROUNDS = 25.0, 100.0, 3
+
+
+def time_interleaved_ms(
+    fns: Sequence[Callable[[], object]], device: str, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> list[tuple[float, float, float] | BaseException]:
+    """Time the implementations of one workload together, their repetitions interleaved: a warm-up
+    call of each, then repetition 1 of each in turn, repetition 2 of each, and so on (round-robin),
+    so that the load of a busy machine, or a GPU's clock, hits them alike.
+
+    CPU: ``repeats`` rounds timed by ``clock``. GPU (``repeats`` unused): CUDA events around each
+    call after an L2 flush, as ``triton.testing.do_bench``, with as many rounds as fill about
+    ``CUDA_REP_MS`` per implementation (after about ``CUDA_WARMUP_MS`` of warm-up), and at least
+    ``CUDA_MIN_ROUNDS``.
+
+    Returns, per fn, (median, 20th, 80th percentile) milliseconds, or the out-of-memory error it
+    raised (it then sits out the later rounds); any other error propagates.
+    """
+    results: list = [None] * len(fns)
+    active = list(range(len(fns)))
+
+    def call(i: int) -> bool:
+        """fns[i] once; False, and fns[i] out of the rounds, when it runs out of memory."""
+        try:
+            fns[i]()
+        except Exception as exc:  # noqa: BLE001 - an implementation running out of memory is a result
+            if not is_oom(exc):
+                raise
+            results[i] = exc
+            active.remove(i)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            return False
+        return True
+
+    for i in list(active):  # warm-up (compilation, autotuning, caches)
+        call(i)
+    timer = _CudaTimer() if device == "cuda" else _ClockTimer(clock)
+    rounds = repeats
+    if device == "cuda" and active:
+        estimates = []
+        for i in list(active):  # each call's time, from 5 calls (as do_bench)
+            handle = timer.start()
+            if all(call(i) for _ in range(5)):
+                read = timer.stop(handle)
+                timer.finish()
+                estimates.append(read() / 5)
+        total = max(sum(estimates), 1e-3)
+        for _ in range(max(1, int(CUDA_WARMUP_MS * len(active) / total))):
+            for i in list(active):
+                call(i)
+        rounds = max(CUDA_MIN_ROUNDS, int(CUDA_REP_MS * len(active) / total))
+    readings: dict[int, list[Callable[[], float]]] = {i: [] for i in active}
+    for _ in range(rounds):
+        for i in list(active):
+            handle = timer.start()
+            if call(i):
+                readings[i].append(timer.stop(handle))
+    timer.finish()
+    for i in active:
+        results[i] = _quantiles([read() for read in readings[i]])
+    return results
+
+
+def time_quantiles_ms(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of one function: triton's do_bench on the GPU, a
+    monotonic clock on the CPU (``repeats`` runs after a warm-up). Out of memory propagates."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        median, low, high = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return float(median), float(low), float(high)
+    (result,) = time_interleaved_ms([fn], device, repeats)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def time_ms(fn: Callable[[], object], device: str, repeats: int) -> float:
@@ -127,14 +242,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     return peak
 
 
-def matmul_tflops(n_pairs: int, dim: int, device: str, repeats: int) -> tuple[float, str]:
-    """Rate of a plain matmul of comparable size in this run: bfloat16 on the GPU, float32 on the CPU."""
+def matmul_yardstick(n_pairs: int, dim: int, device: str) -> tuple[Callable[[], object], int, str]:
+    """A plain matmul of comparable size, to time in the same run as the loss (its rate is the yardstick
+    of the ``efficiency`` column): the function, its FLOPs and its dtype's name (bfloat16 on the GPU,
+    float32 on the CPU). [n, dim] @ [dim, n] with n = min(n_pairs, 16384)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     n = min(n_pairs, 16384)
     a = torch.randn(n, dim, device=device, dtype=dtype)
     b = torch.randn(dim, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, repeats)
-    return 2 * n * n * dim / (ms * 1e-3) / 1e12, str(dtype).replace("torch.", "")
+    return (lambda: a @ b), 2 * n * n * dim, str(dtype).replace("torch.", "")
 
 
 def agrees(value: float, ours: float, dtype: torch.dtype) -> bool:
@@ -198,23 +314,30 @@ def header(device: str, peers: dict, cpu_note: str | None = None) -> list[str]:
     return lines
 
 
-def format_row(r: dict) -> str:
+def format_row(r: dict, device: str = "cuda") -> str:
+    """A row of the printed table (``table_head``): on a GPU with TFLOP/s, on a CPU without (a few
+    hundredths there, which informs nobody: time, peak memory and eff, the ratio to the same-run
+    matmul's rate, do)."""
+
     def num(key, fmt):
         width = fmt[1:].split(".")[0]
         return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else format("-", f">{width}")
 
+    rate = num("tflops", ">9.2f") if device == "cuda" else ""
     return (
         f"{r['workload']:<22}{r['n']:>8}{r['d']:>6} {r['dtype']:<9}{r['impl']:<22}"
         f"{num('fwd_bwd_ms', '>11.3f')}{num('fwd_ms', '>10.3f')}{num('peak_mem_mb', '>11.1f')}"
-        f"{num('tflops', '>9.2f')}{num('efficiency', '>7.2f')}  {r['status']}"
-        + (f" ({r['note']})" if r.get("note") else "")
+        f"{rate}{num('efficiency', '>7.2f')}  {r['status']}" + (f" ({r['note']})" if r.get("note") else "")
     )
 
 
-TABLE_HEAD = (
-    f"{'workload':<22}{'N':>8}{'D':>6} {'dtype':<9}{'impl':<22}{'fwd+bwd ms':>11}{'fwd ms':>10}"
-    f"{'peak MB':>11}{'TFLOP/s':>9}{'eff':>7}  status"
-)
+def table_head(device: str) -> str:
+    """The printed table's column names (``format_row``)."""
+    rate = f"{'TFLOP/s':>9}" if device == "cuda" else ""
+    return (
+        f"{'workload':<22}{'N':>8}{'D':>6} {'dtype':<9}{'impl':<22}{'fwd+bwd ms':>11}{'fwd ms':>10}"
+        f"{'peak MB':>11}{rate}{'eff':>7}  status"
+    )
 
 
 def write_results(

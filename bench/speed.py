@@ -17,10 +17,14 @@ Implementations, timed on the same inputs in the same run:
                         for every workload it can express
   inf-cl                inf_cl.cal_inf_loss, symmetric InfoNCE only (CUDA only)
 
-Every row checks that the implementation's loss agrees with ours before its time is reported. Results
-are printed as rows complete and written to bench/results/ as CSV, JSON and a PNG plot. Run it from the
-repository root; the harness (timing, memory, files) is bench/harness.py, the workloads and
-implementations bench/peers.py.
+Every row checks that the implementation's loss agrees with ours before its time is reported. The
+implementations that agree are timed together, their runs interleaved (one run of each in turn, with
+a plain matmul of similar size among them, the yardstick of `eff`), so that the load of a busy machine
+hits them alike; each row carries its 20th-80th percentile spread and is flagged noisy when that is
+too wide to read. On a CPU the table leaves out TFLOP/s (a few hundredths there): times, peak memory
+and eff inform. Results are printed as each size completes and written to bench/results/ as CSV, JSON
+and a PNG plot. Run it from the repository root; the harness (timing, memory, files) is
+bench/harness.py, the workloads and implementations bench/peers.py.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ CPU_NOTE = "no CUDA GPU: the fused kernel needs one and is not timed here"
 
 
 def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[dict]:
+    """Every (workload, dtype, size): each implementation's loss checked against ours, then the ones
+    that agree timed together, their repetitions interleaved with each other's and with a plain
+    matmul of similar size (the yardstick of ``efficiency``), and their peak memory measured. The
+    rows of a size are emitted when it is done."""
     rows, told = [], set()
-    matmul_cache = {}
     total, done, started = len(workloads) * len(dtypes) * len(sizes), 0, time.perf_counter()
     for w in workloads:
         torch._dynamo.reset()  # torch.compile starts each workload with an empty cache
@@ -59,14 +66,16 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                     left = (time.perf_counter() - started) / done * (total - done)
                     print(f"# progress: {done}/{total} problem sizes done, about {left / 60:.1f} min left", flush=True)
                 done += 1
-                q, d, n = peers.make_inputs(w, n_pairs, device, dtype)
-                key = (min(n_pairs, 16384), w.dim)
-                if key not in matmul_cache:
-                    matmul_cache[key] = harness.matmul_tflops(*key, device, repeats)
-                mm_rate, _ = matmul_cache[key]
-                ours = peers.our_loss(w, q, d, n, device)
+                embeddings = peers.make_inputs(w, n_pairs, device, dtype)
+                ours = peers.our_loss(w, *embeddings, device)
+                size_rows, timed = [], []  # timed: (row, fn) of the implementations that agree
                 for name in impls:
-                    factory = peers.IMPLEMENTATIONS[name][0]
+                    fn = peers.IMPLEMENTATIONS[name][0](w, device)
+                    if isinstance(fn, str):  # cannot express this workload (or needs a GPU): no row
+                        if (name, w.name) not in told:
+                            told.add((name, w.name))
+                            print(f"# {name}: no {w.name} row ({fn})", flush=True)
+                        continue
                     row = dict(
                         workload=w.name,
                         n=n_pairs,
@@ -74,56 +83,94 @@ def run_sweep(workloads, sizes, dtypes, impls, device, repeats, emit) -> list[di
                         h=w.n_hard,
                         dtype=str(dtype).replace("torch.", ""),
                         impl=name,
-                        matmul_tflops=mm_rate,
                     )
-                    fn = factory(w, device)
-                    if isinstance(fn, str):  # cannot express this workload (or needs a GPU): no row
-                        if (name, w.name) not in told:
-                            told.add((name, w.name))
-                            print(f"# {name}: no {w.name} row ({fn})", flush=True)
-                        continue
+                    size_rows.append(row)
                     if name in out_of_memory:
-                        rows.append(emit({**row, "status": f"OOM (skipped: OOM at N={out_of_memory[name]})"}))
+                        row["status"] = f"OOM (skipped: OOM at N={out_of_memory[name]})"
                         continue
                     try:
-                        row.update(measure(fn, (q, d, n), ours, dtype, device, repeats))
+                        row.update(check(fn, embeddings, ours, dtype))
                     except Exception as exc:  # noqa: BLE001 - a peer's failure is a result, not a crash
                         if not harness.is_oom(exc):
                             raise
-                        out_of_memory[name] = n_pairs
                         row["status"] = "OOM"
                         if device == "cuda":
                             torch.cuda.empty_cache()
-                    if "fwd_bwd_ms" in row:
-                        row["tflops"] = peers.flop_count(w, n_pairs) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
-                        row["efficiency"] = row["tflops"] / mm_rate
+                    if "status" not in row:
+                        timed.append((row, fn))
+                if timed:
+                    yardstick = harness.matmul_yardstick(n_pairs, w.dim, device)
+                    results, matmul_ms = measure_together(
+                        [fn for _, fn in timed], embeddings, device, repeats, yardstick[0]
+                    )
+                    mm_rate = None if matmul_ms is None else yardstick[1] / (matmul_ms * 1e-3) / 1e12
+                    for (row, _), result in zip(timed, results):
+                        row.update(result, matmul_tflops=mm_rate)
+                        if "fwd_bwd_ms" in row:
+                            row["tflops"] = peers.flop_count(w, n_pairs) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                            row["efficiency"] = None if mm_rate is None else row["tflops"] / mm_rate
+                        row.setdefault("status", "ok" if ours is not None else "ok (unchecked: ours ran out of memory)")
+                for row in size_rows:
+                    if row["status"] == "OOM":
+                        out_of_memory[row["impl"]] = n_pairs
                     rows.append(emit(row))
-                del q, d, n  # free this size's inputs before the next, larger one
+                del embeddings  # free this size's inputs before the next, larger one
     return rows
 
 
-def measure(fn, embeddings, ours: float | None, dtype: torch.dtype, device: str, repeats: int) -> dict:
-    """One implementation on one input: its loss checked against ours, then (only if it agrees) its
-    forward+backward and forward times and peak memory. OOM propagates to the caller."""
+def check(fn, embeddings, ours: float | None, dtype: torch.dtype) -> dict:
+    """One implementation's loss on one input against ours: its loss and ours, with status WRONG when
+    they disagree (then it is not timed). OOM propagates to the caller."""
     value = float(fn(*embeddings).detach())
     result = dict(loss=value, ours_loss=ours)
     if ours is not None and not harness.agrees(value, ours, dtype):
-        return dict(result, status=f"WRONG: loss {value:.6g} vs ours {ours:.6g}")
+        result["status"] = f"WRONG: loss {value:.6g} vs ours {ours:.6g}"
+    return result
+
+
+def measure_together(fns, embeddings, device: str, repeats: int, yardstick=None) -> tuple[list[dict], float | None]:
+    """Several implementations on one input: forward+backward times (median, 20th and 80th
+    percentile), forward times and peak memory, the times with the implementations' repetitions
+    interleaved (``harness.time_interleaved_ms``), ``yardstick`` (a plain matmul) timed among the
+    forward+backward ones. Per implementation a dict of results (status OOM where it ran out of
+    memory), and the yardstick's median milliseconds (None without one or if it ran out)."""
     inputs = [x for x in embeddings if x is not None]
 
-    def fwd_bwd():
-        return torch.autograd.grad(fn(*embeddings), inputs)
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(*embeddings), inputs)
 
-    median, low, high = harness.time_quantiles_ms(fwd_bwd, device, repeats)
-    result.update(
-        fwd_bwd_ms=median, fwd_bwd_p20_ms=low, fwd_bwd_p80_ms=high, note=harness.spread_note(median, low, high)
-    )
+    def forward(fn):
+        return lambda: fn(*embeddings)
+
+    steps = [fwd_bwd(fn) for fn in fns]
+    timings = harness.time_interleaved_ms(steps + ([yardstick] if yardstick else []), device, repeats)
+    matmul = timings.pop() if yardstick else None
+    results = [{} for _ in fns]
+    for result, timing in zip(results, timings):
+        if isinstance(timing, BaseException):
+            result["status"] = "OOM"
+        else:
+            median, low, high = timing
+            note = harness.spread_note(median, low, high)
+            result.update(fwd_bwd_ms=median, fwd_bwd_p20_ms=low, fwd_bwd_p80_ms=high, note=note)
+    alive = [i for i, result in enumerate(results) if "status" not in result]
     with torch.no_grad():
-        result["fwd_ms"] = harness.time_ms(lambda: fn(*embeddings), device, repeats)
-    mem = harness.peak_memory_bytes(fwd_bwd, device)
-    result["peak_mem_mb"] = None if mem is None else mem / 2**20
-    result["status"] = "ok" if ours is not None else "ok (unchecked: ours ran out of memory)"
-    return result
+        forwards = harness.time_interleaved_ms([forward(fns[i]) for i in alive], device, repeats)
+    for i, timing in zip(alive, forwards):
+        if isinstance(timing, BaseException):
+            results[i] = {"status": "OOM"}
+        else:
+            results[i]["fwd_ms"] = timing[0]
+    for i in [i for i in alive if "status" not in results[i]]:
+        try:
+            mem = harness.peak_memory_bytes(steps[i], device)
+        except Exception as exc:  # noqa: BLE001
+            if not harness.is_oom(exc):
+                raise
+            results[i] = {"status": "OOM"}
+            continue
+        results[i]["peak_mem_mb"] = None if mem is None else mem / 2**20
+    return results, None if matmul is None or isinstance(matmul, BaseException) else matmul[0]
 
 
 def parse_args(argv=None):
@@ -147,7 +194,13 @@ def parse_args(argv=None):
         default=list(peers.IMPLEMENTATIONS),
         help="implementations",
     )
-    p.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (median)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="CPU: timed runs of each implementation, interleaved with the others' (GPU: as many as fill "
+        "about 100 ms each, at least 3)",
+    )
     p.add_argument("--chunk-rows", type=int, help="eager-chunked's anchor rows per chunk (default: N / 8)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--out", default=harness.RESULTS_DIR, help="folder for the CSV, JSON and PNG")
@@ -188,17 +241,27 @@ def main(argv=None) -> int:
     if "ours-fused" in impls and (device != "cuda" or not triton_available()):
         print("# ours-fused: the fused Triton kernel needs a CUDA GPU (and triton); not timed on this machine")
     print(
-        "# eff: TFLOP/s of the loss (3 * 2 * D per kept anchor-candidate pair) over the TFLOP/s of a "
-        "plain matmul of similar size timed in this run (bfloat16 on a GPU, float32 on a CPU); above 1 "
-        "where an implementation does less than that textbook work (the eager one: d2q's logits are q2d's "
-        "transposed)"
+        "# times: median of the timed runs, the implementations' runs of one size interleaved (one run of "
+        "each in turn), so that the load of a busy machine hits them alike; a row whose 20th-80th "
+        f"percentile spread exceeds {harness.NOISY_SPREAD:.0%} of its median is flagged noisy (the CSV "
+        "holds the percentiles)"
     )
+    print(
+        "# eff: the loss's FLOP rate (3 * 2 * D per kept anchor-candidate pair) over that of a plain matmul "
+        "of similar size timed among the rows (bfloat16 on a GPU, float32 on a CPU); above 1 where an "
+        "implementation does less than that textbook work (the eager one: d2q's logits are q2d's transposed)"
+    )
+    if device != "cuda":
+        print(
+            "# CPU: no TFLOP/s column (a few hundredths, which tells nothing; the CSV keeps it): read the times, "
+            "the peak memory and eff, as ratios between the rows of this run"
+        )
     if not args.quick:
         print("# the full sweep can take many minutes on a small machine: --quick runs one small size of each")
-    print(harness.TABLE_HEAD)
+    print(harness.table_head(device))
 
     def emit(row):
-        print(harness.format_row(row), flush=True)
+        print(harness.format_row(row, device), flush=True)
         return row
 
     rows = run_sweep(workloads, sizes, dtypes, impls, device, args.repeats, emit)

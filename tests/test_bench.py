@@ -78,6 +78,8 @@ def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path):
     assert "needs a CUDA GPU" in printed  # ours-fused on CPU says so instead of vanishing
     assert "inf-cl: no samtone row" in printed or "inf-cl: not installed" in printed
     assert "# eff:" in printed
+    (head,) = [line for line in printed.splitlines() if line.startswith("workload")]
+    assert "TFLOP/s" not in head and "peak MB" in head and "eff" in head  # on a CPU: times, memory, eff
     with open(_read(tmp_path, "csv")) as f:
         rows = list(csv.DictReader(f))
     impls = {(r["workload"], r["impl"]) for r in rows}
@@ -88,6 +90,8 @@ def test_quick_cli_writes_rows_csv_json_and_plot(tmp_path):
     }
     for r in rows:
         assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0
+        assert float(r["fwd_bwd_p20_ms"]) <= float(r["fwd_bwd_ms"]) <= float(r["fwd_bwd_p80_ms"])
+        assert float(r["efficiency"]) > 0 and float(r["matmul_tflops"]) > 0  # the same-run matmul's yardstick
         assert harness.agrees(float(r["loss"]), float(r["ours_loss"]), torch.float32)
     data = json.loads(_read(tmp_path, "json").read_text())
     assert data["header"][0].startswith("# date") and len(data["rows"]) == len(rows)
@@ -212,3 +216,100 @@ def test_timings_carry_their_spread_and_wide_ones_are_flagged():
     assert 0 < low <= median <= high
     assert harness.spread_note(10.0, 9.5, 11.0) == ""
     assert harness.spread_note(10.0, 8.0, 14.0).startswith("noisy")
+
+
+def _fake_implementation(name: str, ms: float, log: list, now: list, oom_at: int | None = None):
+    """A call that logs its name and advances the fake clock ``now`` by ``ms``; its ``oom_at``-th call
+    runs out of memory instead."""
+
+    def run():
+        log.append(name)
+        if log.count(name) == oom_at:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        now[0] += ms
+
+    return run
+
+
+def test_interleaved_timing_takes_one_run_of_each_in_turn():
+    """CPU: a warm-up call of each, then each round one timed run of each implementation in turn; one
+    that runs out of memory sits out the later rounds and reports the error; the others' times are
+    theirs alone (a fake clock, in milliseconds)."""
+    now, log = [0.0], []
+    fns = [
+        _fake_implementation("a", 1.0, log, now),
+        _fake_implementation("b", 3.0, log, now),
+        _fake_implementation("c", 2.0, log, now, oom_at=3),
+    ]
+    results = harness.time_interleaved_ms(fns, "cpu", 4, clock=lambda: now[0] / 1e3)
+    assert log == ["a", "b", "c"] * 3 + ["a", "b"] * 2  # warm-up, two rounds, c out of memory in the third
+    assert results[0] == pytest.approx((1.0, 1.0, 1.0)) and results[1] == pytest.approx((3.0, 3.0, 3.0))
+    assert isinstance(results[2], torch.OutOfMemoryError)
+
+    def broken():
+        raise ValueError("not a result")
+
+    with pytest.raises(ValueError, match="not a result"):
+        harness.time_interleaved_ms([fns[0], broken], "cpu", 2)
+
+
+def test_interleaved_timing_on_cuda_fills_the_time_budget_with_rounds(monkeypatch):
+    """GPU (CUDA events faked on a fake clock): each implementation's time estimated from 5 calls, then
+    warm-up and timed rounds, one call of each in turn, as many as fill CUDA_WARMUP_MS and CUDA_REP_MS
+    per implementation (do_bench's budget), at least CUDA_MIN_ROUNDS."""
+    now, log = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.at = None
+
+        def record(self) -> None:
+            self.at = now[0]
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(harness, "_l2_flush_buffer", lambda: torch.empty(4))
+    fns = [_fake_implementation("a", 2.0, log, now), _fake_implementation("b", 8.0, log, now)]
+    results = harness.time_interleaved_ms(fns, "cuda", 1)
+    warmup_rounds = int(harness.CUDA_WARMUP_MS * 2 / 10.0)
+    rounds = int(harness.CUDA_REP_MS * 2 / 10.0)
+    assert log == ["a", "b"] + ["a"] * 5 + ["b"] * 5 + ["a", "b"] * (warmup_rounds + rounds)
+    assert results == [pytest.approx((2.0, 2.0, 2.0)), pytest.approx((8.0, 8.0, 8.0))]
+    log.clear()  # calls of 100 ms: one warm-up round, and the least number of rounds
+    fns = [_fake_implementation("a", 100.0, log, now), _fake_implementation("b", 100.0, log, now)]
+    harness.time_interleaved_ms(fns, "cuda", 1)
+    assert log[12:] == ["a", "b"] * (1 + harness.CUDA_MIN_ROUNDS)
+
+
+def test_the_sweep_interleaves_the_implementations_and_leaves_tflops_out_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """Two implementations of one size: every call of one is followed by one of the other (loss check,
+    forward+backward warm-up and runs, forward warm-up and runs, memory), so load hits them alike;
+    the CPU table shows times, memory and eff, not TFLOP/s (the GPU's does)."""
+    log = []
+
+    def logged(tag):
+        def factory(w, device):
+            eager = peers.impl_eager(w, device)
+            return lambda q, d, n: log.append(tag) or eager(q, d, n)
+
+        return factory
+
+    monkeypatch.setitem(peers.IMPLEMENTATIONS, "ours-eager", (logged("A"), None))
+    monkeypatch.setitem(peers.IMPLEMENTATIONS, "torch.compile", (logged("B"), None))
+    argv = ["--workloads", "samtone", "--device", "cpu", "--sizes", "16", "--dim", "8", "--repeats", "3"]
+    code = speed_main([*argv, "--impls", "ours-eager", "torch.compile", "--out", str(tmp_path), "--no-plot"])
+    assert code == 0
+    assert log == ["A", "B"] * (1 + (1 + 3) + (1 + 3) + 1)
+    lines = capsys.readouterr().out.splitlines()
+    (head,) = [line for line in lines if line.startswith("workload")]
+    assert "TFLOP/s" not in head and all(c in head for c in ("fwd+bwd ms", "fwd ms", "peak MB", "eff"))
+    rows = [line for line in lines if line.startswith("samtone ")]
+    # workload N D dtype impl fwd+bwd fwd peak eff, then the status (and a noisy note, on a busy machine)
+    assert len(rows) == 2 and all(line.split()[9] == "ok" for line in rows)
+    row = dict(workload="w", n=8, d=4, dtype="float32", impl="x", fwd_bwd_ms=1.0, tflops=12.345, efficiency=0.5)
+    row["status"] = "ok"
+    assert "TFLOP/s" in harness.table_head("cuda") and "12.35" in harness.format_row(row, "cuda")
+    assert "12.3" not in harness.format_row(row, "cpu") and "0.50" in harness.format_row(row, "cpu")

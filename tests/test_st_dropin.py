@@ -4,6 +4,7 @@ one import changed, the same arguments, errors, config, citation, numbers and tr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import pathlib
@@ -648,6 +649,7 @@ def test_cached_replays_autocast(tiny_model):
         return loss.detach(), _grads(model)
 
     (expected_loss, expected), (loss, got) = step(False), step(True)
+    assert loss.dtype == expected_loss.dtype == torch.float32  # on purpose: sentence-transformers' is bfloat16
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     _assert_grads_close(got, expected, rtol=1e-6)
 
@@ -708,8 +710,8 @@ def test_samtone_loss_merges_the_candidate_columns(tiny_model):
 
 def test_cached_drop_in_is_one_of_sentence_transformers_cached_losses(tiny_model):
     """An instance of their cached-loss base, so their wrappers recognise it, with its mini-batch
-    embedding (inherited, their own); its forward keeps this library's GradCache, which replays
-    autocast too (``test_cached_replays_autocast``)."""
+    embedding (inherited, their own), through which the forward and the backward embed (below); the
+    forward is this library's, which replays autocast too (``test_cached_replays_autocast``)."""
     model = tiny_model().eval()  # no dropout: the two embeddings below are comparable
     loss = FusedCachedMultipleNegativesRankingLoss(model, mini_batch_size=2)
     assert isinstance(loss, st_gradcache.CachedLossMixin) and loss.uses_gradient_cache
@@ -717,3 +719,66 @@ def test_cached_drop_in_is_one_of_sentence_transformers_cached_losses(tiny_model
     reps, state = loss.embed_minibatch(features[0], 0, 2, with_grad=False, copy_random_state=True)
     torch.testing.assert_close(reps, model(st_gradcache._create_minibatch(features[0], 0, 2))["sentence_embedding"])
     assert state is not None
+
+
+@pytest.mark.parametrize("mini_batching", [{"mini_batch_size": 3}, {"mini_batch_num_tokens": 20}])
+def test_cached_embeds_every_mini_batch_through_embed_minibatch_in_forward_order(
+    tiny_model, mini_batching, monkeypatch
+):
+    """A spy on ``embed_minibatch`` (as sentence-transformers' own tests set one): the forward embeds
+    every mini-batch once without gradients, saving its RNG state; the backward re-embeds each once
+    with gradients, under that state, in the same order (the columns in order, each column's
+    mini-batches in order), so dropout draws the same masks: the same embeddings, bit for bit. By
+    rows or packed by a token budget (uneven boundaries, sentence-transformers' packing), the
+    boundaries of the forward are replayed. Under DDP every replay but the last runs in ``no_sync``."""
+    from samtone_kernels.integrations.sentence_transformers import cached_multiple_negatives_ranking as module
+
+    in_no_sync = [False]
+
+    @contextlib.contextmanager
+    def no_sync():
+        in_no_sync[0] = True
+        try:
+            yield
+        finally:
+            in_no_sync[0] = False
+
+    monkeypatch.setattr(module, "_ddp_no_sync", lambda model: no_sync)  # as for a DistributedDataParallel model
+    model = tiny_model()  # train mode: dropout on, so a replay under another RNG state would differ
+    loss_fn = FusedCachedMultipleNegativesRankingLoss(model, **mini_batching)
+    features = _features(model)
+    calls, synced = [], []
+    embed_minibatch = loss_fn.embed_minibatch
+
+    def spy(**kwargs):
+        reps, random_state = embed_minibatch(**kwargs)
+        column = next(i for i, f in enumerate(features) if f is kwargs["sentence_feature"])
+        calls.append((column, kwargs["begin"], kwargs["end"], kwargs["with_grad"], reps.detach().clone()))
+        synced.append(not in_no_sync[0])
+        return reps, random_state
+
+    loss_fn.embed_minibatch = spy
+    torch.manual_seed(0)
+    loss = loss_fn(features, None)
+    forward, calls[:] = list(calls), []
+    loss.backward()
+    backward = calls
+    expected = [
+        (column, begin, end)
+        for column, f in enumerate(features)
+        for begin, end in st_gradcache._minibatch_ranges(f, loss_fn.mini_batch_size, loss_fn.mini_batch_num_tokens)
+    ]
+    assert [c[:3] for c in forward] == [c[:3] for c in backward] == expected
+    assert len(expected) > 2 * len(features)  # several mini-batches per column
+    if "mini_batch_num_tokens" in mini_batching:
+        assert len({end - begin for _, begin, end in expected}) > 1  # packed: uneven mini-batches
+    assert not any(c[3] for c in forward) and all(c[3] for c in backward)
+    assert synced[len(forward) :] == [False] * (len(backward) - 1) + [True]  # DDP all-reduces once
+    for index, (f, b) in enumerate(zip(forward, backward)):
+        assert torch.equal(f[4], b[4]), f"mini-batch {index} was re-embedded differently"
+    assert "0.model.encoder.layer.0.output.dense.weight" in _grads(model)  # the replay backpropagated
+
+    calls.clear()  # evaluation: each mini-batch once, without gradients, and nothing to replay
+    with torch.no_grad():
+        loss_fn(features, None)
+    assert [c[:4] for c in calls] == [(*e, False) for e in expected]

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._common import _cached_loss, _has_static_embedding_input, cos_sim, pair_groups
+from ...gradcache import _AutocastState
+from ._common import _ddp_no_sync, _gradcache_helpers, _has_static_embedding_input, cos_sim, pair_groups
 from .multiple_negatives_ranking import FusedMultipleNegativesRankingLoss
 
 
@@ -25,21 +28,50 @@ def _cached_loss_base() -> type:
     return CachedLossMixin
 
 
+class _ReplayMiniBatches(torch.autograd.Function):
+    """Identity on the whole batch's loss (computed, and backpropagated to the embeddings, in the
+    forward) whose backward is step 3: ``replay(grad_output)`` re-embeds every mini-batch and
+    backpropagates its cached gradient. ``token`` is an empty tensor that requires grad, so the
+    output is part of the graph although the loss was computed on detached embeddings; it never
+    receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, value: torch.Tensor, replay: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.replay = replay
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.replay(grad_output)
+        return None, None, None
+
+
 class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache MNRL), fused.
 
     The arguments, attributes, errors, config dict and citation of
     ``CachedMultipleNegativesRankingLoss``; the loss of :class:`FusedMultipleNegativesRankingLoss`
-    (which it holds as ``.loss``, as the original holds an MNRL), with gradient caching from
-    :class:`samtone_kernels.gradcache.GradCache`:
+    (which it holds as ``.loss``, as the original holds an MNRL), with gradient caching
+    (GradCache) through sentence-transformers' cached-loss base, ``CachedLossMixin``:
 
     1. ``forward`` embeds every column in mini-batches of ``mini_batch_size`` rows (or of about
-       ``mini_batch_num_tokens`` tokens) without gradients, saving each mini-batch's RNG state;
-    2. computes the loss on the whole batch and its gradient with respect to the embeddings;
-    3. returns the loss; its backward (the trainer's ``loss.backward()``) re-embeds each mini-batch
-       with gradients under its saved RNG state, so dropout draws the same masks, and
-       backpropagates the cached gradient, scaled by the incoming one (loss scaling, gradient
-       accumulation). Autocast is replayed as well.
+       ``mini_batch_num_tokens`` tokens) without gradients, each through the inherited
+       ``embed_minibatch`` (by way of ``embed_minibatch_iter``), which saves the mini-batch's RNG
+       state;
+    2. computes the loss on the whole batch and its gradient with respect to the embeddings
+       (through ``calculate_loss(reps, labels, with_backward=True)``);
+    3. returns the loss; its backward (the trainer's ``loss.backward()``) re-embeds the mini-batches
+       in the order of step 1 (the columns in order, each mini-batch in order), again through
+       ``embed_minibatch``, with gradients, under each one's saved RNG state, so dropout draws the
+       same masks, and backpropagates the cached gradient, scaled by the incoming one (loss scaling,
+       gradient accumulation).
+
+    As in the original, then, a spy on ``embed_minibatch`` sees every mini-batch twice, in the same
+    order: without gradients in ``forward``, with gradients in the backward. Unlike the original,
+    the re-embedding runs under the autocast state of step 1 (``loss.backward()`` normally runs
+    outside ``torch.autocast``; a replay at another precision would put the cached gradients at the
+    wrong point), and the loss is float32 under 16-bit autocast (the original's follows the
+    embeddings' dtype). ``forward_cached`` is this forward (without the check of the column count).
 
     Parameter gradients equal those of the uncached loss with the same dropout masks; encoder memory
     is that of one mini-batch. Under ``DistributedDataParallel`` every re-embedding but the last runs
@@ -214,16 +246,99 @@ class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
     ) -> torch.Tensor:
         """Loss of a batch of tokenised columns (anchor, positive, *negatives); see the class notes."""
         sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        return self.forward_cached(sentence_features, labels)
+
+    def forward_cached(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Steps 1 and 2 of the class notes; the returned loss's backward is step 3 (``_replay``).
+        Without gradients (evaluation): the mini-batches' embeddings and the loss, nothing saved."""
+        sentence_features = list(sentence_features)
+        _, minibatch_ranges = _gradcache_helpers()  # ImportError, saying what it needs, without them
         group_ids = pair_groups(sentence_features) if self.mask_duplicates else None
-        return _cached_loss(
-            self,
-            sentence_features,
-            labels,
-            self.mini_batch_size,
-            self.mini_batch_num_tokens,
-            self.show_progress_bar,
-            group_ids=group_ids,
+        # Boundaries first: modules may edit the features in place while embedding, and step 3 must
+        # replay step 1's mini-batches.
+        ranges = [
+            minibatch_ranges(feature, self.mini_batch_size, self.mini_batch_num_tokens) for feature in sentence_features
+        ]
+        grad_enabled = torch.is_grad_enabled()
+        reps, random_states = [], []
+        for feature, column_ranges in zip(sentence_features, ranges):
+            column, states = [], []
+            for reps_mb, random_state in self.embed_minibatch_iter(
+                sentence_feature=feature, with_grad=False, copy_random_state=grad_enabled, ranges=column_ranges
+            ):
+                column.append(reps_mb.detach().requires_grad_() if grad_enabled else reps_mb)
+                states.append(random_state)
+            reps.append(column)
+            random_states.append(states)
+        if not grad_enabled:
+            return self.calculate_loss(reps, labels, group_ids=group_ids)
+
+        # Step 2 through calculate_loss (which a wrapper may have decorated): the cached gradients.
+        value = self.calculate_loss(reps, labels, with_backward=True, group_ids=group_ids)
+        unused = [str(index) for index, column in enumerate(reps) if any(r.grad is None for r in column)]
+        if unused:
+            raise ValueError(
+                f"The loss computation of {self.__class__.__name__} did not use input column(s) {', '.join(unused)}: "
+                "their embeddings received no gradient. Every input column is embedded (twice, with gradient "
+                "caching), so remove the unused column(s) from the dataset instead."
+            )
+        replay = functools.partial(
+            self._replay,
+            sentence_features=sentence_features,
+            ranges=ranges,
+            random_states=random_states,
+            cache=[[r.grad for r in column] for column in reps],
+            autocast=_AutocastState(),
         )
+        token = torch.empty(0, device=value.device, requires_grad=True)
+        return _ReplayMiniBatches.apply(token, value.detach(), replay)
+
+    def _replay(
+        self,
+        grad_output: torch.Tensor,
+        *,
+        sentence_features: list[dict[str, torch.Tensor]],
+        ranges: list[list[tuple[int, int]]],
+        random_states: list[list[Any]],
+        cache: list[list[torch.Tensor]],
+        autocast: _AutocastState,
+    ) -> None:
+        """Step 3: re-embed each mini-batch through ``embed_minibatch_iter`` in step 1's order, with
+        gradients, under its saved RNG state and step 1's autocast, and backpropagate its cached
+        gradient times ``grad_output``. Every mini-batch but the last runs under DDP's ``no_sync``."""
+        no_sync = _ddp_no_sync(self.model)
+        remaining = sum(len(column) for column in cache)
+        with torch.enable_grad():
+            for feature, column_ranges, states, grads in zip(sentence_features, ranges, random_states, cache):
+                mini_batches = self.embed_minibatch_iter(
+                    sentence_feature=feature,
+                    with_grad=True,
+                    copy_random_state=False,
+                    random_states=states,
+                    ranges=column_ranges,
+                )
+                for grad in grads:
+                    remaining -= 1
+                    with nullcontext() if no_sync is None or remaining == 0 else no_sync():
+                        with autocast.restored():
+                            reps_mb, *_ = next(mini_batches)
+                        if reps_mb.shape != grad.shape:
+                            raise RuntimeError(
+                                f"embed_minibatch returned shape {tuple(reps_mb.shape)} when re-embedding a "
+                                f"mini-batch that gave {tuple(grad.shape)} in the forward; gradient caching "
+                                "needs the same forward twice"
+                            )
+                        if not reps_mb.requires_grad:  # a frozen model has nothing to backpropagate into
+                            continue
+                        # The cached gradient times grad_output in at least float32, as sentence-transformers'
+                        # replay computes it, then in the embeddings' dtype.
+                        dtype = torch.promote_types(reps_mb.dtype, torch.float32)
+                        step = grad.to(dtype) * grad_output.to(dtype)
+                        torch.autograd.backward(reps_mb, step.to(reps_mb.dtype))
 
     def get_config_dict(self) -> dict[str, Any]:
         """CachedMultipleNegativesRankingLoss's config dict: the wrapped loss's, with the mini-batch
