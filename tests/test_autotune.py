@@ -37,10 +37,12 @@ def benchmarked(monkeypatch):
         return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
 
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):  # tiles the interpreter runs at any size
-        # The tuner sees two configs: the two walks of the GPU configs (configs.GPU_TILES).
+        # The tuner sees two configs: the two walks of the GPU configs (configs.GPU_TILES), and for the
+        # backward the second resident (configs.RESIDENT_TILES: the tests' D = 9 is within its tile).
         configs = [
             triton.Config(
-                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired} | ({"SPAN": span} if grad else {}),
+                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
+                | ({"SPAN": span, "RESIDENT": w == 8} if grad else {}),
                 num_warps=w,
                 num_stages=1,
             )
@@ -121,18 +123,53 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
 
 @pytest.mark.parametrize("arch", [90, 80, 89, None])
 def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
-    """Where the running architecture is offered one config, the autotuner gets a list of one, so it
-    never benchmarks (triton 3.6 benchmarks even a pruned list of one: 7+ launches and an L2 flush per
-    key); without a GPU every architecture's configs are listed."""
-    from samtone_kernels._triton import configs
+    """Each GPU is offered its architecture's configs only: one for the forward and, for the backward,
+    one beside the resident ones, which serve D <= their BLOCK_D. Where no resident config serves D
+    the backward runs ``wide_grad_kernel`` over the others, so that with one config left the
+    autotuner never benchmarks (triton 3.6 benchmarks even a pruned list of one: 7+ launches and an
+    L2 flush per key); without a GPU every architecture's configs are listed."""
+    from samtone_kernels._triton import configs, kernels
 
     monkeypatch.setattr(configs, "INTERPRETING", False)
     for grad in (False, True):
         offered = configs.configs(grad=grad, arch=arch)
-        tiles = configs.tiles_for(arch) if arch else {t for ts in configs.GPU_TILES.values() for t in ts}
+        tiles = configs.tiles_for(arch, grad) if arch else {t for a in (90, 80) for t in configs.tiles_for(a, grad)}
         assert len(offered) == len(tiles)
         assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps) for c in offered} == {
             t[:4] for t in tiles
         }
+        if arch:
+            assert [c.kwargs.get("RESIDENT", False) for c in offered] == [len(t) == 8 and t[7] for t in tiles]
     if arch is not None:
-        assert len(configs.configs(grad=True, arch=arch)) == 1
+        assert len(configs.configs(grad=False, arch=arch)) == 1
+        grad = configs.configs(grad=True, arch=arch)
+        monkeypatch.setattr(kernels.grad_kernel, "configs", grad)
+        resident = [c.kwargs["BLOCK_D"] for c in grad if c.kwargs["RESIDENT"]]
+        assert bool(resident) == (arch >= 90)  # (sm_90 only: configs.RESIDENT_TILES)
+        if not resident:
+            assert kernels.grad_launcher(64) is kernels.grad_kernel and len(grad) == 1
+            return
+        assert kernels.grad_launcher(max(resident)) is kernels.grad_kernel
+        wide = kernels.grad_launcher(max(resident) + 1)
+        assert wide is kernels.wide_grad_kernel and len(wide.configs) == 1 and not wide.configs[0].kwargs["RESIDENT"]
+
+
+def test_a_resident_config_serves_d_within_its_tile_only(monkeypatch):
+    """The prune drops a resident config narrower than D (it would compute the first BLOCK_D columns
+    only), keeps it where D fits; a pinned one (a list of one, which the autotuner does not prune)
+    narrower than D raises before any launch."""
+    from samtone_kernels._triton import configs
+
+    resident = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "RESIDENT": True}, num_warps=4)
+    swept = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "RESIDENT": False}, num_warps=4)
+    x = torch.zeros(4, 20)
+    args = dict(X=x, BUF=x, n_rows=20, n_cols=20)
+    assert configs._prune([resident, swept], dict(args, dim=17)) == [swept]
+    assert configs._prune([resident, swept], dict(args, dim=16)) == [resident, swept]
+    assert configs._prune([swept, resident], dict(args, dim=100)) == [swept]  # (the fallback too)
+    monkeypatch.setenv("SAMTONE_TRITON_CONFIG", "16,16,16,4,1,0,1,1")
+    pinned = configs.configs(grad=True)
+    assert pinned[0].kwargs["RESIDENT"] and configs.configs(grad=False)[0].kwargs.get("RESIDENT") is None
+    configs.check_fits(pinned, 16)
+    with pytest.raises(ValueError, match="BLOCK_D >= D"):
+        configs.check_fits(pinned, 17)

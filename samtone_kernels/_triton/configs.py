@@ -34,6 +34,20 @@ GPU_TILES = {
     80: ((64, 128, 64, 8, 3, False, 1),),
 }
 
+#: The RESIDENT backward's tiles (``sweeps.resident_walk``: D within one BLOCK_D, the rows' tile and
+#: their float32 gradient on chip across all column tiles, each candidate tile loaded once), offered
+#: beside GPU_TILES' for the autotuner to time: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
+#: Each segment walks alone (with X resident, pairing saves no load). The logits' dot feeds the
+#: coefficients' dot, and on sm_90 Triton lays such a chain's first dot out with every warp along
+#: M: 128 rows for 8 warps, else both warpgroups compute each product (the compile check fails it).
+#: Kept: every launch variant compiles without spills in 16-bit with triton 3.6 and 3.9 (the
+#: heaviest, with the margin, spilled at 128 x 64 x 128). sm_90 only: on sm_80 / sm_89 every tile
+#: tried spilled in some variant under triton 3.6 (4-16 B at 64 x 32 x 64 and 64 x 16 x 64 with 4
+#: warps, 64 x 64 x 128 and 64 x 32 x 128), though 3.9 compiled two of them cleanly. D = 256 is not
+#: offered: its float32 rows alone take 128 registers a thread, and the heaviest variant spills on
+#: sm_90 (320 B at 128 x 32, 8 warps; 136 B at 64 x 16, 4 warps).
+RESIDENT_TILES = {90: ((128, 64, 64, 8, 2), (128, 32, 128, 8, 2))}
+
 
 #: The oldest architecture on which the fused kernel takes the false-negative margin. Its backward's
 #: two per-role threshold tests need more registers than sm_80 / sm_89 give the offered configs
@@ -43,13 +57,23 @@ GPU_TILES = {
 MARGIN_MIN_ARCH = 90
 
 
-def tiles_for(arch: int) -> tuple:
-    """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...)."""
-    return GPU_TILES[90] if arch >= 90 else GPU_TILES[80]
-
-
 #: The walk of a config that does not name one (PAIRED, SPAN): the kernels' defaults.
 DEFAULT_WALK = (True, 2)
+
+
+def full_tile(tile: tuple) -> tuple:
+    """A config tuple with every field: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, PAIRED,
+    SPAN, RESIDENT), the walk's fields defaulted (``DEFAULT_WALK``, not resident)."""
+    return (*tile, *DEFAULT_WALK[len(tile) - 5 :], False)[:8] if len(tile) < 8 else tuple(tile)
+
+
+def tiles_for(arch: int, grad: bool = True) -> tuple:
+    """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...): for ``grad_kernel``
+    (``grad``) with the resident ones (8 fields), for ``lse_kernel`` without."""
+    key = 90 if arch >= 90 else 80
+    resident = tuple((*t, False, 1, True) for t in RESIDENT_TILES.get(key, ())) if grad else ()
+    return GPU_TILES[key] + resident
+
 
 #: Under the interpreter every program runs in NumPy: the smallest legal tiles, one config.
 INTERPRETER_TILES = ((16, 16, 16, 4, 1, *DEFAULT_WALK),)
@@ -63,11 +87,12 @@ def _config(
     stages: int,
     paired: bool = DEFAULT_WALK[0],
     span: int = DEFAULT_WALK[1],
+    resident: bool = False,
     grad: bool = True,
 ) -> triton.Config:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
     if grad:
-        kwargs["SPAN"] = span
+        kwargs.update(SPAN=span, RESIDENT=bool(resident))
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
@@ -89,18 +114,22 @@ def configs(grad: bool, arch: int | None = None) -> list[triton.Config]:
     pinned = os.environ.get("SAMTONE_TRITON_CONFIG")
     if pinned:
         values = [int(v) for v in pinned.split(",")]
-        if len(values) not in (5, 7) or (len(values) == 7 and (values[5] not in (0, 1) or values[6] not in (1, 2))):
+        if (
+            len(values) not in (5, 7, 8)
+            or (len(values) >= 7 and (values[5] not in (0, 1) or values[6] not in (1, 2)))
+            or (len(values) == 8 and values[7] not in (0, 1))
+        ):
             raise ValueError(
                 "SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' and "
-                f"optionally ',PAIRED,SPAN' (0 or 1, 1 or 2), got {pinned!r}"
+                f"optionally ',PAIRED,SPAN[,RESIDENT]' (0 or 1, 1 or 2, 0 or 1), got {pinned!r}"
             )
-        return [_config(*values, grad=grad)]
+        return [_config(*values[:7], resident=grad and len(values) == 8 and bool(values[7]), grad=grad)]
     if INTERPRETING:
         tiles = INTERPRETER_TILES
     elif arch is not None:
-        tiles = tiles_for(arch)
+        tiles = tiles_for(arch, grad)
     else:
-        tiles = tuple(dict.fromkeys(t for tiles in GPU_TILES.values() for t in tiles))
+        tiles = tuple(dict.fromkeys(t for a in GPU_TILES for t in tiles_for(a, grad)))
     return [_config(*t, grad=grad) for t in tiles]
 
 
@@ -112,12 +141,18 @@ def shared_bytes(
     itemsize: int,
     paired: bool = DEFAULT_WALK[0],
     span: int = DEFAULT_WALK[1],
+    resident: bool = False,
 ) -> int:
     """An upper bound on a config's shared memory: the larger of the pipelined K-loop (a chunk of X
     and of one candidate tile, or two when ``paired``) and the backward's sweep over D (its staged
     coefficient tiles, two when paired or ``span`` = 2, and the pipelined chunks of their candidates),
-    plus one tile for layout conversions and a few row vectors for reductions (the GPU compile check
+    plus one tile for layout conversions and a few row vectors for reductions; ``resident``: the
+    rows' whole tile, the candidate tiles' ring and the logits' float32 tile (the GPU compile check
     holds the compiled kernels to it on sm_80, sm_89 and sm_90)."""
+    if resident:  # the rows' tile once, a ring of candidate tiles, the logits' float32 tile
+        return (
+            (block_m + num_stages * block_n) * block_d * itemsize + block_m * block_n * 4 + 4 * (block_m + block_n) * 4
+        )
     staged = 2 if paired or span == 2 else 1
     k_loop = num_stages * (block_m + (1 + paired) * block_n) * block_d * itemsize
     sweep = staged * (block_m * block_n + num_stages * block_n * block_d) * itemsize
@@ -133,9 +168,24 @@ def _device(device_index: int) -> tuple[int | None, int | None]:
     return 10 * props.major + props.minor, getattr(props, "shared_memory_per_block_optin", None)
 
 
+def _fits(c: triton.Config, dim: int) -> bool:
+    """A resident config computes only the first BLOCK_D columns of D: it serves D <= BLOCK_D alone."""
+    return not c.kwargs.get("RESIDENT", False) or dim <= c.kwargs["BLOCK_D"]
+
+
+def check_fits(configs: list[triton.Config], dim: int) -> None:
+    """Raise where no config can serve D (a pinned resident config narrower than D: the autotuner
+    does not prune a list of one)."""
+    if not any(_fits(c, dim) for c in configs):
+        raise ValueError(
+            f"SAMTONE_TRITON_CONFIG pins a resident config (BLOCK_D = {configs[0].kwargs['BLOCK_D']}) for "
+            f"D = {dim}: a resident config needs BLOCK_D >= D"
+        )
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem, those the device's architecture does not get
-    (``tiles_for``), and those over its shared memory."""
+    """Drop tiles much larger than the problem, resident tiles narrower than D, those the device's
+    architecture does not get (``tiles_for``), and those over its shared memory."""
     args = {**named_args, **kwargs}
     n_rows, n_cols, dim = args["n_rows"], args["n_cols"], args["dim"]
     x, grad = args["X"], "BUF" in args  # grad_kernel's or lse_kernel's arguments
@@ -146,15 +196,23 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
         paired = c.kwargs.get("PAIRED", DEFAULT_WALK[0])
         span = c.kwargs.get("SPAN", DEFAULT_WALK[1]) if grad else None  # the forward has no sweep
+        resident = c.kwargs.get("RESIDENT", False)
+        if not _fits(c, dim):
+            continue
         if bd > fit or bm > max(16, triton.next_power_of_2(n_rows)) or bn > max(16, triton.next_power_of_2(n_cols)):
             continue
-        tile = (bm, bn, bd, c.num_warps, c.num_stages, paired)
-        if arch is not None and tile not in [t[:6] for t in tiles_for(arch) if span in (None, t[6])]:
-            continue
-        if limit is not None and shared_bytes(bm, bn, bd, c.num_stages, x.element_size(), paired, span or 1) > limit:
+        tile = (bm, bn, bd, c.num_warps, c.num_stages, paired, span, resident)
+        if arch is not None:
+            offered = [full_tile(t) for t in tiles_for(arch, grad)]
+            if tile not in [(*t[:6], t[6] if grad else None, t[7]) for t in offered]:
+                continue
+        bound = shared_bytes(bm, bn, bd, c.num_stages, x.element_size(), paired, span or 1, resident)
+        if limit is not None and bound > limit:
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+    # Nothing left (a problem smaller than every tile): the smallest config that serves D.
+    fallback = [c for c in configs if _fits(c, dim)]
+    return kept or [min(fallback, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
 def bucket(n: int) -> int:

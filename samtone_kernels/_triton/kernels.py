@@ -18,9 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, configs, running_arch
-from .sweeps import grad_walk
-from .tiles import COL, DOTS, PARTNER, ROW, has, inv_norms, lse_walk
+from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, check_fits, configs, running_arch
+from .sweeps import finish_rows, grad_walk, resident_walk
+from .tiles import COL, DOTS, FUSED, PARTNER, ROW, has, inv_norms, lse_walk
 
 
 @triton.autotune(
@@ -180,11 +180,10 @@ def lse_kernel(
     tl.store(LSE + rows, m + tl.log(tl.where(row_ok & (l > 0), l, 1.0)), mask=row_ok)
 
 
-@triton.autotune(
-    configs=configs(grad=True, arch=running_arch()),
-    key=["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS, "FINISH"],
-    **AUTOTUNE,
-)
+GRAD_KEY = ["rows_bucket", "cols_bucket", "dim", "n_hard", *FLAGS, "FINISH"]
+
+
+@triton.autotune(configs=configs(grad=True, arch=running_arch()), key=GRAD_KEY, **AUTOTUNE)
 @triton.jit
 def grad_kernel(
     OUT,
@@ -248,6 +247,7 @@ def grad_kernel(
     BLOCK_D: tl.constexpr,
     PAIRED: tl.constexpr = DEFAULT_WALK[0],
     SPAN: tl.constexpr = DEFAULT_WALK[1],
+    RESIDENT: tl.constexpr = False,
 ):
     """The gradient of X's rows: sum over the walked segments of ``coef @ Y`` (``tiles.coefficient``).
 
@@ -301,36 +301,106 @@ def grad_kernel(
     # Which walk is the program's last is known here: the hard negatives' when there are any (N_ROLE
     # comes with at least one block: plan.Launch.roles), else D's, else Q's. Only that walk's last
     # step writes the gradient (FINISH); its ``final`` is a true scalar.
-    true = n_cols > 0
-    if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
-        dots = grad_walk(
-            dots,
-            dst,
-            x,
-            partner,
-            row,
-            seg_q,
-            seg_d,
-            pairs,
-            n_cols,
-            col_offset,
-            dim,
-            scale,
-            penalty,
-            true,
-            A_ROLE=Q_ROLE,
-            B_ROLE=D_ROLE,
-            FIRST=True,
-            SPAN=1,
-            FINISH=0 if WALK_N else FINISH,
-            NORMED=NORMED,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            BLOCK_D=BLOCK_D,
-            PRECISION=PRECISION,
-        )
-    else:  # each segment alone, SPAN column tiles per sweep
-        if WALK_Q:
+    if RESIDENT:  # D within one tile: the rows' tile and their gradient stay on chip (resident_walk)
+        ks = tl.arange(0, BLOCK_D)
+        r64 = rows.to(tl.int64)[:, None]
+        ok = row_ok[:, None] & (ks[None, :] < dim)
+        x_tile = tl.load(X + r64 * stride_x_row + ks[None, :] * stride_x_dim, mask=ok, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        if PAIRED and WALK_Q and WALK_D:
+            acc = resident_walk(
+                acc,
+                x_tile,
+                row,
+                seg_q,
+                seg_d,
+                pairs,
+                n_cols,
+                col_offset,
+                dim,
+                scale,
+                penalty,
+                A_ROLE=Q_ROLE,
+                B_ROLE=D_ROLE,
+                NORMED=NORMED,
+                BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D,
+                PRECISION=PRECISION,
+            )
+        else:
+            if WALK_Q:
+                acc = resident_walk(
+                    acc,
+                    x_tile,
+                    row,
+                    seg_q,
+                    seg_q,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    A_ROLE=Q_ROLE,
+                    B_ROLE=0,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
+            if WALK_D:
+                acc = resident_walk(
+                    acc,
+                    x_tile,
+                    row,
+                    seg_d,
+                    seg_d,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    A_ROLE=D_ROLE,
+                    B_ROLE=0,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
+        if WALK_N:
+            for k in range(0, n_hard):
+                seg_n = (NEG + k * stride_neg_k, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols, D_LSE, D_W)
+                acc = resident_walk(
+                    acc,
+                    x_tile,
+                    row,
+                    seg_n,
+                    seg_n,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    A_ROLE=N_ROLE,
+                    B_ROLE=0,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
+        if has(FINISH, FUSED):
+            dots = finish_rows(acc, dots, r64, ks, ok, dst, x, partner, FINISH=FINISH)
+        else:  # the epilogue finishes the rows from the buffer
+            tl.store(BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim, acc, mask=ok)
+    else:
+        true = n_cols > 0
+        if PAIRED and WALK_Q and WALK_D:  # one walk, the Q and D tiles of a column tile in one sweep
             dots = grad_walk(
                 dots,
                 dst,
@@ -338,7 +408,7 @@ def grad_kernel(
                 partner,
                 row,
                 seg_q,
-                seg_q,
+                seg_d,
                 pairs,
                 n_cols,
                 col_offset,
@@ -347,36 +417,9 @@ def grad_kernel(
                 penalty,
                 true,
                 A_ROLE=Q_ROLE,
-                B_ROLE=0,
+                B_ROLE=D_ROLE,
                 FIRST=True,
-                SPAN=SPAN,
-                FINISH=0 if WALK_D or WALK_N else FINISH,
-                NORMED=NORMED,
-                BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N,
-                BLOCK_D=BLOCK_D,
-                PRECISION=PRECISION,
-            )
-        if WALK_D:
-            dots = grad_walk(
-                dots,
-                dst,
-                x,
-                partner,
-                row,
-                seg_d,
-                seg_d,
-                pairs,
-                n_cols,
-                col_offset,
-                dim,
-                scale,
-                penalty,
-                true,
-                A_ROLE=D_ROLE,
-                B_ROLE=0,
-                FIRST=not WALK_Q,
-                SPAN=SPAN,
+                SPAN=1,
                 FINISH=0 if WALK_N else FINISH,
                 NORMED=NORMED,
                 BLOCK_M=BLOCK_M,
@@ -384,37 +427,114 @@ def grad_kernel(
                 BLOCK_D=BLOCK_D,
                 PRECISION=PRECISION,
             )
-    if WALK_N:
-        for k in range(0, n_hard):
-            seg_n = (NEG + k * stride_neg_k, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols, D_LSE, D_W)
-            dots = grad_walk(
-                dots,
-                dst,
-                x,
-                partner,
-                row,
-                seg_n,
-                seg_n,
-                pairs,
-                n_cols,
-                col_offset,
-                dim,
-                scale,
-                penalty,
-                k == n_hard - 1,
-                A_ROLE=N_ROLE,
-                B_ROLE=0,
-                FIRST=False,
-                SPAN=SPAN,
-                FINISH=FINISH,
-                NORMED=NORMED,
-                BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N,
-                BLOCK_D=BLOCK_D,
-                PRECISION=PRECISION,
-            )
+        else:  # each segment alone, SPAN column tiles per sweep
+            if WALK_Q:
+                dots = grad_walk(
+                    dots,
+                    dst,
+                    x,
+                    partner,
+                    row,
+                    seg_q,
+                    seg_q,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    true,
+                    A_ROLE=Q_ROLE,
+                    B_ROLE=0,
+                    FIRST=True,
+                    SPAN=SPAN,
+                    FINISH=0 if WALK_D or WALK_N else FINISH,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
+            if WALK_D:
+                dots = grad_walk(
+                    dots,
+                    dst,
+                    x,
+                    partner,
+                    row,
+                    seg_d,
+                    seg_d,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    true,
+                    A_ROLE=D_ROLE,
+                    B_ROLE=0,
+                    FIRST=not WALK_Q,
+                    SPAN=SPAN,
+                    FINISH=0 if WALK_N else FINISH,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
+        if WALK_N:
+            for k in range(0, n_hard):
+                seg_n = (NEG + k * stride_neg_k, stride_neg_row, stride_neg_dim, NEG_INV_NORMS + k * n_cols, D_LSE, D_W)
+                dots = grad_walk(
+                    dots,
+                    dst,
+                    x,
+                    partner,
+                    row,
+                    seg_n,
+                    seg_n,
+                    pairs,
+                    n_cols,
+                    col_offset,
+                    dim,
+                    scale,
+                    penalty,
+                    k == n_hard - 1,
+                    A_ROLE=N_ROLE,
+                    B_ROLE=0,
+                    FIRST=False,
+                    SPAN=SPAN,
+                    FINISH=FINISH,
+                    NORMED=NORMED,
+                    BLOCK_M=BLOCK_M,
+                    BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D,
+                    PRECISION=PRECISION,
+                )
     if has(FINISH, DOTS):
         tl.store(DOTS_OUT + rows * tl.num_programs(1) + blk, dots, mask=row_ok)
+
+
+#: ``grad_kernel`` over its configs less the resident ones, for a D no resident config serves
+#: (``grad_launcher``): where one config is left the autotuner then never benchmarks (triton 3.6
+#: benchmarks even a pruned list of one).
+wide_grad_kernel = triton.autotune(
+    configs=[c for c in grad_kernel.configs if not c.kwargs.get("RESIDENT", False)], key=GRAD_KEY, **AUTOTUNE
+)(grad_kernel.fn)
+
+
+def grad_launcher(dim: int):
+    """The autotuned grad kernel for dimension D: ``grad_kernel``, or where it has resident configs
+    and none serves D, ``wide_grad_kernel`` over the others. Raises where no config serves D (a
+    pinned resident config narrower than D)."""
+    check_fits(grad_kernel.configs, dim)
+    resident = [c for c in grad_kernel.configs if c.kwargs.get("RESIDENT", False)]
+    if not resident or any(dim <= c.kwargs["BLOCK_D"] for c in resident):
+        return grad_kernel
+    wide = [c for c in grad_kernel.configs if not c.kwargs.get("RESIDENT", False)]
+    if list(map(id, wide_grad_kernel.configs)) != list(map(id, wide)):  # grad_kernel's (tests replace them)
+        wide_grad_kernel.configs, wide_grad_kernel.cache = wide, {}
+    return wide_grad_kernel
 
 
 AUTOTUNED = (lse_kernel, grad_kernel)

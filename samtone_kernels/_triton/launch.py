@@ -15,7 +15,7 @@ from .. import _plan as plan
 from .._rows import inverse_norms, row_chunks
 from .configs import bucket
 from .epilogue import EPILOGUE, epilogue_kernel
-from .kernels import grad_kernel, lse_kernel
+from .kernels import grad_launcher, lse_kernel
 
 # Set by tests: fill every buffer the kernels must write with NaN before launching them.
 POISON_OUTPUTS = False
@@ -297,7 +297,7 @@ class Backward:
         col_offset = b.offset if launch.candidates_are_anchors else 0
         n_cols = b.n_anchor if launch.candidates_are_anchors else b.n_cand
         _, p, _, pos = self._partner(launch, x, rows)
-        grad_kernel[_grid(n_rows, blocks)](
+        grad_launcher(b.dim)[_grid(n_rows, blocks)](
             **_strided("out", out3),
             **_strided("buf", buf3),
             **_strided("x", x3),

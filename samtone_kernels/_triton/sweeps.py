@@ -21,6 +21,7 @@ from .tiles import (
     PEN_OWN,
     ROW,
     has,
+    inv_norms,
     keep_mask,
     logit_pair,
     penalised,
@@ -172,6 +173,25 @@ def _times_chunk(acc, coef, seg, cols, col_ok, ks, k_ok, PRECISION: tl.constexpr
 
 
 @triton.jit
+def finish_rows(acc, dots, r64, ks, out_ok, dst, x, partner, FINISH: tl.constexpr):
+    """Write the rows' gradient from their float32 sum ``acc`` [BLOCK_M, BLOCK_D] (columns ``ks`` of D)
+    where ``out_ok``: ``OUT = factor * acc (+ pos_coef_i POS_ROWS_i`` with PARTNER, the positive
+    logit's term) in OUT's dtype; with DOTS, returns dots + <x_i, grad_i> per row."""
+    _, _, _, OUT, stride_out_row, stride_out_dim, factor = dst
+    X, stride_x_row, stride_x_dim = x
+    POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef = partner
+    grad = acc * factor
+    if has(FINISH, PARTNER):
+        partner_chunk = tl.load(POS_ROWS + r64 * stride_pos_row + ks[None, :] * stride_pos_dim, mask=out_ok, other=0.0)
+        grad += pos_coef[:, None] * partner_chunk.to(tl.float32)
+    tl.store(OUT + r64 * stride_out_row + ks[None, :] * stride_out_dim, grad.to(OUT.dtype.element_ty), mask=out_ok)
+    if has(FINISH, DOTS):
+        x_chunk = tl.load(X + r64 * stride_x_row + ks[None, :] * stride_x_dim, mask=out_ok, other=0.0)
+        dots += tl.sum(grad * x_chunk.to(tl.float32), 1)  # x is 0 where the rows are not written
+    return dots
+
+
+@triton.jit
 def sweep(
     dst,
     x,
@@ -203,9 +223,7 @@ def sweep(
     here), so ``grad_walk`` compiles FINISH into its last step only. A barrier after the sweep orders
     its stores before the next sweep's loads of the same rows, which other threads of the program may
     make."""
-    BUF, stride_buf_row, stride_buf_dim, OUT, stride_out_row, stride_out_dim, factor = dst
-    X, stride_x_row, stride_x_dim = x
-    POS_ROWS, stride_pos_row, stride_pos_dim, pos_coef = partner
+    BUF, stride_buf_row, stride_buf_dim, _, _, _, _ = dst
     rows, _, row_ok, _, _, _ = row
     coef_a0, coef_b0, cols0, ok0 = staged0
     coef_a1, coef_b1, cols1, ok1 = staged1
@@ -238,19 +256,7 @@ def sweep(
             if B_ROLE != 0:
                 acc += _times_chunk(zero, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
         if has(FINISH, FUSED):  # masks, not a branch: the loop stays one block for the software pipeliner
-            out_ok = ok & last_rows[:, None]
-            grad = acc * factor
-            if has(FINISH, PARTNER):
-                partner_chunk = tl.load(
-                    POS_ROWS + r64 * stride_pos_row + ks[None, :] * stride_pos_dim, mask=out_ok, other=0.0
-                )
-                grad += pos_coef[:, None] * partner_chunk.to(tl.float32)
-            tl.store(
-                OUT + r64 * stride_out_row + ks[None, :] * stride_out_dim, grad.to(OUT.dtype.element_ty), mask=out_ok
-            )
-            if has(FINISH, DOTS):
-                x_chunk = tl.load(X + r64 * stride_x_row + ks[None, :] * stride_x_dim, mask=out_ok, other=0.0)
-                dots += tl.sum(grad * x_chunk.to(tl.float32), 1)  # x is 0 unless last
+            dots = finish_rows(acc, dots, r64, ks, ok & last_rows[:, None], dst, x, partner, FINISH=FINISH)
             tl.store(buf, acc, mask=ok & (last_rows == 0)[:, None])
         else:
             tl.store(buf, acc, mask=ok)
@@ -456,3 +462,132 @@ def grad_walk(
             PRECISION=PRECISION,
         )
     return dots
+
+
+@triton.jit
+def _resident_tile(
+    acc,
+    x_tile,
+    row,
+    seg,
+    cols,
+    col_ok,
+    k_ok,
+    col_offset,
+    pairs,
+    scale,
+    penalty,
+    ROLE: tl.constexpr,
+    NORMED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """acc + coef @ Y[cols] for one column tile of a segment, the whole of D at once: the candidate
+    tile is loaded once and serves both the logits ``x_tile @ Y[cols]^T`` and the product."""
+    Y, stride_y_row, stride_y_dim, Y_INV_NORMS, _, _ = seg
+    _, _, _, x_inv_norm, _, _ = row
+    ks = tl.arange(0, BLOCK_D)
+    y = tl.load(
+        Y + cols.to(tl.int64)[:, None] * stride_y_row + ks[None, :] * stride_y_dim,
+        mask=col_ok[:, None] & k_ok,
+        other=0.0,
+    )
+    s = tl.dot(x_tile, tl.trans(y), input_precision=PRECISION)
+    y_inv_norm = inv_norms(Y_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
+    if NORMED:
+        s = s * (scale * x_inv_norm[:, None] * y_inv_norm[None, :])
+    else:
+        s = s * scale
+    coef = coefficient(
+        s,
+        y_inv_norm,
+        row,
+        seg,
+        cols,
+        col_ok,
+        col_offset,
+        pairs,
+        penalty,
+        ROLE=ROLE,
+        NORMED=NORMED,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+    )
+    return tl.dot(coef.to(Y.dtype.element_ty), y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def resident_walk(
+    acc,
+    x_tile,
+    row,
+    seg_a,
+    seg_b,
+    pairs,
+    n_cols,
+    col_offset,
+    dim,
+    scale,
+    penalty,
+    A_ROLE: tl.constexpr,
+    B_ROLE: tl.constexpr,
+    NORMED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The walk of the RESIDENT grad kernel (D <= BLOCK_D): the rows' tile ``x_tile`` [BLOCK_M,
+    BLOCK_D] and their float32 gradient sum ``acc`` stay on chip across every column tile of
+    segments A and B (each if its role is not 0), FlashAttention-2's dQ loop: per column tile, one
+    load of each candidate tile, its logits, coefficients and ``coef @ Y`` added to ``acc``; no
+    float32 buffer, no sweep over D. Returns acc."""
+    k_ok = tl.arange(0, BLOCK_D)[None, :] < dim
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        # B's product in its own accumulator from a run-time zero, added after (see ``sweep``).
+        zero = acc * 0.0
+        if A_ROLE != 0:
+            acc = _resident_tile(
+                acc,
+                x_tile,
+                row,
+                seg_a,
+                cols,
+                col_ok,
+                k_ok,
+                col_offset,
+                pairs,
+                scale,
+                penalty,
+                ROLE=A_ROLE,
+                NORMED=NORMED,
+                BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D,
+                PRECISION=PRECISION,
+            )
+        if B_ROLE != 0:
+            acc += _resident_tile(
+                zero,
+                x_tile,
+                row,
+                seg_b,
+                cols,
+                col_ok,
+                k_ok,
+                col_offset,
+                pairs,
+                scale,
+                penalty,
+                ROLE=B_ROLE,
+                NORMED=NORMED,
+                BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D,
+                PRECISION=PRECISION,
+            )
+    return acc

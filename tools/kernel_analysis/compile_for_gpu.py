@@ -193,7 +193,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages, paired, span = (*tile, *C.DEFAULT_WALK)[:7]
+    bm, bn, bd, warps, stages, paired, span, resident = C.full_tile(tile)
     epilogue = fn in (epilogue_kernel, lse_partials_kernel, coefficient_kernel)
     constexprs = dict(flags)
     if fn is epilogue_kernel:
@@ -203,7 +203,9 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
         constexprs.update(BLOCK_M=hybrid.EPILOGUE_TILE["BLOCK_M"], BLOCK_N=hybrid.EPILOGUE_TILE["BLOCK_N"])
         warps, stages = hybrid.EPILOGUE_TILE["num_warps"], 1
     else:
-        constexprs.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span)
+        constexprs.update(
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span, RESIDENT=resident
+        )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     sig = signature(fn, constexprs, types(dtype))
     spec = {}
@@ -222,7 +224,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
         f"{'contiguous' if contiguous else 'strided'} {flags}"
     )
     if not epilogue:
-        bound = C.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1], bool(paired), span)
+        bound = C.shared_bytes(bm, bn, bd, stages, DTYPES[dtype][1], bool(paired), span, resident)
         if use["shared"] > bound:
             failures.append(f"{label}: shared {use['shared']} B > the prune's bound {bound} B")
         if bound <= SHARED_LIMIT[arch] < use["shared"]:
@@ -255,7 +257,7 @@ def jobs(everything: bool):
         for (fn, flags), dtype, arch, contiguous in itertools.product(variants(), DTYPES, ARCHS, [True, False]):
             if margin_of(fn, flags) and arch < C.MARGIN_MIN_ARCH:
                 continue  # the hybrid path computes those calls there
-            for tile, precision in itertools.product(C.tiles_for(arch), precisions(dtype)):
+            for tile, precision in itertools.product(C.tiles_for(arch, fn == "grad_kernel"), precisions(dtype)):
                 yield fn, flags, dtype, tile, arch, contiguous, precision
         for (fn, flags), dtype, arch in itertools.product(hybrid_variants(), DTYPES, ARCHS):
             yield fn, flags, dtype, C.tiles_for(arch)[0], arch, True, "tf32"
@@ -266,7 +268,7 @@ def jobs(everything: bool):
         arch = ARCHS[i % len(ARCHS)]
         if margin_of(fn, flags) and arch < C.MARGIN_MIN_ARCH:
             arch = C.MARGIN_MIN_ARCH  # the hybrid path computes those calls on older GPUs
-        tiles = C.tiles_for(arch)
+        tiles = C.tiles_for(arch, fn == "grad_kernel")
         yield fn, flags, dtype, tiles[(i // len(ARCHS)) % len(tiles)], arch, True, precision
     for i, (fn, flags) in enumerate(hybrid_variants()):  # the hybrid path's epilogues: dtypes and archs in rotation
         dtype, arch = list(DTYPES)[i % len(DTYPES)], ARCHS[(i // len(DTYPES)) % len(ARCHS)]
@@ -279,7 +281,7 @@ def jobs(everything: bool):
         yield "grad_kernel", heaviest_backward(), "bf16", C.tiles_for(arch)[0], arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision
         yield "grad_kernel", heaviest_backward(), "fp32", C.tiles_for(arch)[0], arch, True, "ieee"
-        yield "lse_kernel", heaviest_forward(), "fp32", C.tiles_for(arch)[-1], arch, True, "ieee"
+        yield "lse_kernel", heaviest_forward(), "fp32", C.tiles_for(arch, False)[-1], arch, True, "ieee"
 
 
 def _run(args):
@@ -293,13 +295,14 @@ def sweep(archs, tiles):
     """Every variant (``variants(everything=False)``, no epilogue) x the given tiles x architectures,
     bfloat16, contiguous: the spill tables of bench/RESULTS.md."""
     for arch, tile, (fn, flags) in itertools.product(archs, tiles, list(variants(everything=False))):
-        if fn != "epilogue_kernel":
+        if fn == "grad_kernel" or (fn == "lse_kernel" and not C.full_tile(tile)[7]):  # (resident: backward only)
             yield fn, flags, "bf16", tile, arch, True, "tf32"
 
 
 def main() -> int:
     everything = "--all" in sys.argv
-    if "--sweep" in sys.argv:  # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN]
+    # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN[,RESIDENT]]
+    if "--sweep" in sys.argv:
         args = sys.argv[sys.argv.index("--sweep") + 1 :]
         archs = [int(a) for a in args[0].split(",")]
         work = list(sweep(archs, [tuple(int(v) for v in t.split(",")) for t in args[1:]]))

@@ -33,17 +33,22 @@ class Design:
     tiles; two column tiles of a lone segment). ``fused_epilogue``: the last sweep writes the gradient
     in the input dtype (adding the positive logit's term), so no epilogue launch reads the buffer
     back. ``resident_x``: the row tile is loaded once per program (BM x D on chip).
-    ``accumulator_on_chip``: the BM x D float32 gradient rows never leave the chip."""
+    ``accumulator_on_chip``: the BM x D float32 gradient rows never leave the chip.
+    ``resident_backward``: the grad kernel's RESIDENT walk (D within one tile): in the backward only,
+    the row tile loaded once, each candidate tile once for both its logits and its ``G Y``, the
+    float32 rows on chip, the gradient written at the end (the forward as the other fields say)."""
 
     paired: bool = False
     tiles_per_sweep: int = 1
     fused_epilogue: bool = False
     resident_x: bool = False
     accumulator_on_chip: bool = False
+    resident_backward: bool = False
 
 
 V2 = Design()  # kernel v2 (2026-11-29): a tile per segment, a read-modify-write per tile, an epilogue launch
 TODAY = Design(paired=True, tiles_per_sweep=2, fused_epilogue=True)
+RESIDENT = Design(paired=True, tiles_per_sweep=2, fused_epilogue=True, resident_backward=True)  # D <= 128
 
 
 def _groups(segments: list[str], n_hard: int, paired: bool) -> list[list[str]]:
@@ -62,6 +67,9 @@ def _program(segments, n_hard, col_tiles, row, col, f32, design, backward, partn
     x_loads = row if design.resident_x else steps * row
     if not backward:
         return x_loads + y_tiles * col
+    if design.resident_backward:  # X once, each Y tile once, then the gradient (and the partner)
+        steps = sum(len(g) for g in _groups(segments, n_hard, False)) * col_tiles
+        return row + steps * col + (row + row * partner if design.fused_epilogue else f32)
     total = x_loads + 2 * y_tiles * col  # Y for the recompute and again for G Y
     sweeps = sum(math.ceil(col_tiles / max(1, design.tiles_per_sweep // len(g))) for g in groups)
     if design.accumulator_on_chip:
@@ -154,7 +162,24 @@ def table(n_pairs: int = 256) -> str:
     return "\n".join(lines)
 
 
+def resident_table(n_pairs: int, dim: int = 128) -> str:
+    """Bytes per textbook FLOP at D <= 128, sm_90's configs: the forward at 64 x 64 in both; the
+    backward swept (TODAY, 64 x 64) or resident (RESIDENT, 128 x 32)."""
+    lines = ["| configuration | swept backward | resident backward | ratio |", "| --- | --- | --- | --- |"]
+    for name, (directions, n_hard) in CONFIGURATIONS.items():
+        flops = textbook_flops(directions, n_pairs, dim, n_hard)
+        forward = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 64, 64, TODAY)["lse_kernel"]
+        swept = sum(bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 64, 64, TODAY).values())
+        back = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 128, 32, RESIDENT)
+        resident = forward + back["grad_kernel"] + back["epilogue_kernel"]
+        lines.append(f"| {name} | {swept / flops:.4f} | {resident / flops:.4f} | {resident / swept:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     for n in (256, 16384):
         print(f"bytes per textbook FLOP, float16, N = {n}, D = 768, 128 x 128 x 64 tiles (model)\n")
         print(table(n), "\n")
+    for n in (256, 16384):
+        print(f"bytes per textbook FLOP, float16, N = {n}, D = 128, sm_90's configs (model)\n")
+        print(resident_table(n), "\n")
