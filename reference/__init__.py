@@ -10,10 +10,20 @@ for clarity, never for speed, and depends on NumPy only.
 >>> grads = reference.samtone_grad(q, d, directions=("q2d", "q2q"))
 """
 
-from .samtone import ALL_DIRECTIONS, HARDNESS_MODES, Blocks, build_blocks, hardness_mask, samtone_grad, samtone_loss
+from .samtone import (
+    ALL_DIRECTIONS,
+    HARD_NEGATIVE_SCOPES,
+    HARDNESS_MODES,
+    Blocks,
+    build_blocks,
+    hardness_mask,
+    samtone_grad,
+    samtone_loss,
+)
 
 __all__ = [
     "ALL_DIRECTIONS",
+    "HARD_NEGATIVE_SCOPES",
     "HARDNESS_MODES",
     "Blocks",
     "build_blocks",

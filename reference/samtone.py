@@ -39,6 +39,10 @@ Notation (shapes in brackets):
   (a presumed false negative), except the anchor's own positive (column (i, 0) of q2d, q_i in d2q).
   For a document anchor the positive similarity is the same ``q_i . d_i``. A mask: no gradient
   flows through the comparison.
+* Hard-negative scope (``hard_negative_scope``): "shared" (default, sentence-transformers' layout)
+  as in the table above, every anchor sees every pair's hard negatives; "own": the columns (j, k >= 1)
+  of q2d are kept for row j only (query j's own hard negatives), and d2d keeps no hard-negative
+  column (the other pairs' hard negatives are nobody's). Written here as masks over the same blocks.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ NORM_EPS = 1e-12
 # Options
 # --------------------------------------------------------------------------------------------------
 HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+HARD_NEGATIVE_SCOPES = ("shared", "own")
 
 
 def _check_options(
@@ -66,6 +71,7 @@ def _check_options(
     hardness_mode=None,
     hardness_strength=0.0,
     false_negative_margin=None,
+    hard_negative_scope="shared",
 ):
     directions = tuple(directions)
     unknown = set(directions) - set(ALL_DIRECTIONS)
@@ -91,6 +97,8 @@ def _check_options(
         raise ValueError("temperature: expected a finite value > 0")
     if false_negative_margin is not None and not np.isfinite(false_negative_margin):
         raise ValueError("false_negative_margin: expected a finite value or None")
+    if hard_negative_scope not in HARD_NEGATIVE_SCOPES:
+        raise ValueError(f"hard_negative_scope: expected one of {HARD_NEGATIVE_SCOPES}, got {hard_negative_scope!r}")
     return set(directions)
 
 
@@ -158,7 +166,15 @@ def hardness_mask(n_pairs: int, n_blocks: int, mode) -> np.ndarray:
 
 
 def build_blocks(
-    q, d, hard_negatives=None, *, temperature=0.05, group_ids=None, normalize=False, false_negative_margin=None
+    q,
+    d,
+    hard_negatives=None,
+    *,
+    temperature=0.05,
+    group_ids=None,
+    normalize=False,
+    false_negative_margin=None,
+    hard_negative_scope="shared",
 ) -> Blocks:
     """Build the logit blocks and keep-masks (see the module docstring for the rules)."""
     q = np.asarray(q, dtype=np.float64)
@@ -191,6 +207,11 @@ def build_blocks(
         "dq": ~other_in_group,  # keeps the positive q_i
         "dd": ~(own_pair | group_cols),
     }
+    if hard_negative_scope == "own":
+        # Column (j, k >= 1) is query j's alone: no other query's, no document's.
+        is_hard = np.concatenate([np.zeros((n_pairs, n_pairs), dtype=bool), ~hard_cols], axis=1)
+        keep["qd"] = keep["qd"] & ~(is_hard & ~own_pair)
+        keep["dd"] = keep["dd"] & ~is_hard
     if false_negative_margin is not None:
         # Presumed false negatives: more similar to the anchor than its positive, by more than m.
         positive = (q * d).sum(-1)[:, None] + float(false_negative_margin)
@@ -287,6 +308,7 @@ def samtone_loss(
     hardness_mode=None,
     hardness_strength=0.0,
     false_negative_margin=None,
+    hard_negative_scope="shared",
 ):
     """The loss, as a float (or an [N] array for ``reduction="none"``).
 
@@ -302,6 +324,7 @@ def samtone_loss(
         hardness_mode,
         hardness_strength,
         false_negative_margin,
+        hard_negative_scope,
     )
     b = build_blocks(
         q,
@@ -311,6 +334,7 @@ def samtone_loss(
         group_ids=group_ids,
         normalize=normalize,
         false_negative_margin=false_negative_margin,
+        hard_negative_scope=hard_negative_scope,
     )
     losses, _ = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     if reduction == "none":
@@ -333,6 +357,7 @@ def samtone_grad(
     hardness_mode=None,
     hardness_strength=0.0,
     false_negative_margin=None,
+    hard_negative_scope="shared",
 ):
     """Analytic gradients of the reduced loss (of its sum for ``reduction="none"``).
 
@@ -355,7 +380,8 @@ def samtone_grad(
     and, with ``normalize=True``, the chain rule through x / max(|x|, eps) (``_normalize_backward``).
     The hardness penalty is a constant (stop-gradient): it enters G through the softmax weights
     only, and dtau sums G against the logits s without it. The false-negative margin is a mask: it
-    enters through ``keep`` alone (the comparison is piecewise constant).
+    enters through ``keep`` alone (the comparison is piecewise constant), and so does the scope of
+    the hard negatives.
     """
     dirs = _check_options(
         directions,
@@ -366,6 +392,7 @@ def samtone_grad(
         hardness_mode,
         hardness_strength,
         false_negative_margin,
+        hard_negative_scope,
     )
     q_raw = np.asarray(q, dtype=np.float64)
     d_raw = np.asarray(d, dtype=np.float64)
@@ -377,6 +404,7 @@ def samtone_grad(
         group_ids=group_ids,
         normalize=normalize,
         false_negative_margin=false_negative_margin,
+        hard_negative_scope=hard_negative_scope,
     )
     _, terms = _anchor_terms(b, dirs, partition, float(doc_anchor_weight), hardness_mode, hardness_strength)
     logits = {"qd": b.s_qd, "qq": b.s_qq, "dq": b.s_dq, "dd": b.s_dd}  # without the penalty

@@ -40,6 +40,7 @@ class LossOptions:
     gather_across_devices: bool = False
     chunk_bytes: int | None = None  # the budget of one chunk of materialised logits (None: the backend's)
     false_negative_margin: float | None = None  # drop candidates more similar than the positive plus it
+    hard_negative_scope: str = "shared"  # "own": pair i's hard negatives are query i's candidates only
 
     @property
     def doc_anchor(self) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._constants import ALL_DIRECTIONS, FLOAT_DTYPES, HARDNESS_MODES, PARTITIONS, REDUCTIONS
+from ._constants import ALL_DIRECTIONS, FLOAT_DTYPES, HARD_NEGATIVE_SCOPES, HARDNESS_MODES, PARTITIONS, REDUCTIONS
 from ._contract import LossOptions
 
 
@@ -25,6 +25,7 @@ def check_options(
     gather_across_devices=False,
     chunk_bytes=None,
     false_negative_margin=None,
+    hard_negative_scope="shared",
 ) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
@@ -90,6 +91,8 @@ def check_options(
             UserWarning,
             stacklevel=3,
         )
+    if hard_negative_scope not in HARD_NEGATIVE_SCOPES:
+        raise ValueError(f"hard_negative_scope: expected one of {HARD_NEGATIVE_SCOPES}, got {hard_negative_scope!r}")
     return LossOptions(
         canonical,
         partition,
@@ -101,6 +104,7 @@ def check_options(
         gather_across_devices,
         check_chunk_bytes(chunk_bytes),
         check_margin(false_negative_margin),
+        hard_negative_scope,
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _choice
+from . import _choice, _own
 from ._backends import check_backend_name, resolve_backend, triton_available
 from ._contract import LossOptions, Rows
 from ._options import check_inputs, check_options, check_temperature
@@ -62,6 +62,7 @@ def fused_samtone_loss(
     hardness_strength: float = 0.0,
     chunk_bytes: int | None = None,
     false_negative_margin: float | None = None,
+    hard_negative_scope: str = "shared",
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -135,6 +136,12 @@ def fused_samtone_loss(
         positive similarity ``q_i . d_i`` plus this margin, in every block (hard negatives too).
         A mask (no gradient through the comparison); composes with groups and hardness. None
         (default): off. NaN or infinite: ``ValueError``.
+    hard_negative_scope : {"shared", "own"}, default "shared"
+        Who sees ``hard_negatives[i]``. "shared" (sentence-transformers' layout): every query, as
+        columns of q2d, and every document anchor, in d2d. "own": query i alone (the layout of
+        recipes that give each query its own mined negatives); the other anchors see in-batch
+        candidates only. "own" costs N x H logits where "shared" costs N x N H. Without hard
+        negatives it changes nothing (a warning says so).
 
     Returns
     -------
@@ -158,6 +165,7 @@ def fused_samtone_loss(
         gather_across_devices=gather_across_devices,
         chunk_bytes=chunk_bytes,
         false_negative_margin=false_negative_margin,
+        hard_negative_scope=hard_negative_scope,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
@@ -169,6 +177,8 @@ def fused_samtone_loss(
         and (hard_negatives is None or hard_negatives.shape[1] == 0)
     ):
         warnings.warn("hardness_mode='hard_negatives' has no effect without hard negatives", UserWarning, stacklevel=2)
+    if options.hard_negative_scope == "own" and (hard_negatives is None or hard_negatives.shape[1] == 0):
+        warnings.warn("hard_negative_scope='own' has no effect without hard negatives", UserWarning, stacklevel=2)
     if check_backend_name(backend) == "auto" and (paths := _choice.measured_paths(queries)):
         # The faster GPU path for this call's key, measured once (on detached copies, in one process).
         measured = functools.partial(
@@ -184,6 +194,7 @@ def fused_samtone_loss(
             hardness_strength=options.hardness_strength,
             chunk_bytes=options.chunk_bytes,
             false_negative_margin=options.false_negative_margin,
+            hard_negative_scope=options.hard_negative_scope,
         )
         backend = _choice.choose(paths, (queries, docs, hard_negatives), group_ids, options, measured)
     backend = resolve_backend(backend, queries)
@@ -192,6 +203,11 @@ def fused_samtone_loss(
 
     compute_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     scale = _temperature_scale(tau, compute_dtype, queries.device)
+    # Own hard negatives are no candidates of the backend's blocks: they join the queries' softmax
+    # after it, as a per-row segment (``_own``).
+    own = hard_negatives if options.hard_negative_scope == "own" else None
+    if own is not None:
+        hard_negatives = None
     embeddings = [queries, docs] if hard_negatives is None else [queries, docs, hard_negatives]
     q, d, n = backend.prepare(embeddings, options) + [None] * (3 - len(embeddings))
 
@@ -202,6 +218,8 @@ def fused_samtone_loss(
     else:
         rows, world, total = Rows(q, d, q, d, n, scale, group_ids), 1, q.shape[0]
     lse, pos = backend.row_stats(rows, options)
+    if own is not None:
+        lse = _own.add_own_negatives(lse, pos, queries, own, scale, options)
     losses = _assemble(lse, pos, options)
     # Every l_i >= 0 (the positive is in each of its softmaxes); rounding can leave -1e-7 where the
     # positive is alone. Such a value becomes an exact 0, its gradient kept.
@@ -210,7 +228,7 @@ def fused_samtone_loss(
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
     # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync). Every
     # candidate counts, another rank's too.
-    candidates = [rows.q_all, rows.d_all] + ([] if rows.n_all is None else [rows.n_all])
+    candidates = [rows.q_all, rows.d_all] + [x for x in (rows.n_all, own) if x is not None]
     finite = torch.stack([torch.isfinite(x).all() for x in candidates]).all()
     losses = torch.where(finite, losses, torch.full_like(losses, float("nan")))
 

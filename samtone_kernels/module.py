@@ -23,7 +23,8 @@ class SamToNeLoss(nn.Module):
     learnable_temperature : bool, default False
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
     directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
-    process_group, hardness_mode, hardness_strength, chunk_bytes, false_negative_margin
+    process_group, hardness_mode, hardness_strength, chunk_bytes, false_negative_margin,
+    hard_negative_scope
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -49,6 +50,7 @@ class SamToNeLoss(nn.Module):
         hardness_strength: float = 0.0,
         chunk_bytes: int | None = None,
         false_negative_margin: float | None = None,
+        hard_negative_scope: str = "shared",
     ) -> None:
         super().__init__()
         options = check_options(
@@ -62,6 +64,7 @@ class SamToNeLoss(nn.Module):
             gather_across_devices=gather_across_devices,
             chunk_bytes=chunk_bytes,
             false_negative_margin=false_negative_margin,
+            hard_negative_scope=hard_negative_scope,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -78,6 +81,7 @@ class SamToNeLoss(nn.Module):
         self.process_group = process_group
         self.chunk_bytes = options.chunk_bytes
         self.false_negative_margin = options.false_negative_margin
+        self.hard_negative_scope = options.hard_negative_scope
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
         else:
@@ -117,6 +121,7 @@ class SamToNeLoss(nn.Module):
             hardness_strength=self.hardness_strength,
             chunk_bytes=self.chunk_bytes,
             false_negative_margin=self.false_negative_margin,
+            hard_negative_scope=self.hard_negative_scope,
         )
 
     def extra_repr(self) -> str:

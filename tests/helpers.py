@@ -162,14 +162,22 @@ def assert_grad_close(
 
 @st.composite
 def cases(
-    draw, max_n: int = 7, max_d: int = 9, max_h: int = 3, directions=None, group_ids=None, margin: bool = False
+    draw,
+    max_n: int = 7,
+    max_d: int = 9,
+    max_h: int = 3,
+    directions=None,
+    group_ids=None,
+    margin: bool = False,
+    own: bool = False,
 ) -> Case:
     """A random configuration: sizes (N = 1, odd N and D included), directions, partition, weight,
     group ids with ties, normalisation, reduction, temperature in [0.01, 10], large norms, duplicate
-    rows (tied logits); with ``margin``, a false-negative margin (``margin_in_a_gap``)."""
+    rows (tied logits); with ``margin``, a false-negative margin (``margin_in_a_gap``); with ``own``,
+    ``hard_negative_scope="own"`` and at least one hard negative."""
     n_pairs = draw(st.integers(1, max_n))
     dim = draw(st.integers(1, max_d))
-    n_hard = draw(st.integers(0, max_h))
+    n_hard = draw(st.integers(1 if own else 0, max_h))
     dirs = draw(st.sampled_from(DIRECTION_SETS + JOINT_ONLY_SETS)) if directions is None else directions
     partition = "joint" if dirs in JOINT_ONLY_SETS else draw(st.sampled_from(["per_anchor", "joint"]))
     hardness_mode = draw(st.sampled_from([None, None, None] + HARDNESS_MODES))
@@ -206,6 +214,8 @@ def cases(
     )
     if hardness_mode:
         options.update(hardness_mode=hardness_mode, hardness_strength=hardness_strength)
+    if own:
+        options["hard_negative_scope"] = "own"
     case = Case(q, d, n, None if groups is None else np.asarray(groups, dtype=np.int64), options)
     if margin:
         case.options["false_negative_margin"] = margin_in_a_gap(case, draw(st.floats(0.0, 1.0)))

@@ -26,6 +26,7 @@ def autograd_of_reference_formula(case: Case):
         group_ids=case.group_ids,
         normalize=opts["normalize"],
         false_negative_margin=opts.get("false_negative_margin"),
+        hard_negative_scope=opts.get("hard_negative_scope", "shared"),
     )
 
     def prep(x):
@@ -80,6 +81,30 @@ def test_reference_gradients_match_autograd(case):
 def test_reference_gradients_match_autograd_with_a_margin(case):
     """The false-negative margin is a mask: the hand-derived gradient still matches autograd."""
     test_reference_gradients_match_autograd.hypothesis.inner_test(case)
+
+
+@given(cases(own=True, margin=True))
+def test_reference_gradients_match_autograd_with_own_hard_negatives(case):
+    """``hard_negative_scope="own"`` is a mask too (with a margin beside it)."""
+    test_reference_gradients_match_autograd.hypothesis.inner_test(case)
+
+
+def test_own_hard_negatives_are_the_own_querys_only():
+    """ "own": a query's loss moves with its own hard negatives only, a document's with none."""
+    rng = np.random.default_rng(0)
+    q, d, n = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), rng.standard_normal((3, 2, 4))
+    options = dict(directions=("q2d", "q2q", "d2q", "d2d"), reduction="none", hard_negative_scope="own")
+    moved = n.copy()
+    moved[1] += 5.0  # pair 1's hard negatives
+    before = reference.samtone_loss(q, d, n, **options)
+    after = reference.samtone_loss(q, d, moved, **options)
+    assert np.allclose(before[[0, 2]], after[[0, 2]]) and not np.isclose(before[1], after[1])
+    shared = reference.samtone_loss(q, d, moved, **{**options, "hard_negative_scope": "shared"})
+    assert not np.allclose(
+        shared[[0, 2]], reference.samtone_loss(q, d, n, **{**options, "hard_negative_scope": "shared"})[[0, 2]]
+    )
+    with pytest.raises(ValueError, match="hard_negative_scope"):
+        reference.samtone_loss(q, d, n, hard_negative_scope="mine")
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -244,3 +244,33 @@ def test_the_margin_reaches_the_sentence_transformers_losses():
     assert cached.loss.false_negative_margin == 0.05
     with pytest.raises(ValueError, match="false_negative_margin"):
         SamToNeRankingLoss(model, false_negative_margin=float("nan"))
+
+
+def test_the_hard_negative_scope_reaches_the_sentence_transformers_losses():
+    from samtone_kernels.integrations.sentence_transformers import (
+        FusedCachedMultipleNegativesRankingLoss,
+        FusedMultipleNegativesRankingLoss,
+    )
+
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [13, 14], [15, 16]])}
+    negatives = {"input_ids": torch.tensor([[17, 18], [19, 1], [3, 16], [0, 2]])}
+    q, d, n = (model(f)["sentence_embedding"] for f in (anchors, positives, negatives))
+    columns = [anchors, positives, negatives]
+    ours = SamToNeRankingLoss(model, hard_negative_scope="own")
+    expected = fused_samtone_loss(q, d, n[:, None], normalize=True, hard_negative_scope="own")
+    torch.testing.assert_close(ours(columns, None), expected)
+    assert ours.get_config_dict()["hard_negative_scope"] == "own"
+    drop_in = FusedMultipleNegativesRankingLoss(model)
+    shared = drop_in(columns, None)
+    drop_in.hard_negative_scope = "own"
+    expected = fused_samtone_loss(q, d, n[:, None], normalize=True, directions=("q2d",), hard_negative_scope="own")
+    torch.testing.assert_close(drop_in(columns, None), expected)
+    assert not torch.allclose(shared, expected)
+    cached = FusedCachedMultipleNegativesRankingLoss(model)
+    cached.hard_negative_scope = "own"
+    assert cached.loss.hard_negative_scope == "own"
+    with pytest.raises(ValueError, match="hard_negative_scope"):
+        SamToNeRankingLoss(model, hard_negative_scope="mine")

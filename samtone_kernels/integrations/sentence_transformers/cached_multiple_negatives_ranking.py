@@ -125,6 +125,7 @@ class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
         "chunk_bytes",
         "mask_duplicates",
         "false_negative_margin",
+        "hard_negative_scope",
     )
 
     def __init__(
@@ -206,6 +207,11 @@ class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
     def false_negative_margin(self) -> float | None:
         """The wrapped loss's ``false_negative_margin`` (assignable, as the hyperparameters)."""
         return self.loss.false_negative_margin
+
+    @property
+    def hard_negative_scope(self) -> str:
+        """The wrapped loss's ``hard_negative_scope`` (assignable, as the hyperparameters)."""
+        return self.loss.hard_negative_scope
 
     @property
     def mask_duplicates(self) -> bool:

@@ -62,6 +62,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             neither a repeated query nor a repeated document is a negative of its copy's pair.
         false_negative_margin: None (default, MNRL's numbers); a number: drop the candidates more
             similar to the anchor than its positive by more than it (``fused_samtone_loss``).
+        hard_negative_scope: "shared" (default, MNRL's layout: every query sees every row's
+            negatives); "own": the negatives of row i are candidates of anchor i only.
 
     References:
         - Representation Learning with Contrastive Predictive Coding (InfoNCE): https://arxiv.org/abs/1807.03748
@@ -145,6 +147,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         self.chunk_bytes = None
         self.mask_duplicates = False
         self.false_negative_margin = None
+        self.hard_negative_scope = "shared"
 
     @property
     def temperature(self) -> float:
@@ -180,6 +183,7 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             gather_across_devices=self.gather_across_devices,
             chunk_bytes=check_chunk_bytes(self.chunk_bytes),
             false_negative_margin=self.false_negative_margin,
+            hard_negative_scope=self.hard_negative_scope,
             group_ids=group_ids,
             **hardness,
         )

@@ -63,6 +63,9 @@ class SamToNeRankingLoss(nn.Module):
         false_negative_margin: Drop presumed false negatives: a candidate more similar to the anchor
             than its positive by more than this (cosine with ``normalize=True``), as in
             ``fused_samtone_loss``. None (default): off.
+        hard_negative_scope: "shared" (default): every anchor sees every row's negative columns, as
+            in sentence-transformers; "own": the negatives of row i are candidates of anchor i
+            only, as in ``fused_samtone_loss``.
 
     References:
         - SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
@@ -112,6 +115,7 @@ class SamToNeRankingLoss(nn.Module):
         mini_batch_num_tokens: int | None = None,
         chunk_bytes: int | None = None,
         false_negative_margin: float | None = None,
+        hard_negative_scope: str = "shared",
     ) -> None:
         super().__init__()
         if not isinstance(directions, str) and isinstance(directions, Sequence):
@@ -127,6 +131,7 @@ class SamToNeRankingLoss(nn.Module):
             gather_across_devices=gather_across_devices,
             chunk_bytes=chunk_bytes,
             false_negative_margin=false_negative_margin,
+            hard_negative_scope=hard_negative_scope,
         )
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -137,6 +142,7 @@ class SamToNeRankingLoss(nn.Module):
         self.hardness_strength = options.hardness_strength
         self.chunk_bytes = options.chunk_bytes
         self.false_negative_margin = options.false_negative_margin
+        self.hard_negative_scope = options.hard_negative_scope
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         if isinstance(temperature, torch.Tensor):
@@ -233,6 +239,7 @@ class SamToNeRankingLoss(nn.Module):
             hardness_strength=self.hardness_strength,
             chunk_bytes=self.chunk_bytes,
             false_negative_margin=self.false_negative_margin,
+            hard_negative_scope=self.hard_negative_scope,
         )
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -246,6 +253,7 @@ class SamToNeRankingLoss(nn.Module):
             "mask_duplicates": self.mask_duplicates,
             "mask_duplicate_positives": self.mask_duplicate_positives,
             "false_negative_margin": self.false_negative_margin,
+            "hard_negative_scope": self.hard_negative_scope,
             "hardness_mode": self.hardness_mode,
             "hardness_strength": self.hardness_strength,
             "mini_batch_size": self.mini_batch_size,
