@@ -29,9 +29,13 @@ class Workload:
     partition: str
     n_hard: int
     dim: int
+    matryoshka: tuple[int, ...] | None = None  # the prefixes' dims, D last: their losses summed
 
     def options(self) -> dict:
-        return dict(temperature=TEMPERATURE, directions=self.directions, partition=self.partition, normalize=True)
+        options = dict(temperature=TEMPERATURE, directions=self.directions, partition=self.partition, normalize=True)
+        if self.matryoshka:
+            options["matryoshka_dims"] = self.matryoshka
+        return options
 
 
 WORKLOADS = {
@@ -41,8 +45,20 @@ WORKLOADS = {
         Workload("bidirectional-samtone", ("q2d", "q2q", "d2q", "d2d"), "per_anchor", 1, 1024),
         Workload("symmetric-infonce", ("q2d", "d2q"), "per_anchor", 0, 768),
         Workload("gte", ("q2d", "q2q", "d2q", "d2d"), "joint", 0, 768),
+        # Every prefix's SamToNe loss summed (Matryoshka): FLOPs and pairs are those of the full-D loss.
+        Workload("matryoshka-samtone", ("q2d", "q2q"), "per_anchor", 0, 768, (64, 128, 256, 512, 768)),
     ]
 }
+
+
+def with_dim(w: Workload, dim: int) -> Workload:
+    """The workload at another D, its Matryoshka prefixes scaled with it (those that stay distinct)."""
+    prefixes = None
+    if w.matryoshka:
+        prefixes = tuple(sorted({max(1, m * dim // w.dim) for m in w.matryoshka[:-1]} - {dim})) + (dim,)
+    return dataclasses.replace(w, dim=dim, matryoshka=prefixes)
+
+
 GPU_SIZES = [4096 * 2**k for k in range(7)]  # 4096 .. 262144
 CPU_SIZES = [256, 512, 1024]
 QUICK_SIZE = {"cuda": 4096, "cpu": 128}
@@ -65,7 +81,8 @@ def pair_count(w: Workload, n_pairs: int) -> int:
 
 
 def flop_count(w: Workload, n_pairs: int) -> int:
-    """3 * 2 * D * P: one logit matmul forward, two in the backward (recomputation not counted)."""
+    """3 * 2 * D * P: one logit matmul forward, two in the backward (recomputation not counted); for
+    a Matryoshka workload, those of its full-D loss alone (what a one-pass computation needs)."""
     return 3 * 2 * w.dim * pair_count(w, n_pairs)
 
 
@@ -130,6 +147,20 @@ def impl_compile(w: Workload, device: str):
     return torch.compile(functools.partial(fused_samtone_loss, backend="torch", **w.options()))
 
 
+def impl_per_prefix(w: Workload, device: str):
+    if not w.matryoshka:
+        return "a Matryoshka workload's loss per prefix (this workload has none)"
+
+    def run(q, d, n):  # what wrapping ours in MatryoshkaLoss computes: one loss per prefix
+        options = {k: v for k, v in w.options().items() if k != "matryoshka_dims"}
+        return sum(
+            fused_samtone_loss(q[:, :m], d[:, :m], None if n is None else n[..., :m], backend="torch", **options)
+            for m in w.matryoshka
+        )
+
+    return run
+
+
 def impl_sentence_transformers(w: Workload, device: str):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -149,7 +180,10 @@ def impl_sentence_transformers(w: Workload, device: str):
 
     def run(q, d, n):
         columns = [q, d] + ([] if n is None else [n[:, k] for k in range(n.shape[1])])
-        return loss.compute_loss_from_embeddings(columns, labels=None)
+        if not w.matryoshka:
+            return loss.compute_loss_from_embeddings(columns, labels=None)
+        # MatryoshkaLoss(model, MNRL)'s computation on the embeddings: MNRL on each truncation, summed.
+        return sum(loss.compute_loss_from_embeddings([c[:, :m] for c in columns], labels=None) for m in w.matryoshka)
 
     return run
 
@@ -181,6 +215,7 @@ IMPLEMENTATIONS: dict[str, tuple[Callable, str | None]] = {
     "ours-eager": (impl_eager, None),
     "eager-chunked": (impl_chunked, None),
     "torch.compile": (impl_compile, None),
+    "ours-per-prefix": (impl_per_prefix, None),
     "sentence-transformers": (impl_sentence_transformers, "sentence_transformers"),
     "inf-cl": (impl_inf_cl, "inf_cl"),
 }

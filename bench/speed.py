@@ -30,7 +30,6 @@ bench/harness.py, the workloads and implementations bench/peers.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import time
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workloads = [peers.WORKLOADS[name] for name in args.workloads]
     if args.dim:
-        workloads = [dataclasses.replace(w, dim=args.dim) for w in workloads]
+        workloads = [peers.with_dim(w, args.dim) for w in workloads]
     if args.quick:
         sizes = [peers.QUICK_SIZE[device]]
     else:

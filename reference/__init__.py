@@ -17,6 +17,8 @@ from .samtone import (
     Blocks,
     build_blocks,
     hardness_mask,
+    matryoshka_grad,
+    matryoshka_loss,
     samtone_grad,
     samtone_loss,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "Blocks",
     "build_blocks",
     "hardness_mask",
+    "matryoshka_grad",
+    "matryoshka_loss",
     "samtone_grad",
     "samtone_loss",
 ]

@@ -43,6 +43,10 @@ Notation (shapes in brackets):
   as in the table above, every anchor sees every pair's hard negatives; "own": the columns (j, k >= 1)
   of q2d are kept for row j only (query j's own hard negatives), and d2d keeps no hard-negative
   column (the other pairs' hard negatives are nobody's). Written here as masks over the same blocks.
+* Matryoshka (``matryoshka_dims=(m_1, ..., m_K)``, strictly increasing, m_K = D; weights w_k,
+  default 1): the loss is ``sum_k w_k L(q[:, :m_k], d[:, :m_k], n[..., :m_k])``, each prefix a whole
+  loss of its own (normalised on its own with ``normalize=True``, its own margin comparisons), and the
+  gradients the weighted sums of the prefixes' gradients, zero beyond each prefix.
 """
 
 from __future__ import annotations
@@ -291,6 +295,47 @@ def _anchor_terms(b: Blocks, dirs: set, partition: str, w: float, hardness_mode=
     for name, (s, keep) in d_blocks.items():
         terms[name] = (s, keep, lse_d, w / (1.0 + w))
     return ((lse_q - b.pos) + w * (lse_d - b.pos)) / (1.0 + w), terms
+
+
+def check_matryoshka(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(dims, weights) of a Matryoshka loss over embeddings of dimension ``dim``."""
+    dims = tuple(int(m) for m in dims)
+    if not dims or any(m < 1 for m in dims) or any(b <= a for a, b in zip(dims, dims[1:])) or dims[-1] != dim:
+        raise ValueError(f"matryoshka_dims: expected strictly increasing dims >= 1 ending at D = {dim}, got {dims}")
+    weights = (1.0,) * len(dims) if weights is None else tuple(float(w) for w in weights)
+    if len(weights) != len(dims) or not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"matryoshka_weights: expected {len(dims)} finite values >= 0, got {weights}")
+    return dims, weights
+
+
+def matryoshka_loss(q, d, hard_negatives=None, *, matryoshka_dims, matryoshka_weights=None, **options):
+    """``samtone_loss`` summed over the prefixes, weighted (see the module docstring)."""
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, np.shape(q)[1])
+    n = None if hard_negatives is None else np.asarray(hard_negatives)
+    total = 0.0
+    for m, w in zip(dims, weights):
+        prefix = None if n is None else n[..., :m]
+        total = total + w * samtone_loss(np.asarray(q)[:, :m], np.asarray(d)[:, :m], prefix, **options)
+    return total
+
+
+def matryoshka_grad(q, d, hard_negatives=None, *, matryoshka_dims, matryoshka_weights=None, **options):
+    """``samtone_grad`` summed over the prefixes, weighted: each prefix's gradient lies in its first
+    m_k columns (the loss of prefix k does not depend on the others)."""
+    q, d = np.asarray(q, dtype=np.float64), np.asarray(d, dtype=np.float64)
+    dims, weights = check_matryoshka(matryoshka_dims, matryoshka_weights, q.shape[1])
+    n = None if hard_negatives is None else np.asarray(hard_negatives, dtype=np.float64)
+    out = {"queries": np.zeros_like(q), "docs": np.zeros_like(d), "temperature": 0.0}
+    if n is not None:
+        out["hard_negatives"] = np.zeros_like(n)
+    for m, w in zip(dims, weights):
+        g = samtone_grad(q[:, :m], d[:, :m], None if n is None else n[..., :m], **options)
+        out["queries"][:, :m] += w * g["queries"]
+        out["docs"][:, :m] += w * g["docs"]
+        out["temperature"] += w * g["temperature"]
+        if n is not None:
+            out["hard_negatives"][..., :m] += w * g["hard_negatives"]
+    return out
 
 
 def samtone_loss(

@@ -68,6 +68,7 @@ def key(queries: torch.Tensor, hard_negatives: torch.Tensor | None, group_ids, o
         options.false_negative_margin is not None,
         options.gather_across_devices,
         options.hard_negative_scope,
+        options.matryoshka_dims,
     )
 
 

@@ -41,6 +41,8 @@ class LossOptions:
     chunk_bytes: int | None = None  # the budget of one chunk of materialised logits (None: the backend's)
     false_negative_margin: float | None = None  # drop candidates more similar than the positive plus it
     hard_negative_scope: str = "shared"  # "own": pair i's hard negatives are query i's candidates only
+    matryoshka_dims: tuple[int, ...] | None = None  # the prefixes' dims, the last = D (None: off)
+    matryoshka_weights: tuple[float, ...] | None = None  # one per prefix (with the dims)
 
     @property
     def doc_anchor(self) -> bool:

@@ -26,6 +26,8 @@ def check_options(
     chunk_bytes=None,
     false_negative_margin=None,
     hard_negative_scope="shared",
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> LossOptions:
     """Validate the non-tensor options; raise ``TypeError``/``ValueError`` naming the argument. A
     ``doc_anchor_weight`` other than 1 without "d2q", which weighs nothing, warns."""
@@ -105,7 +107,45 @@ def check_options(
         check_chunk_bytes(chunk_bytes),
         check_margin(false_negative_margin),
         hard_negative_scope,
+        *check_matryoshka(matryoshka_dims, matryoshka_weights),
     )
+
+
+def check_matryoshka(dims, weights) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """The Matryoshka prefixes: dims a sequence of ints >= 1, strictly increasing (that the last is D
+    is checked with the tensors, ``check_matryoshka_dim``), weights None (all 1) or one finite value
+    >= 0 per dim; both None: off."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights: given without matryoshka_dims")
+        return None, None
+    if isinstance(dims, str | bytes) or not isinstance(dims, Sequence):
+        raise TypeError(f"matryoshka_dims: expected a sequence of ints, got {type(dims).__name__}")
+    if not dims or any(isinstance(m, bool) or not isinstance(m, numbers.Integral) for m in dims):
+        raise TypeError(f"matryoshka_dims: expected a non-empty sequence of ints, got {dims!r}")
+    dims = tuple(int(m) for m in dims)
+    if dims[0] < 1 or any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"matryoshka_dims: expected strictly increasing dims >= 1, got {dims}")
+    if weights is None:
+        return dims, (1.0,) * len(dims)
+    if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+        raise TypeError(f"matryoshka_weights: expected a sequence of numbers, got {type(weights).__name__}")
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) for w in weights):
+        raise TypeError(f"matryoshka_weights: expected real numbers, got {weights!r}")
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights: expected one weight per dim ({len(dims)}), got {len(weights)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"matryoshka_weights: expected finite values >= 0, got {weights}")
+    return dims, weights
+
+
+def check_matryoshka_dim(options: LossOptions, dim: int) -> None:
+    """The largest Matryoshka prefix must be the whole embedding."""
+    if options.matryoshka_dims is not None and options.matryoshka_dims[-1] != dim:
+        raise ValueError(
+            f"matryoshka_dims: the last dim must be the embeddings' D = {dim}, got {options.matryoshka_dims}"
+        )
 
 
 def check_margin(margin) -> float | None:

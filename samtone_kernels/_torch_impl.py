@@ -49,17 +49,19 @@ def prepare_torch(embeddings: list[torch.Tensor], options: LossOptions) -> list[
     """16-bit inputs stay 16-bit where ``gemms_in_input_dtype`` (normalised in float32 and rounded
     back, as the GEMMs take them); elsewhere they are upcast once (logits, softmax and statistics all
     in float32, float64 stays float64), then normalised if asked."""
+    normalize = options.normalize and options.matryoshka_dims is None  # (each prefix its own norms)
     if gemms_in_input_dtype(embeddings[0]):
-        return [normalize_rows(x) for x in embeddings] if options.normalize else list(embeddings)
+        return [normalize_rows(x) for x in embeddings] if normalize else list(embeddings)
     dtype = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
     prepared = [x.to(dtype) for x in embeddings]
-    if options.normalize:
+    if normalize:
         prepared = [F.normalize(x, dim=-1, eps=NORM_EPS) for x in prepared]
     return prepared
 
 
 def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch backend's ``row_stats`` (see ``_backends``): (lse [A, n], pos [n])."""
+    """The torch backend's ``row_stats`` (see ``_backends``): (lse [A, n], pos [n]); with Matryoshka
+    prefixes (lse [K, A, n], pos [K, n]), one per prefix."""
     lse = row_lse_torch(
         rows.q,
         rows.d,
@@ -72,7 +74,25 @@ def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, tor
         options,
         budget=options.chunk_bytes,
     )
+    if options.matryoshka_dims is not None:
+        return lse, prefix_dots(rows.q, rows.d, options.matryoshka_dims, options.normalize) * rows.scale
     return lse, _dots(rows.q, rows.d) * rows.scale
+
+
+def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """[..., K]: 1 / max(|x[..., :m_k]|, eps) for each prefix, from the running sum of squares."""
+    squares = (x.float() if x.dtype in HALF else x).square().cumsum(-1)
+    return squares[..., [m - 1 for m in dims]].sqrt().clamp_min(NORM_EPS).reciprocal()
+
+
+def prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...], normalize: bool) -> torch.Tensor:
+    """[K, n]: a_i[:m_k] . b_i[:m_k] for each prefix (cosines with ``normalize``)."""
+    if a.dtype in HALF:
+        a, b = a.float(), b.float()
+    dots = (a * b).cumsum(-1)[..., [m - 1 for m in dims]]  # [n, K]
+    if normalize:
+        dots = dots * prefix_inverse_norms(a, dims) * prefix_inverse_norms(b, dims)
+    return dots.T
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -192,15 +212,17 @@ def row_lse_torch(
     Returns
     -------
     [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
-    A = 2) log Zd (d2q + d2d).
+    A = 2) log Zd (d2q + d2d). With Matryoshka prefixes, [K, A, n] (``row_lse_block_matryoshka``).
     """
     if n_all is not None and n_all.shape[1] == 0:
         n_all = None
     n_cols = d_all.shape[0] * (1 + (0 if n_all is None else n_all.shape[1]))
     logit_size = 8 if q.dtype == torch.float64 else 4  # the logits are float32 for 16-bit inputs
-    step = chunk_rows(q_all.shape[0], n_cols, options, logit_size, budget)
+    prefixes = 1 if options.matryoshka_dims is None else len(options.matryoshka_dims)  # each its logits
+    step = chunk_rows(q_all.shape[0], n_cols, options, logit_size * prefixes, budget)
+    block = row_lse_block if options.matryoshka_dims is None else row_lse_block_matryoshka
     if step >= q.shape[0]:
-        return row_lse_block(
+        return block(
             q,
             d,
             q_all,
@@ -216,7 +238,7 @@ def row_lse_torch(
     return torch.cat(
         [
             checkpoint(
-                row_lse_block,
+                block,
                 q[r0 : r0 + step],
                 d[r0 : r0 + step],
                 q_all,
@@ -230,8 +252,32 @@ def row_lse_torch(
             )
             for r0 in range(0, q.shape[0], step)
         ],
-        dim=1,
+        dim=-1,
     )
+
+
+def masked(
+    block: _plan.Block,
+    s: torch.Tensor,
+    row_pairs: torch.Tensor,
+    col_pairs: torch.Tensor,
+    scale: float | torch.Tensor,
+    group_ids: torch.Tensor | None,
+    positive: torch.Tensor | None,
+    offset: int,
+    options: LossOptions,
+) -> torch.Tensor:
+    """The logits s [n, W] of ``block`` as its softmax takes them: plus the hardness penalty, minus
+    (as -inf) what it drops: the own pair, the group, and with the margin the entries whose raw
+    similarity (s / scale) exceeds the anchor pair's ``positive`` [n] (indexed by ``row_pairs -
+    offset``) plus the margin."""
+    presumed = None
+    if options.false_negative_margin is not None:
+        raw = s.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
+        presumed = raw > (positive[row_pairs - offset] + options.false_negative_margin)[:, None]
+    s = penalised(s, block, options, scale, row_pairs, col_pairs)
+    drop = dropped(block, row_pairs, col_pairs, group_ids, presumed)
+    return s if drop is None else s.masked_fill(drop, float("-inf"))
 
 
 def row_lse_block(
@@ -284,14 +330,7 @@ def row_lse_block(
     positive = _dots(q, d).detach() if options.false_negative_margin is not None else None
 
     def add(block: _plan.Block, s: torch.Tensor, row_pairs: torch.Tensor, col_pairs: torch.Tensor) -> None:
-        presumed = None
-        if options.false_negative_margin is not None:
-            # The raw similarity (s / scale) above the anchor pair's positive similarity plus the margin.
-            raw = s.detach() / (scale.detach() if isinstance(scale, torch.Tensor) else scale)
-            presumed = raw > (positive[row_pairs - offset] + options.false_negative_margin)[:, None]
-        s = penalised(s, block, options, scale, row_pairs, col_pairs)
-        drop = dropped(block, row_pairs, col_pairs, group_ids, presumed)
-        parts[block.anchor].append(s if drop is None else s.masked_fill(drop, float("-inf")))
+        parts[block.anchor].append(masked(block, s, row_pairs, col_pairs, scale, group_ids, positive, offset, options))
 
     done = set()
     for block in blocks:
@@ -316,3 +355,75 @@ def row_lse_block(
         del s  # N x M blocks: not held past their use
     lse = [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in parts.values() if p]
     return torch.stack(lse)
+
+
+def row_lse_block_matryoshka(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    q_all: torch.Tensor,
+    d_all: torch.Tensor,
+    n_all: torch.Tensor | None,
+    scale: float | torch.Tensor,
+    group_ids: torch.Tensor | None,
+    offset: int,
+    options: LossOptions,
+    anchors_are_candidates: bool = False,
+) -> torch.Tensor:
+    """``row_lse_block`` for every Matryoshka prefix at once: [K, A, n].
+
+    The inputs are not normalised (``prepare_torch`` leaves them raw: each prefix has its own norms).
+    Per block, the prefixes' raw logits are running sums of one GEMM per slice of D,
+    ``S_k = S_{k-1} + X[:, m_{k-1}:m_k] Y[:, m_{k-1}:m_k]^T``: the matmul work of one full-D block,
+    not sum_k m_k / D of it. Each S_k (over the prefix norms with ``normalize``, times the scale) is
+    masked and penalised as its own loss's. Autograd's backward of the running sum gives each slice
+    the sum of the later prefixes' logit gradients, ``dX[:, slice_k] = (sum_{k' >= k} G_k') Y[:,
+    slice_k]``: again one GEMM per slice and side.
+    """
+    dims = options.matryoshka_dims
+    slices = list(zip((0, *dims[:-1]), dims))
+    device = q.device
+    anchors = {"q": q, "d": d}
+    segments = {"q": (q_all, 1), "d": (d_all, 1)}
+    if n_all is not None:
+        segments["n"] = (n_all.reshape(-1, n_all.shape[-1]), n_all.shape[1])
+    inverse = {}  # [rows, K] prefix inverse norms, made when first needed
+    if options.normalize:
+        for name, x in (("aq", q), ("ad", d), *((k, x) for k, (x, _) in segments.items())):
+            inverse[name] = prefix_inverse_norms(x, dims)
+    rows_g = torch.arange(q.shape[0], device=device) + offset
+    blocks = [b for b in _plan.selected(options.directions) if b.segment in segments]
+    transposed = {(b.anchor, b.segment) for b in blocks} if anchors_are_candidates else set()
+    parts: list[dict[str, list[torch.Tensor]]] = [{"q": [], "d": []} for _ in dims]
+    positive = None  # [K, n] the anchors' positive similarities per prefix, for the margin
+    if options.false_negative_margin is not None:
+        positive = prefix_dots(q, d, dims, options.normalize).detach()
+
+    done = set()
+    for block in blocks:
+        if (block.anchor, block.segment) in done:
+            continue
+        candidates, width = segments[block.segment]
+        col_pairs = _pairs(candidates.shape[0], width, device)
+        partner = (block.segment, block.anchor)
+        partner_block = None
+        if block.anchor != block.segment and partner in transposed:
+            partner_block = next(b for b in blocks if (b.anchor, b.segment) == partner)
+            done.add(partner)
+        raw = None
+        for k, (lo, hi) in enumerate(slices):
+            piece = matmul_f32(anchors[block.anchor][:, lo:hi], candidates[:, lo:hi].T)
+            raw = piece if raw is None else raw + piece
+            s = raw * scale
+            if options.normalize:
+                s = s * inverse["a" + block.anchor][:, k, None] * inverse[block.segment][None, :, k]
+            pos_k = None if positive is None else positive[k]
+            if partner_block is not None:  # its entries are this block's transposed (see row_lse_block)
+                parts[k][partner_block.anchor].append(
+                    masked(partner_block, s.T, col_pairs, rows_g, scale, group_ids, pos_k, offset, options)
+                )
+            parts[k][block.anchor].append(masked(block, s, rows_g, col_pairs, scale, group_ids, pos_k, offset, options))
+    lse = [
+        [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in part.values() if p]
+        for part in parts
+    ]
+    return torch.stack([torch.stack(rows) for rows in lse])

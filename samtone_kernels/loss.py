@@ -9,6 +9,7 @@ chosen by measurement (``_choice``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Sequence
@@ -16,9 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from . import _choice, _own
-from ._backends import check_backend_name, resolve_backend, triton_available
+from ._backends import REGISTRY, check_backend_name, resolve_backend, triton_available
 from ._contract import LossOptions, Rows
-from ._options import check_inputs, check_options, check_temperature
+from ._options import check_inputs, check_matryoshka_dim, check_options, check_temperature
 from .distributed import gather_batch
 
 __all__ = ["fused_samtone_loss", "triton_available"]
@@ -63,6 +64,8 @@ def fused_samtone_loss(
     chunk_bytes: int | None = None,
     false_negative_margin: float | None = None,
     hard_negative_scope: str = "shared",
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """In-batch contrastive loss with same-tower negatives (SamToNe) and its relatives.
 
@@ -142,6 +145,16 @@ def fused_samtone_loss(
         recipes that give each query its own mined negatives); the other anchors see in-batch
         candidates only. "own" costs N x H logits where "shared" costs N x N H. Without hard
         negatives it changes nothing (a warning says so).
+    matryoshka_dims : sequence of int, optional
+        Matryoshka training (Kusupati et al. 2022): the loss is the weighted sum over these prefix
+        dimensions m of the loss of ``x[..., :m]`` for every embedding, each prefix a whole loss of its
+        own (normalised on its own with ``normalize=True``; every other option as for the full loss).
+        Strictly increasing, the last equal to D. ``reduction="none"`` returns the per-pair sums.
+        The torch backend computes every prefix's logits as running sums of one GEMM per slice of D
+        (about the matmul work of the full-D loss alone); the fused kernel and the hybrid path compute
+        each prefix apart (sum_k m_k / D of it). None (default): off.
+    matryoshka_weights : sequence of float, optional
+        One weight >= 0 per prefix (default: all 1).
 
     Returns
     -------
@@ -166,9 +179,12 @@ def fused_samtone_loss(
         chunk_bytes=chunk_bytes,
         false_negative_margin=false_negative_margin,
         hard_negative_scope=hard_negative_scope,
+        matryoshka_dims=matryoshka_dims,
+        matryoshka_weights=matryoshka_weights,
     )
     tau = check_temperature(temperature)
     group_ids = check_inputs(queries, docs, hard_negatives, group_ids)
+    check_matryoshka_dim(options, queries.shape[1])
     if process_group is not None and not options.gather_across_devices:
         warnings.warn("process_group has no effect without gather_across_devices=True", UserWarning, stacklevel=2)
     if (
@@ -195,6 +211,8 @@ def fused_samtone_loss(
             chunk_bytes=options.chunk_bytes,
             false_negative_margin=options.false_negative_margin,
             hard_negative_scope=options.hard_negative_scope,
+            matryoshka_dims=options.matryoshka_dims,
+            matryoshka_weights=options.matryoshka_weights,
         )
         backend = _choice.choose(paths, (queries, docs, hard_negatives), group_ids, options, measured)
     backend = resolve_backend(backend, queries)
@@ -208,22 +226,46 @@ def fused_samtone_loss(
     own = hard_negatives if options.hard_negative_scope == "own" else None
     if own is not None:
         hard_negatives = None
-    embeddings = [queries, docs] if hard_negatives is None else [queries, docs, hard_negatives]
-    q, d, n = backend.prepare(embeddings, options) + [None] * (3 - len(embeddings))
 
-    if options.gather_across_devices:
-        batch = gather_batch(q, d, n, group_ids, process_group)
-        rows = Rows(q, d, batch.queries, batch.docs, batch.hard_negatives, scale, batch.group_ids, batch.offset)
-        world, total = batch.world_size, batch.total
-    else:
-        rows, world, total = Rows(q, d, q, d, n, scale, group_ids), 1, q.shape[0]
-    lse, pos = backend.row_stats(rows, options)
-    if own is not None:
-        lse = _own.add_own_negatives(lse, pos, queries, own, scale, options)
-    losses = _assemble(lse, pos, options)
-    # Every l_i >= 0 (the positive is in each of its softmaxes); rounding can leave -1e-7 where the
-    # positive is alone. Such a value becomes an exact 0, its gradient kept.
-    losses = torch.where(losses < 0, losses - losses.detach(), losses)
+    def statistics(q_in, d_in, n_in, options):
+        """(lse, pos, rows, world, total) of the backend on these embeddings."""
+        embeddings = [q_in, d_in] if n_in is None else [q_in, d_in, n_in]
+        q, d, n = backend.prepare(embeddings, options) + [None] * (3 - len(embeddings))
+        if options.gather_across_devices:
+            batch = gather_batch(q, d, n, group_ids, process_group)
+            rows = Rows(q, d, batch.queries, batch.docs, batch.hard_negatives, scale, batch.group_ids, batch.offset)
+            return (*backend.row_stats(rows, options), rows, batch.world_size, batch.total)
+        rows = Rows(q, d, q, d, n, scale, group_ids)
+        return (*backend.row_stats(rows, options), rows, 1, q.shape[0])
+
+    def prefix(x, m):
+        return None if x is None else x[..., :m]
+
+    if options.matryoshka_dims is None:
+        lse, pos, rows, world, total = statistics(queries, docs, hard_negatives, options)
+        prefixes = [(lse, pos, queries, own, 1.0)]
+    elif backend is REGISTRY["torch"]:  # every prefix from running sums of one GEMM per slice of D
+        lse, pos, rows, world, total = statistics(queries, docs, hard_negatives, options)
+        prefixes = [
+            (lse[k], pos[k], queries[:, :m], prefix(own, m), w)
+            for k, (m, w) in enumerate(zip(options.matryoshka_dims, options.matryoshka_weights))
+        ]
+    else:  # the fused kernels and the hybrid path: each prefix a loss of its own
+        plain = dataclasses.replace(options, matryoshka_dims=None, matryoshka_weights=None)
+        prefixes = []
+        for m, w in zip(options.matryoshka_dims, options.matryoshka_weights):
+            lse, pos, rows, world, total = statistics(queries[:, :m], docs[:, :m], prefix(hard_negatives, m), plain)
+            prefixes.append((lse, pos, queries[:, :m], prefix(own, m), w))
+    losses = None
+    for lse, pos, q_in, own_in, weight in prefixes:
+        if own_in is not None:
+            lse = _own.add_own_negatives(lse, pos, q_in, own_in, scale, options)
+        prefix_losses = _assemble(lse, pos, options)
+        # Every l_i >= 0 (the positive is in each of its softmaxes); rounding can leave -1e-7 where
+        # the positive is alone. Such a value becomes an exact 0, its gradient kept.
+        prefix_losses = torch.where(prefix_losses < 0, prefix_losses - prefix_losses.detach(), prefix_losses)
+        weighted = prefix_losses if weight == 1.0 else weight * prefix_losses
+        losses = weighted if losses is None else losses + weighted
 
     # inf in an embedding can leave some rows finite (inf - inf is NaN, but inf - x is inf); the
     # contract is a NaN loss for any non-finite input, so say so explicitly (no host sync). Every

@@ -24,7 +24,7 @@ class SamToNeLoss(nn.Module):
         Own the temperature as a parameter, stored as its logarithm so it stays > 0.
     directions, partition, doc_anchor_weight, normalize, reduction, backend, gather_across_devices,
     process_group, hardness_mode, hardness_strength, chunk_bytes, false_negative_margin,
-    hard_negative_scope
+    hard_negative_scope, matryoshka_dims, matryoshka_weights
         As in ``fused_samtone_loss``; checked here, at construction.
 
     Examples
@@ -51,6 +51,8 @@ class SamToNeLoss(nn.Module):
         chunk_bytes: int | None = None,
         false_negative_margin: float | None = None,
         hard_negative_scope: str = "shared",
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         options = check_options(
@@ -65,6 +67,8 @@ class SamToNeLoss(nn.Module):
             chunk_bytes=chunk_bytes,
             false_negative_margin=false_negative_margin,
             hard_negative_scope=hard_negative_scope,
+            matryoshka_dims=matryoshka_dims,
+            matryoshka_weights=matryoshka_weights,
         )
         if isinstance(temperature, torch.Tensor):
             raise TypeError("temperature: pass a float; use learnable_temperature=True for a parameter")
@@ -82,6 +86,8 @@ class SamToNeLoss(nn.Module):
         self.chunk_bytes = options.chunk_bytes
         self.false_negative_margin = options.false_negative_margin
         self.hard_negative_scope = options.hard_negative_scope
+        self.matryoshka_dims = options.matryoshka_dims
+        self.matryoshka_weights = options.matryoshka_weights
         if learnable_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(value)))
         else:
@@ -122,6 +128,8 @@ class SamToNeLoss(nn.Module):
             chunk_bytes=self.chunk_bytes,
             false_negative_margin=self.false_negative_margin,
             hard_negative_scope=self.hard_negative_scope,
+            matryoshka_dims=self.matryoshka_dims,
+            matryoshka_weights=self.matryoshka_weights,
         )
 
     def extra_repr(self) -> str:

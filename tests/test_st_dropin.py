@@ -782,3 +782,31 @@ def test_cached_embeds_every_mini_batch_through_embed_minibatch_in_forward_order
     with torch.no_grad():
         loss_fn(features, None)
     assert [c[:4] for c in calls] == [(*e, False) for e in expected]
+
+
+# --------------------------------------------------------------------------------------------------
+# Matryoshka: sentence-transformers' MatryoshkaLoss around MNRL, in one call of ours
+# --------------------------------------------------------------------------------------------------
+def test_matryoshka_dims_equal_matryoshka_loss_around_mnrl(tiny_model):
+    """float64, dropout on (the same forwards, so the same masks): ``matryoshka_dims`` on the drop-in
+    gives MatryoshkaLoss(MNRL)'s loss and gradients; ours inside MatryoshkaLoss, as before, too."""
+    results = []
+    for kind in ("theirs", "ours", "ours wrapped"):
+        model = tiny_model(torch.float64)
+        if kind == "theirs":
+            inner = st_losses.MultipleNegativesRankingLoss(model, directions=("query_to_doc", "query_to_query"))
+            loss_fn = st_losses.MatryoshkaLoss(model, inner, matryoshka_dims=[16, 8], matryoshka_weights=[1.0, 0.5])
+        elif kind == "ours":
+            loss_fn = FusedMultipleNegativesRankingLoss(model, directions=("query_to_doc", "query_to_query"))
+            loss_fn.matryoshka_dims, loss_fn.matryoshka_weights = (8, 16), (0.5, 1.0)
+        else:
+            inner = FusedMultipleNegativesRankingLoss(model, directions=("query_to_doc", "query_to_query"))
+            loss_fn = st_losses.MatryoshkaLoss(model, inner, matryoshka_dims=[16, 8], matryoshka_weights=[1.0, 0.5])
+        torch.manual_seed(3)
+        loss = loss_fn(_features(model), None)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (expected, expected_grads), *ours = results
+    for loss, grads in ours:
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        _assert_grads_close(grads, expected_grads, rtol=1e-9)

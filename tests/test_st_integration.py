@@ -274,3 +274,22 @@ def test_the_hard_negative_scope_reaches_the_sentence_transformers_losses():
     assert cached.loss.hard_negative_scope == "own"
     with pytest.raises(ValueError, match="hard_negative_scope"):
         SamToNeRankingLoss(model, hard_negative_scope="mine")
+
+
+def test_matryoshka_dims_reach_the_sentence_transformers_losses():
+    from samtone_kernels.integrations.sentence_transformers import FusedCachedMultipleNegativesRankingLoss
+
+    torch.manual_seed(0)
+    model = _BagOfTokens()
+    anchors = {"input_ids": torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])}
+    positives = {"input_ids": torch.tensor([[9, 10], [11, 12], [13, 14], [15, 16]])}
+    q, d = (model(f)["sentence_embedding"] for f in (anchors, positives))
+    ours = SamToNeRankingLoss(model, matryoshka_dims=(2, 4, 8), matryoshka_weights=(1.0, 1.0, 2.0))
+    expected = fused_samtone_loss(q, d, normalize=True, matryoshka_dims=(2, 4, 8), matryoshka_weights=(1, 1, 2))
+    torch.testing.assert_close(ours([anchors, positives], None), expected)
+    assert ours.get_config_dict()["matryoshka_dims"] == (2, 4, 8)
+    cached = FusedCachedMultipleNegativesRankingLoss(model)
+    cached.matryoshka_dims = (4, 8)
+    assert cached.loss.matryoshka_dims == (4, 8)
+    with pytest.raises(ValueError, match="matryoshka_dims"):
+        SamToNeRankingLoss(model, matryoshka_dims=(8, 4))

@@ -126,6 +126,8 @@ class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
         "mask_duplicates",
         "false_negative_margin",
         "hard_negative_scope",
+        "matryoshka_dims",
+        "matryoshka_weights",
     )
 
     def __init__(
@@ -207,6 +209,16 @@ class FusedCachedMultipleNegativesRankingLoss(_cached_loss_base(), nn.Module):
     def false_negative_margin(self) -> float | None:
         """The wrapped loss's ``false_negative_margin`` (assignable, as the hyperparameters)."""
         return self.loss.false_negative_margin
+
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...] | None:
+        """The wrapped loss's ``matryoshka_dims`` (assignable, as the hyperparameters)."""
+        return self.loss.matryoshka_dims
+
+    @property
+    def matryoshka_weights(self) -> tuple[float, ...] | None:
+        """The wrapped loss's ``matryoshka_weights`` (assignable, as the hyperparameters)."""
+        return self.loss.matryoshka_weights
 
     @property
     def hard_negative_scope(self) -> str:

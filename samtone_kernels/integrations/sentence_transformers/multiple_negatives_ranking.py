@@ -64,6 +64,9 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             similar to the anchor than its positive by more than it (``fused_samtone_loss``).
         hard_negative_scope: "shared" (default, MNRL's layout: every query sees every row's
             negatives); "own": the negatives of row i are candidates of anchor i only.
+        matryoshka_dims, matryoshka_weights: None (default); Matryoshka prefixes (strictly
+            increasing, the last the model's dimension) and their weights, the loss of
+            ``MatryoshkaLoss(model, this loss, dims)`` in one call (``fused_samtone_loss``).
 
     References:
         - Representation Learning with Contrastive Predictive Coding (InfoNCE): https://arxiv.org/abs/1807.03748
@@ -148,6 +151,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
         self.mask_duplicates = False
         self.false_negative_margin = None
         self.hard_negative_scope = "shared"
+        self.matryoshka_dims = None
+        self.matryoshka_weights = None
 
     @property
     def temperature(self) -> float:
@@ -184,6 +189,8 @@ class FusedMultipleNegativesRankingLoss(nn.Module):
             chunk_bytes=check_chunk_bytes(self.chunk_bytes),
             false_negative_margin=self.false_negative_margin,
             hard_negative_scope=self.hard_negative_scope,
+            matryoshka_dims=self.matryoshka_dims,
+            matryoshka_weights=self.matryoshka_weights,
             group_ids=group_ids,
             **hardness,
         )

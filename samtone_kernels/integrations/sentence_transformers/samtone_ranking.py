@@ -66,6 +66,11 @@ class SamToNeRankingLoss(nn.Module):
         hard_negative_scope: "shared" (default): every anchor sees every row's negative columns, as
             in sentence-transformers; "own": the negatives of row i are candidates of anchor i
             only, as in ``fused_samtone_loss``.
+        matryoshka_dims: Matryoshka prefixes, strictly increasing, the last the model's dimension:
+            the weighted sum of every prefix's loss in one call, what
+            ``MatryoshkaLoss(model, loss, matryoshka_dims[::-1])`` computes by calling the loss once
+            per prefix. None (default): off.
+        matryoshka_weights: One weight per prefix (default: all 1).
 
     References:
         - SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
@@ -116,6 +121,8 @@ class SamToNeRankingLoss(nn.Module):
         chunk_bytes: int | None = None,
         false_negative_margin: float | None = None,
         hard_negative_scope: str = "shared",
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(directions, str) and isinstance(directions, Sequence):
@@ -132,6 +139,8 @@ class SamToNeRankingLoss(nn.Module):
             chunk_bytes=chunk_bytes,
             false_negative_margin=false_negative_margin,
             hard_negative_scope=hard_negative_scope,
+            matryoshka_dims=matryoshka_dims,
+            matryoshka_weights=matryoshka_weights,
         )
         for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_num_tokens", mini_batch_num_tokens)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -143,6 +152,8 @@ class SamToNeRankingLoss(nn.Module):
         self.chunk_bytes = options.chunk_bytes
         self.false_negative_margin = options.false_negative_margin
         self.hard_negative_scope = options.hard_negative_scope
+        self.matryoshka_dims = options.matryoshka_dims
+        self.matryoshka_weights = options.matryoshka_weights
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         if isinstance(temperature, torch.Tensor):
@@ -240,6 +251,8 @@ class SamToNeRankingLoss(nn.Module):
             chunk_bytes=self.chunk_bytes,
             false_negative_margin=self.false_negative_margin,
             hard_negative_scope=self.hard_negative_scope,
+            matryoshka_dims=self.matryoshka_dims,
+            matryoshka_weights=self.matryoshka_weights,
         )
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -254,6 +267,8 @@ class SamToNeRankingLoss(nn.Module):
             "mask_duplicate_positives": self.mask_duplicate_positives,
             "false_negative_margin": self.false_negative_margin,
             "hard_negative_scope": self.hard_negative_scope,
+            "matryoshka_dims": self.matryoshka_dims,
+            "matryoshka_weights": self.matryoshka_weights,
             "hardness_mode": self.hardness_mode,
             "hardness_strength": self.hardness_strength,
             "mini_batch_size": self.mini_batch_size,
