@@ -32,7 +32,7 @@ from .models import LOSSES, TOWERS, alignment_uniformity, finetune_minilm, retri
 from .report import compare, plot_probes, summarise, write_report
 from .report_repeated import SETTINGS, plot_deltas, write_finetune_report, write_repeated_report
 
-MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups"]
+MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups" and not name.endswith("+margin")]
 REPEATED_LOSSES = ["infonce", "samtone", "bi-samtone", "bi-samtone+groups"]
 SCRATCH = os.path.join(tempfile.gettempdir(), "samtone-kernels-quality")
 QUICK_FILES = 30  # --quick reads the first 30 files of each training package (120 of the standard library)

@@ -21,6 +21,9 @@ LOSSES = {
     "gte": dict(directions=("q2d", "q2q", "d2q", "d2d"), partition="joint"),
     "samtone+groups": dict(directions=("q2d", "q2q"), groups=True),
     "bi-samtone+groups": dict(directions=("q2d", "q2q", "d2q", "d2d"), groups=True),
+    # "+margin": presumed false negatives dropped by similarity (``false_negative_margin``, cosine).
+    "infonce+margin": dict(directions=("q2d",), false_negative_margin=0.1),
+    "samtone+margin": dict(directions=("q2d", "q2q"), false_negative_margin=0.1),
 }
 TOWERS = ("sde", "ade", "ade-spl")
 Batches = Callable[[np.random.Generator], "list[np.ndarray]"]

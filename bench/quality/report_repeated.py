@@ -113,34 +113,42 @@ def write_repeated_report(
                 if rows:
                     rows.insert(0, ("zero-shot", zero_shot[f"{base} {setting}"]))
                     out += [f"**{title}, `{lay}` batches**", ""] + metrics_table(rows, "tower loss") + [""]
+    pairs = differences(losses)
     out += [
         "## Differences (MRR@10, per-query reciprocal ranks averaged over seeds, 95% paired-bootstrap "
         "interval over test queries)",
         "",
-        "| base | setting | layout | tower | SamToNe - InfoNCE | bi-SamToNe - InfoNCE | "
-        "bi-SamToNe+groups - InfoNCE | bi-SamToNe+groups - bi-SamToNe |",
-        "|---|---|---|---|---|---|---|---|",
+        "| base | setting | layout | tower | " + " | ".join(f"{_label(b)} - {_label(a)}" for a, b in pairs) + " |",
+        "|---|---|---|---|" + "---|" * len(pairs),
     ]
     for base in bases:
         for setting, (_, _, layout) in SETTINGS.items():
             for lay in ("random", layout):
                 for t in towers:
                     k = (base, setting, lay, t)
-                    cells = [
-                        comparison_cell(compare(per_query, k + (a,), k + (b,)))
-                        for a, b in (
-                            ("infonce", "samtone"),
-                            ("infonce", "bi-samtone"),
-                            ("infonce", "bi-samtone+groups"),
-                            ("bi-samtone", "bi-samtone+groups"),
-                        )
-                    ]
+                    cells = [comparison_cell(compare(per_query, k + (a,), k + (b,))) for a, b in pairs]
                     out.append(f"| {base} | {setting} | {lay} | {t.upper()} | " + " | ".join(cells) + " |")
     if picture:
         out += ["", f"![{os.path.basename(picture)}]({os.path.relpath(picture, os.path.dirname(path))})"]
     out += ["", "## Reading", ""] + repeated_reading(per_query, bases, towers) + [""]
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def _label(loss: str) -> str:
+    return loss.replace("infonce", "InfoNCE").replace("samtone", "SamToNe")
+
+
+def differences(losses: list[str]) -> list[tuple[str, str]]:
+    """The pairs a report compares: every loss against the first (InfoNCE), each ``+groups`` or
+    ``+margin`` variant against its plain loss where both ran."""
+    first = losses[0]
+    pairs = [(first, loss) for loss in losses[1:]]
+    for loss in losses:
+        for suffix in ("+groups", "+margin"):
+            if loss.endswith(suffix) and loss[: -len(suffix)] in losses and loss[: -len(suffix)] != first:
+                pairs.append((loss[: -len(suffix)], loss))
+    return pairs
 
 
 def repeated_reading(per_query: dict, bases: list[str], towers: list[str]) -> list[str]:
