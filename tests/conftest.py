@@ -104,6 +104,16 @@ def pytest_sessionfinish(session):
 
 
 @pytest.fixture
+def exact_float32():
+    """float32 dots in IEEE precision, as the reference (TF32 only when a user allows it); the kernel
+    test modules use it for every test (``pytestmark``)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models: one thread is fastest, and spares OpenMP's spinning on a busy machine."""
     threads = torch.get_num_threads()

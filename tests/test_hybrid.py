@@ -24,19 +24,12 @@ from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch
 from samtone_kernels._triton import hybrid  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+pytestmark = pytest.mark.usefixtures("exact_float32")  # (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(_triton.launch, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture(autouse=True)
-def exact_float32():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

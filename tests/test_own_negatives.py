@@ -15,14 +15,7 @@ from samtone_kernels import SamToNeLoss, fused_samtone_loss
 triton = pytest.importorskip("triton")
 
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def exact_float32():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
+pytestmark = pytest.mark.usefixtures("exact_float32")  # (tests/conftest.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)

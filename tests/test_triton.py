@@ -23,20 +23,12 @@ from samtone_kernels import _triton  # noqa: E402  (after the interpreter switch
 # The interpreter computes bfloat16 tl.dot wrongly; bfloat16 is checked on the GPU only.
 ALL_FOUR = ("q2d", "q2q", "d2q", "d2d")
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+pytestmark = pytest.mark.usefixtures("exact_float32")  # (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(_triton.launch, "POISON_OUTPUTS", True)
-
-
-@pytest.fixture(autouse=True)
-def exact_float32(monkeypatch):
-    """float32 dots in IEEE precision, as the reference (TF32 only when a user allows it)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
