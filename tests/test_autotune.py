@@ -147,10 +147,11 @@ def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
         resident = [c.kwargs["BLOCK_D"] for c in grad if c.kwargs["RESIDENT"]]
         assert bool(resident) == (arch >= 90)  # (sm_90 only: configs.RESIDENT_TILES)
         if not resident:
-            assert kernels.grad_launcher(64) is kernels.grad_kernel and len(grad) == 1
+            assert kernels.grad_launcher(64, 4096) is kernels.grad_kernel and len(grad) == 1
             return
-        assert kernels.grad_launcher(max(resident)) is kernels.grad_kernel
-        wide = kernels.grad_launcher(max(resident) + 1)
+        assert kernels.grad_launcher(max(resident), 4096) is kernels.grad_kernel
+        assert kernels.grad_launcher(max(resident), 16) is kernels.wide_grad_kernel  # (rows < every resident tile)
+        wide = kernels.grad_launcher(max(resident) + 1, 4096)
         assert wide is kernels.wide_grad_kernel and len(wide.configs) == 1 and not wide.configs[0].kwargs["RESIDENT"]
 
 
@@ -167,6 +168,13 @@ def test_a_resident_config_serves_d_within_its_tile_only(monkeypatch):
     assert configs._prune([resident, swept], dict(args, dim=17)) == [swept]
     assert configs._prune([resident, swept], dict(args, dim=16)) == [resident, swept]
     assert configs._prune([swept, resident], dict(args, dim=100)) == [swept]  # (the fallback too)
+
+    # Where every tile is larger than the problem: the narrowest in D that serves it, then the smallest.
+    def tile(bm, bd, resident):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "BLOCK_D": bd, "RESIDENT": resident}, num_warps=4)
+
+    widest, larger, narrowest = tile(16, 64, False), tile(32, 32, False), tile(16, 32, True)
+    assert configs._prune([widest, larger, narrowest], dict(args, dim=8)) == [narrowest]
     monkeypatch.setenv("SAMTONE_TRITON_CONFIG", "16,16,16,4,1,0,1,1")
     pinned = configs.configs(grad=True)
     assert pinned[0].kwargs["RESIDENT"] and configs.configs(grad=False)[0].kwargs.get("RESIDENT") is None

@@ -174,45 +174,78 @@ def _fits(c: triton.Config, dim: int) -> bool:
 
 
 def check_fits(configs: list[triton.Config], dim: int) -> None:
-    """Raise where no config can serve D (a pinned resident config narrower than D: the autotuner
-    does not prune a list of one)."""
+    """Raise where no config can serve D: a resident config narrower than D alone (pinned by
+    ``SAMTONE_TRITON_CONFIG``, or a list a test set), which the autotuner would run unpruned."""
     if not any(_fits(c, dim) for c in configs):
         raise ValueError(
-            f"SAMTONE_TRITON_CONFIG pins a resident config (BLOCK_D = {configs[0].kwargs['BLOCK_D']}) for "
-            f"D = {dim}: a resident config needs BLOCK_D >= D"
+            f"a resident config (BLOCK_D = {configs[0].kwargs['BLOCK_D']}) cannot serve D = {dim}: it needs "
+            "BLOCK_D >= D (SAMTONE_TRITON_CONFIG pins one)"
         )
 
 
+def usable_resident(c: triton.Config, dim: int, n_rows: int) -> bool:
+    """A resident config the prune would keep for D and this many rows (``grad_launcher`` offers
+    the autotuner the resident configs only where one is)."""
+    return (
+        c.kwargs.get("RESIDENT", False)
+        and dim <= c.kwargs["BLOCK_D"] <= max(16, triton.next_power_of_2(dim))
+        and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n_rows))
+    )
+
+
+def _tile_of(c: triton.Config, grad: bool) -> tuple:
+    """A config as ``full_tile`` writes the tuples of ``tiles_for`` (the forward's: no sweep)."""
+    k = c.kwargs
+    span = k.get("SPAN", DEFAULT_WALK[1]) if grad else DEFAULT_WALK[1]
+    resident = k.get("RESIDENT", False) if grad else False
+    return (
+        k["BLOCK_M"],
+        k["BLOCK_N"],
+        k["BLOCK_D"],
+        c.num_warps,
+        c.num_stages,
+        k.get("PAIRED", DEFAULT_WALK[0]),
+        span,
+        resident,
+    )
+
+
+def _allowed(c: triton.Config, grad: bool, arch: int | None, limit: int | None, itemsize: int) -> bool:
+    """Offered to the device's architecture (``tiles_for``; the forward's walk fields unchecked)
+    and within its shared memory."""
+    tile = _tile_of(c, grad)
+    if arch is not None:
+        offered = [full_tile(t) for t in tiles_for(arch, grad)]
+        if (tile if grad else tile[:6]) not in [(t if grad else t[:6]) for t in offered]:
+            return False
+    bm, bn, bd, _, stages, paired, span, resident = tile
+    return limit is None or shared_bytes(bm, bn, bd, stages, itemsize, paired, span if grad else 1, resident) <= limit
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem, resident tiles narrower than D, those the device's
-    architecture does not get (``tiles_for``), and those over its shared memory."""
+    """Drop resident tiles narrower than D, tiles much larger than the problem, those the device's
+    architecture does not get (``tiles_for``), and those over its shared memory. Where that leaves
+    nothing (a problem smaller than every tile), the narrowest in D, then smallest, of those that
+    serve D on the device."""
     args = {**named_args, **kwargs}
     n_rows, n_cols, dim = args["n_rows"], args["n_cols"], args["dim"]
     x, grad = args["X"], "BUF" in args  # grad_kernel's or lse_kernel's arguments
     arch, limit = _device(x.device.index or 0) if x.device.type == "cuda" else (None, None)
+    serve = [c for c in configs if _fits(c, dim) and _allowed(c, grad, arch, limit, x.element_size())]
     fit = max(16, triton.next_power_of_2(dim))
-    kept = []
-    for c in configs:
-        bm, bn, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-        paired = c.kwargs.get("PAIRED", DEFAULT_WALK[0])
-        span = c.kwargs.get("SPAN", DEFAULT_WALK[1]) if grad else None  # the forward has no sweep
-        resident = c.kwargs.get("RESIDENT", False)
-        if not _fits(c, dim):
-            continue
-        if bd > fit or bm > max(16, triton.next_power_of_2(n_rows)) or bn > max(16, triton.next_power_of_2(n_cols)):
-            continue
-        tile = (bm, bn, bd, c.num_warps, c.num_stages, paired, span, resident)
-        if arch is not None:
-            offered = [full_tile(t) for t in tiles_for(arch, grad)]
-            if tile not in [(*t[:6], t[6] if grad else None, t[7]) for t in offered]:
-                continue
-        bound = shared_bytes(bm, bn, bd, c.num_stages, x.element_size(), paired, span or 1, resident)
-        if limit is not None and bound > limit:
-            continue
-        kept.append(c)
-    # Nothing left (a problem smaller than every tile): the smallest config that serves D.
-    fallback = [c for c in configs if _fits(c, dim)]
-    return kept or [min(fallback, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+    kept = [
+        c
+        for c in serve
+        if c.kwargs["BLOCK_D"] <= fit
+        and c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(n_rows))
+        and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n_cols))
+    ]
+    if kept:
+        return kept
+    fallback = serve or [c for c in configs if _fits(c, dim)]
+    return [
+        min(fallback, key=lambda c: (c.kwargs["BLOCK_D"], c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages))
+    ]
 
 
 def bucket(n: int) -> int:

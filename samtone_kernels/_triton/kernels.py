@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, check_fits, configs, running_arch
+from .configs import AUTOTUNE, DEFAULT_WALK, FLAGS, check_fits, configs, running_arch, usable_resident
 from .sweeps import finish_rows, grad_walk, resident_walk
 from .tiles import COL, DOTS, FUSED, PARTNER, ROW, has, inv_norms, lse_walk
 
@@ -523,13 +523,18 @@ wide_grad_kernel = triton.autotune(
 )(grad_kernel.fn)
 
 
-def grad_launcher(dim: int):
-    """The autotuned grad kernel for dimension D: ``grad_kernel``, or where it has resident configs
-    and none serves D, ``wide_grad_kernel`` over the others. Raises where no config serves D (a
-    pinned resident config narrower than D)."""
+def grad_launcher(dim: int, n_rows: int):
+    """The autotuned grad kernel for dimension D and ``n_rows`` rows: ``grad_kernel``, or where it
+    has resident configs and none would be kept for this problem (``configs.usable_resident``),
+    ``wide_grad_kernel`` over the others. Raises where no config serves D (a resident config
+    narrower than D alone)."""
     check_fits(grad_kernel.configs, dim)
     resident = [c for c in grad_kernel.configs if c.kwargs.get("RESIDENT", False)]
-    if not resident or any(dim <= c.kwargs["BLOCK_D"] for c in resident):
+    if (
+        not resident
+        or any(usable_resident(c, dim, n_rows) for c in resident)
+        or len(resident) == len(grad_kernel.configs)
+    ):
         return grad_kernel
     wide = [c for c in grad_kernel.configs if not c.kwargs.get("RESIDENT", False)]
     if list(map(id, wide_grad_kernel.configs)) != list(map(id, wide)):  # grad_kernel's (tests replace them)

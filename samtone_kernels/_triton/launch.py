@@ -297,7 +297,7 @@ class Backward:
         col_offset = b.offset if launch.candidates_are_anchors else 0
         n_cols = b.n_anchor if launch.candidates_are_anchors else b.n_cand
         _, p, _, pos = self._partner(launch, x, rows)
-        grad_launcher(b.dim)[_grid(n_rows, blocks)](
+        grad_launcher(b.dim, n_rows)[_grid(n_rows, blocks)](
             **_strided("out", out3),
             **_strided("buf", buf3),
             **_strided("x", x3),

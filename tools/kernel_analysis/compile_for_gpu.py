@@ -278,10 +278,19 @@ def jobs(everything: bool):
             if not margin or arch >= C.MARGIN_MIN_ARCH:
                 yield "grad_kernel", heaviest_backward(normed, margin), "bf16", tile, arch, True, "tf32"
     for arch in ARCHS:  # strided inputs (no unit strides): it must compile, and fit the prune's bound
-        yield "grad_kernel", heaviest_backward(), "bf16", C.tiles_for(arch)[0], arch, False, "tf32"
+        for tile in _swept_and_resident(arch):
+            yield "grad_kernel", heaviest_backward(), "bf16", tile, arch, False, "tf32"
     for arch in ARCHS:  # float32 at torch's default precision
-        yield "grad_kernel", heaviest_backward(), "fp32", C.tiles_for(arch)[0], arch, True, "ieee"
+        for tile in _swept_and_resident(arch):
+            yield "grad_kernel", heaviest_backward(), "fp32", tile, arch, True, "ieee"
         yield "lse_kernel", heaviest_forward(), "fp32", C.tiles_for(arch, False)[-1], arch, True, "ieee"
+
+
+def _swept_and_resident(arch: int) -> list:
+    """The backward's first swept config on ``arch`` and its widest resident one, if it has one."""
+    tiles = C.tiles_for(arch)
+    resident = [t for t in tiles if C.full_tile(t)[7]]
+    return [tiles[0]] + resident[-1:]
 
 
 def _run(args):
