@@ -48,6 +48,7 @@ if [ "$DRY" = 1 ]; then
     step speed 120 "$PY" -m bench.speed --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
         --impls ours-fused ours-hybrid ours-eager eager-chunked --out "$WORK/speed" --no-plot
     TILES="16,32,16,4,1,0,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
+    RESIDENT_TILES="16,16,32,4,1,0,1,1" RESIDENT_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
 else
     export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,64,64,8,3,1,2} HYPOTHESIS_PROFILE=gpu
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
@@ -64,10 +65,17 @@ else
     # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
     # spills in some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py); each pinned.
     TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
+    # D = 128: the swept backward sm_90 is offered against the resident one (configs.RESIDENT_TILES), each
+    # pinned (the forward takes the pinned tile's first seven fields).
+    RESIDENT_TILES="64,64,64,8,3,1,2 128,32,128,8,2,0,1,1" RESIDENT_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 128)
 fi
 for tile in $TILES; do
     step "tile $tile" 40 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
         --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
+done
+for tile in $RESIDENT_TILES; do
+    step "d128 tile $tile" 30 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+        --impls ours-fused "${RESIDENT_ARGS[@]}" --out "$WORK/speed/d128-$tile" --no-plot
 done
 
 {
@@ -78,7 +86,7 @@ done
     cat "$WORK/steps.md"
     echo
     echo '```'
-    grep -h -E "^(== tile [0-9,]+: env|# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" \
+    grep -h -E "^(== (d128 )?tile [0-9,]+: env|# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" \
         "$OUT/gpu_check.log"
     echo '```'
 } > "$OUT/summary.md"

@@ -80,7 +80,7 @@ def test_torch_backend_with_a_margin_and_own_hard_negatives(data, case):
 
 @pytest.mark.parametrize("backend", ["triton", "hybrid"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@settings(max_examples=5 if DEVICE.type == "cpu" else None)
+@settings(max_examples=3 if DEVICE.type == "cpu" else None)
 @given(data=st.data(), case=cases(max_n=17, max_d=20, max_h=1))
 def test_kernel_backends_match_the_sum_of_prefix_losses(backend, dtype, data, case):
     pytest.importorskip("triton")

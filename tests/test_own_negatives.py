@@ -33,7 +33,7 @@ def test_torch_backend_with_own_hard_negatives_and_a_margin(case):
 
 @pytest.mark.parametrize("backend", ["triton", "hybrid"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@settings(max_examples=6 if DEVICE.type == "cpu" else None)
+@settings(max_examples=4 if DEVICE.type == "cpu" else None)
 @given(case=cases(max_n=19, max_d=20, max_h=2, own=True), tensor_temperature=st.booleans())
 def test_kernels_with_own_hard_negatives(backend, dtype, case, tensor_temperature):
     run_and_compare(case, dtype, backend, tensor_temperature)

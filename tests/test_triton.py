@@ -91,7 +91,7 @@ def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hard
 
 
 @pytest.mark.parametrize(
-    "paired,span,resident", [(True, 1, False), (False, 1, False), (False, 2, False), (False, 1, True), (True, 1, True)]
+    "paired,span,resident", [(True, 1, False), (False, 1, False), (False, 2, False), (False, 1, True)]
 )
 @pytest.mark.parametrize("normalize", [False, True], ids=["fused", "epilogue"])
 def test_kernel_walk_structures(monkeypatch, paired, span, resident, normalize):
