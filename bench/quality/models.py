@@ -24,6 +24,9 @@ LOSSES = {
     # "+margin": presumed false negatives dropped by similarity (``false_negative_margin``, cosine).
     "infonce+margin": dict(directions=("q2d",), false_negative_margin=0.1),
     "samtone+margin": dict(directions=("q2d", "q2q"), false_negative_margin=0.1),
+    # "+dups" (fine-tuning only): SamToNeRankingLoss's mask_duplicates, identical anchor or positive
+    # texts of a batch share a group.
+    "samtone+dups": dict(directions=("q2d", "q2q"), dups=True),
 }
 TOWERS = ("sde", "ade", "ade-spl")
 Batches = Callable[[np.random.Generator], "list[np.ndarray]"]
@@ -77,6 +80,8 @@ def train_towers(
     rng = np.random.default_rng(seed)
     cfg = dict(LOSSES[loss_name])
     use_groups = cfg.pop("groups", False)
+    if cfg.pop("dups", False):
+        raise ValueError(f"{loss_name} groups identical texts: it needs the texts (fine-tuning only)")
     if use_groups and groups is None:
         raise ValueError(f"{loss_name} needs group ids")
     towers = Towers(kind, q.shape[1]).to(device)
@@ -126,8 +131,9 @@ def finetune_minilm(
     torch.manual_seed(seed)
     model = load_minilm(device, max_length)
     cfg = dict(LOSSES[loss_name])
-    loss_fn = SamToNeRankingLoss(  # the groups of these experiments: identical documents only
-        model, temperature=TEMPERATURE, mask_duplicates=False, mask_duplicate_positives=cfg.pop("groups", False), **cfg
+    groups, dups = cfg.pop("groups", False), cfg.pop("dups", False)
+    loss_fn = SamToNeRankingLoss(  # "+groups": identical documents only; "+dups": identical anchors or documents
+        model, temperature=TEMPERATURE, mask_duplicates=dups, mask_duplicate_positives=groups, **cfg
     )
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     doc_of = np.arange(len(queries)) if doc_of is None else doc_of
