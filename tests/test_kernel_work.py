@@ -146,7 +146,9 @@ _RESIDENT_90 = triton.Config(
 
 
 @pytest.mark.parametrize(
-    "directions,n_hard", [(("q2d",), 1), (("q2d", "q2q", "d2q", "d2d"), 0)], ids=["infonce-1neg", "bidirectional"]
+    "directions,n_hard",
+    [pytest.param(("q2d",), 1, marks=pytest.mark.slow), (("q2d", "q2q", "d2q", "d2d"), 0)],
+    ids=["infonce-1neg", "bidirectional"],  # (the first in make test-slow: suite time)
 )
 def test_the_resident_backward_moves_at_most_0_6_of_the_bytes(monkeypatch, directions, n_hard):
     """D = 128, float16, forward + backward: the resident backward (the rows' tile and float32
