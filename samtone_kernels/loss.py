@@ -152,7 +152,8 @@ def fused_samtone_loss(
         Strictly increasing, the last equal to D. ``reduction="none"`` returns the per-pair sums.
         The torch backend computes every prefix's logits as running sums of one GEMM per slice of D
         (about the matmul work of the full-D loss alone); the fused kernel and the hybrid path compute
-        each prefix apart (sum_k m_k / D of it). None (default): off.
+        each prefix apart (sum_k m_k / D of it), and "auto" on a GPU measures all three. None
+        (default): off.
     matryoshka_weights : sequence of float, optional
         One weight >= 0 per prefix (default: all 1).
 
@@ -195,7 +196,12 @@ def fused_samtone_loss(
         warnings.warn("hardness_mode='hard_negatives' has no effect without hard negatives", UserWarning, stacklevel=2)
     if options.hard_negative_scope == "own" and (hard_negatives is None or hard_negatives.shape[1] == 0):
         warnings.warn("hard_negative_scope='own' has no effect without hard negatives", UserWarning, stacklevel=2)
-    if check_backend_name(backend) == "auto" and (paths := _choice.measured_paths(queries)):
+    paths = _choice.measured_paths(queries) if check_backend_name(backend) == "auto" else []
+    if paths and options.matryoshka_dims is not None:
+        # The eager backend computes every prefix in one pass (the GPU paths, each prefix apart):
+        # which is faster is the GPU's to say, so it is measured too.
+        paths = [*paths, "torch"]
+    if paths:
         # The faster GPU path for this call's key, measured once (on detached copies, in one process).
         measured = functools.partial(
             fused_samtone_loss,
