@@ -132,7 +132,9 @@ def impl_chunked(w: Workload, device: str):
     def run(q, d, n):
         n_pairs = q.shape[0]
         rows = CHUNK_ROWS or max(1, n_pairs // 8)
-        budget = _torch_impl.budget_for_rows(rows, n_pairs, n_pairs * (1 + w.n_hard), options, 4)  # float32 logits
+        # float32 logits, one set per Matryoshka prefix (the eager backend holds every prefix's at once)
+        logit_bytes = 4 * (len(w.matryoshka) if w.matryoshka else 1)
+        budget = _torch_impl.budget_for_rows(rows, n_pairs, n_pairs * (1 + w.n_hard), options, logit_bytes)
         with _torch_impl.chunk_budget(budget):
             return fused_samtone_loss(q, d, n, backend="torch", **w.options())
 
