@@ -236,6 +236,23 @@ def margin_in_a_gap(case: Case, where: float) -> float:
     return float(candidates[min(int(where * len(candidates)), len(candidates) - 1)])
 
 
+def assert_reference_grads_match_finite_differences(q, d, n, options: dict, h: float = 1e-6) -> None:
+    """``reference.samtone_grad`` against central differences of ``reference.samtone_loss`` for the
+    queries, documents and hard negatives (float64 arrays, perturbed in place and restored)."""
+    grads = reference.samtone_grad(q, d, n, **options)
+    for name, x in (("queries", q), ("docs", d), ("hard_negatives", n)):
+        numeric = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + h
+            up = reference.samtone_loss(q, d, n, **options)
+            x[idx] = old - h
+            down = reference.samtone_loss(q, d, n, **options)
+            x[idx] = old
+            numeric[idx] = (up - down) / (2 * h)
+        np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def run_and_compare(
     case: Case, dtype: torch.dtype, backend: str, tensor_temperature: bool, renormalized: bool | None = None, **extra
 ) -> None:

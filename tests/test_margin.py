@@ -10,8 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference
-from helpers import DEVICE, Case, cases, margin_in_a_gap, run_and_compare
+from helpers import (
+    DEVICE,
+    Case,
+    assert_reference_grads_match_finite_differences,
+    cases,
+    margin_in_a_gap,
+    run_and_compare,
+)
 from samtone_kernels import fused_samtone_loss
 from samtone_kernels._contract import Rows
 from samtone_kernels._options import check_options
@@ -50,19 +56,7 @@ def test_reference_with_a_margin_matches_finite_differences(seed):
     q, d, n = rng.standard_normal((5, 3)), rng.standard_normal((5, 3)), rng.standard_normal((5, 1, 3))
     options = dict(temperature=0.7, directions=("q2d", "q2q", "d2q", "d2d"), normalize=seed == 2)
     options["false_negative_margin"] = margin_in_a_gap(Case(q, d, n, None, dict(options)), 0.5)
-    grads = reference.samtone_grad(q, d, n, **options)
-    h = 1e-6
-    for name, x in (("queries", q), ("docs", d), ("hard_negatives", n)):
-        numeric = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            old = x[idx]
-            x[idx] = old + h
-            up = reference.samtone_loss(q, d, n, **options)
-            x[idx] = old - h
-            down = reference.samtone_loss(q, d, n, **options)
-            x[idx] = old
-            numeric[idx] = (up - down) / (2 * h)
-        np.testing.assert_allclose(grads[name], numeric, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert_reference_grads_match_finite_differences(q, d, n, options)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "hybrid"])
