@@ -25,6 +25,7 @@ from .tiles import (
     keep_mask,
     logit_pair,
     penalised,
+    scaled,
     unpresumed,
 )
 
@@ -496,10 +497,7 @@ def _resident_tile(
     )
     s = tl.dot(x_tile, tl.trans(y), input_precision=PRECISION)
     y_inv_norm = inv_norms(Y_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
-    if NORMED:
-        s = s * (scale * x_inv_norm[:, None] * y_inv_norm[None, :])
-    else:
-        s = s * scale
+    s = scaled(s, x_inv_norm, y_inv_norm, scale, NORMED=NORMED)
     coef = coefficient(
         s,
         y_inv_norm,

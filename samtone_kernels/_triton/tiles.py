@@ -105,6 +105,14 @@ def penalised(s, rows_g, cols_g, penalty, ROLE: tl.constexpr):
 
 
 @triton.jit
+def scaled(dots, x_inv_norm, y_inv_norm, scale, NORMED: tl.constexpr):
+    """Logits from a tile of raw dot products: ``scale * x . y``, over both sides' norms with NORMED."""
+    if NORMED:
+        return dots * (scale * x_inv_norm[:, None] * y_inv_norm[None, :])
+    return dots * scale
+
+
+@triton.jit
 def logit_pair(
     x,
     row,
@@ -147,15 +155,8 @@ def logit_pair(
             acc_b = tl.dot(x_chunk, tl.trans(b), acc_b, input_precision=PRECISION)
     a_inv_norm = inv_norms(A_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
     b_inv_norm = inv_norms(B_INV_NORMS, cols, col_ok, BLOCK=BLOCK_N, NORMED=NORMED)
-    if NORMED:
-        row_scale = scale * x_inv_norm[:, None]
-        return (
-            a_inv_norm,
-            acc_a * (row_scale * a_inv_norm[None, :]),
-            b_inv_norm,
-            acc_b * (row_scale * b_inv_norm[None, :]),
-        )
-    return a_inv_norm, acc_a * scale, b_inv_norm, acc_b * scale
+    s_a = scaled(acc_a, x_inv_norm, a_inv_norm, scale, NORMED=NORMED)
+    return a_inv_norm, s_a, b_inv_norm, scaled(acc_b, x_inv_norm, b_inv_norm, scale, NORMED=NORMED)
 
 
 @triton.jit
