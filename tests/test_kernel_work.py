@@ -74,7 +74,12 @@ BYTE_TARGETS = {("q2d",): 0.03, ("q2d", "q2q"): 0.02, ("q2d", "d2q"): 0.02, ("q2
 
 @pytest.mark.parametrize(
     "directions,n_hard",
-    [(("q2d",), 1), (("q2d", "q2q"), 0), (("q2d", "d2q"), 0), (("q2d", "q2q", "d2q", "d2d"), 0)],
+    [
+        (("q2d",), 1),
+        pytest.param(("q2d", "q2q"), 0, marks=pytest.mark.slow),  # (make test-slow: suite time)
+        pytest.param(("q2d", "d2q"), 0, marks=pytest.mark.slow),
+        (("q2d", "q2q", "d2q", "d2d"), 0),
+    ],
     ids=["infonce-1neg", "samtone", "symmetric", "bidirectional"],
 )
 def test_bytes_per_textbook_flop(monkeypatch, directions, n_hard):
