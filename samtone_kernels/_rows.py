@@ -77,3 +77,21 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     The same float32 arithmetic as ``F.normalize(x.float(), dim=-1).to(x.dtype)``.
     """
     return _NormalizeRows.apply(x)
+
+
+def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """[..., K]: 1 / max(|x[..., :m_k]|, eps) for each prefix, from the running sum of squares. The
+    clamp comes before the square root, so a prefix of zeros has a zero gradient through its norm (as
+    the reference's eps branch), not sqrt's infinite one times 0."""
+    squares = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).square().cumsum(-1)
+    return squares[..., [m - 1 for m in dims]].clamp_min(NORM_EPS * NORM_EPS).sqrt().reciprocal()
+
+
+def prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...], normalize: bool) -> torch.Tensor:
+    """[K, n]: a_i[:m_k] . b_i[:m_k] for each prefix (cosines with ``normalize``)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    dots = (a * b).cumsum(-1)[..., [m - 1 for m in dims]]  # [n, K]
+    if normalize:
+        dots = dots * prefix_inverse_norms(a, dims) * prefix_inverse_norms(b, dims)
+    return dots.T

@@ -30,7 +30,7 @@ from . import _plan
 from ._constants import NORM_EPS
 from ._contract import LossOptions, Rows
 from ._gemm import HALF, matmul_f32
-from ._rows import normalize_rows
+from ._rows import normalize_rows, prefix_dots, prefix_inverse_norms
 
 # Budget of one chunk's logit buffers (bytes). Above it, the anchors are split into chunks of rows.
 CHUNK_BYTES = 1 << 30
@@ -77,22 +77,6 @@ def row_stats_torch(rows: Rows, options: LossOptions) -> tuple[torch.Tensor, tor
     if options.matryoshka_dims is not None:
         return lse, prefix_dots(rows.q, rows.d, options.matryoshka_dims, options.normalize) * rows.scale
     return lse, _dots(rows.q, rows.d) * rows.scale
-
-
-def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """[..., K]: 1 / max(|x[..., :m_k]|, eps) for each prefix, from the running sum of squares."""
-    squares = (x.float() if x.dtype in HALF else x).square().cumsum(-1)
-    return squares[..., [m - 1 for m in dims]].sqrt().clamp_min(NORM_EPS).reciprocal()
-
-
-def prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...], normalize: bool) -> torch.Tensor:
-    """[K, n]: a_i[:m_k] . b_i[:m_k] for each prefix (cosines with ``normalize``)."""
-    if a.dtype in HALF:
-        a, b = a.float(), b.float()
-    dots = (a * b).cumsum(-1)[..., [m - 1 for m in dims]]  # [n, K]
-    if normalize:
-        dots = dots * prefix_inverse_norms(a, dims) * prefix_inverse_norms(b, dims)
-    return dots.T
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

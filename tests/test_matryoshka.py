@@ -98,6 +98,24 @@ def test_a_single_prefix_is_the_plain_loss():
         torch.testing.assert_close(halves, 0.5 * plain)
 
 
+@pytest.mark.parametrize("backend", ["torch", "hybrid"])
+def test_a_prefix_of_zeros_has_the_reference_gradient(backend):
+    """A row whose first prefix is all zeros, normalised: its norm is the constant eps there (the
+    reference's branch), so its gradient is finite and the reference's, not NaN."""
+    if backend == "hybrid":
+        pytest.importorskip("triton")
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    q[1, :3] = 0
+    expected = reference.matryoshka_grad(q.numpy(), d.numpy(), normalize=True, matryoshka_dims=(3, 6))["queries"]
+    q = q.to(DEVICE, dtype).requires_grad_()
+    fused_samtone_loss(q, d.to(DEVICE, dtype), normalize=True, matryoshka_dims=(3, 6), backend=backend).backward()
+    got = q.grad.double().cpu().numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == torch.float32 else 1e-9, atol=1e-5)
+
+
 def _gemm_flops(**kwargs) -> int:
     g = torch.Generator().manual_seed(0)
     q, d = (torch.randn(64, 64, generator=g).requires_grad_() for _ in range(2))
