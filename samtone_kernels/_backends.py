@@ -81,9 +81,9 @@ REGISTRY: dict[str, Backend] = {
     ),
     # GEMMs by torch (cuBLAS) into float32 logit chunks, Triton epilogues for every elementwise step. Not
     # yet picked by "auto" (a choice by measurement on the user's GPU is to come): by name only.
-    "hybrid": Backend(_prepare_hybrid, _row_stats_hybrid, _needs_triton("hybrid"), lambda x: False),
+    "hybrid": Backend(_prepare_hybrid, _row_stats_hybrid, _needs_triton("hybrid"), lambda x: False, prefixes=True),
     # Eager torch: every device and dtype; row chunks keep its logits within a memory budget.
-    "torch": Backend(prepare_torch, row_stats_torch, lambda x: None, lambda x: True),
+    "torch": Backend(prepare_torch, row_stats_torch, lambda x: None, lambda x: True, prefixes=True),
 }
 
 

@@ -12,7 +12,10 @@ A backend (``Backend``) is two functions and two checks:
   ``scale * q_i . d_i``, differentiable;
 - ``unavailable(x)``: why it cannot run on embeddings like ``x`` (an exception to raise when the
   user asked for it by name), or None;
-- ``auto(x)``: whether ``backend="auto"`` picks it for ``x``.
+- ``auto(x)``: whether ``backend="auto"`` picks it for ``x``;
+- ``prefixes``: whether ``row_stats`` computes every Matryoshka prefix in one pass (given
+  ``options.matryoshka_dims`` and raw, unnormalised rows: lse [K, A, n], pos [K, n]); a backend
+  without it is called once per prefix, on the truncated embeddings.
 """
 
 from __future__ import annotations
@@ -87,3 +90,4 @@ class Backend(NamedTuple):
     row_stats: Callable[[Rows, LossOptions], tuple[torch.Tensor, torch.Tensor]]
     unavailable: Callable[[torch.Tensor], Exception | None]
     auto: Callable[[torch.Tensor], bool]
+    prefixes: bool = False

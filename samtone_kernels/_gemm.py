@@ -16,17 +16,30 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` ([m, k] x [k, n]) accumulated and returned in float32. No autograd (see
-    ``matmul_f32``)."""
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` ([m, k] x [k, n]) accumulated and returned in float32, into ``out`` [m, n] (float32,
+    contiguous) if given. No autograd (see ``matmul_f32``)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
+        return torch.mm(a, b, out=out)
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype
             pass
-    return a.float() @ b.float()
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` in place, acc [m, n] float32 (``mm_f32``'s products): one GEMM with beta = 1,
+    no [m, n] temporary where the backend has the fused form. No autograd."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without addmm.dtype_out
+            pass
+    return acc.addmm_(a.float(), b.float())
 
 
 class _MatmulF32(torch.autograd.Function):

@@ -150,10 +150,10 @@ def fused_samtone_loss(
         dimensions m of the loss of ``x[..., :m]`` for every embedding, each prefix a whole loss of its
         own (normalised on its own with ``normalize=True``; every other option as for the full loss).
         Strictly increasing, the last equal to D. ``reduction="none"`` returns the per-pair sums.
-        The torch backend computes every prefix's logits as running sums of one GEMM per slice of D
-        (about the matmul work of the full-D loss alone); the fused kernel and the hybrid path compute
-        each prefix apart (sum_k m_k / D of it), and "auto" on a GPU measures all three. None
-        (default): off.
+        The torch and hybrid backends compute every prefix's logits as running sums of one GEMM per
+        slice of D (about the matmul work of the full-D loss alone); the fused kernel computes each
+        prefix apart (sum_k m_k / D of it), so "auto" on a GPU measures the hybrid and torch backends
+        only. None (default): off.
     matryoshka_weights : sequence of float, optional
         One weight >= 0 per prefix (default: all 1).
 
@@ -198,9 +198,9 @@ def fused_samtone_loss(
         warnings.warn("hard_negative_scope='own' has no effect without hard negatives", UserWarning, stacklevel=2)
     paths = _choice.measured_paths(queries) if check_backend_name(backend) == "auto" else []
     if paths and options.matryoshka_dims is not None:
-        # The eager backend computes every prefix in one pass (the GPU paths, each prefix apart):
-        # which is faster is the GPU's to say, so it is measured too.
-        paths = [*paths, "torch"]
+        # The paths that compute every prefix in one pass: the hybrid one and the eager backend (the
+        # fused kernel takes each prefix apart, about 1.9x the matmul work); the GPU says which is faster.
+        paths = [name for name in paths if REGISTRY[name].prefixes] + ["torch"]
     if paths:
         # The faster GPU path for this call's key, measured once (on detached copies, in one process).
         measured = functools.partial(
@@ -250,13 +250,13 @@ def fused_samtone_loss(
     if options.matryoshka_dims is None:
         lse, pos, rows, world, total = statistics(queries, docs, hard_negatives, options)
         prefixes = [(lse, pos, queries, own, 1.0)]
-    elif backend is REGISTRY["torch"]:  # every prefix from running sums of one GEMM per slice of D
+    elif backend.prefixes:  # every prefix from running sums of one GEMM per slice of D
         lse, pos, rows, world, total = statistics(queries, docs, hard_negatives, options)
         prefixes = [
             (lse[k], pos[k], queries[:, :m], prefix(own, m), w)
             for k, (m, w) in enumerate(zip(options.matryoshka_dims, options.matryoshka_weights))
         ]
-    else:  # the fused kernels and the hybrid path: each prefix a loss of its own
+    else:  # the fused kernels: each prefix a loss of its own
         plain = dataclasses.replace(options, matryoshka_dims=None, matryoshka_weights=None)
         prefixes = []
         for m, w in zip(options.matryoshka_dims, options.matryoshka_weights):

@@ -75,7 +75,14 @@ FLOAT32 = {
     "COL_LSE",
     "COL_W",
     "THRESHOLDS",
+    "ROW_NORM",
+    "COL_NORM",
+    "ROW_DOTS",
+    "COL_DOTS",
 }
+# Int arguments never specialised as multiples of 16: the hard negatives' and Matryoshka prefixes'
+# counts, and the row strides of the inverse prefix norms [rows, K] (K often 3 to 6).
+UNALIGNED = {"n_hard", "n_prefixes", "stride_row_norm", "stride_col_norm"}
 LAST_STRIDES = {
     "stride_s_col",
     "stride_g_col",
@@ -160,12 +167,18 @@ def hybrid_variants():
     ):
         for x, seg, role in hybrid.pairs(directions, shared, groups, hardness, True, margin):
             for item in (
-                ("lse_partials_kernel", {"ROLE": hybrid.forward_role(x, seg, role)}),
-                ("coefficient_kernel", {"ROLE": role}),
+                ("lse_partials_kernel", {"ROLE": hybrid.forward_role(x, seg, role), "NORMED": False}),
+                ("coefficient_kernel", {"ROLE": role, "PREFIXED": False, "NORMED": False}),
             ):
                 if item not in seen:
                     seen.append(item)
                     yield item
+    # Matryoshka in one pass (the prefixes' backward at ``hybrid.PREFIX_TILE``): the heaviest tile's
+    # roles, each prefix normalised by its own norms or not
+    x, seg, role = hybrid.pairs(DIRECTION_SETS[-1], True, True, "all_negatives", True, True)[0]
+    yield "lse_partials_kernel", {"ROLE": hybrid.forward_role(x, seg, role), "NORMED": True}
+    for normed in (False, True):
+        yield "coefficient_kernel", {"ROLE": role, "PREFIXED": True, "NORMED": normed, "PREFIX_TILE": True}
 
 
 def heaviest_backward(normed: bool = False, margin: bool = False) -> dict:
@@ -200,8 +213,9 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
         constexprs.update(BLOCK_R=16, BLOCK_D=128)
         warps, stages = 4, 1
     elif epilogue:  # the hybrid path's, at their fixed tile
-        constexprs.update(BLOCK_M=hybrid.EPILOGUE_TILE["BLOCK_M"], BLOCK_N=hybrid.EPILOGUE_TILE["BLOCK_N"])
-        warps, stages = hybrid.EPILOGUE_TILE["num_warps"], 1
+        fixed = hybrid.PREFIX_TILE if flags.get("PREFIX_TILE") else hybrid.EPILOGUE_TILE
+        constexprs.update(BLOCK_M=fixed["BLOCK_M"], BLOCK_N=fixed["BLOCK_N"])
+        warps, stages = fixed["num_warps"], 1
     else:
         constexprs.update(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span, RESIDENT=resident
@@ -214,7 +228,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
         spec = dict(
             unit={n for n in ints if n in LAST_STRIDES},
             divisible={n for n, ty in sig.items() if ty.startswith("*")}
-            | {n for n in ints if n not in LAST_STRIDES and n != "n_hard"},
+            | {n for n in ints if n not in LAST_STRIDES and n not in UNALIGNED},
         )
     compiled = compile_kernel(fn, sig, constexprs, arch=arch, num_warps=warps, num_stages=stages, **spec)
     use = resource_usage(compiled, arch)
