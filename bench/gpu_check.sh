@@ -3,7 +3,7 @@
 # everything it made in the folder named by its argument (the device's $OUT; three files come back:
 # the log, a summary and a tarball of the speed results).
 #
-#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, at most 9.5 min of steps
+#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, at most 9.8 min of steps (their limits summed)
 #   bash bench/gpu_check.sh --dry-run DIR       # the same plumbing on CPU at tiny sizes (CI runs it)
 #
 # The device image has its own python3 (torch, triton, sentence-transformers, pytest, hypothesis) and
@@ -45,21 +45,26 @@ mkdir -p "$WORK/speed"
 
 if [ "$DRY" = 1 ]; then
     step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py -k "hint"
-    step speed 120 "$PY" -m bench.speed --device cpu --workloads samtone --sizes 64 --dim 32 --repeats 1 \
-        --impls ours-fused ours-hybrid ours-eager eager-chunked --out "$WORK/speed" --no-plot
+    step speed 120 "$PY" -m bench.speed --device cpu --workloads samtone matryoshka-samtone --sizes 64 --dim 32 \
+        --repeats 1 --impls ours-fused ours-hybrid ours-eager eager-chunked ours-per-prefix --out "$WORK/speed" --no-plot
     TILES="16,32,16,4,1,0,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
     RESIDENT_TILES="16,16,32,4,1,0,1,1" RESIDENT_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
 else
     export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,64,64,8,3,1,2} HYPOTHESIS_PROFILE=gpu
-    step tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
+    step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
         tests/test_hybrid.py tests/test_api.py tests/test_distributed.py -m "gpu or not gpu"
     unset SAMTONE_TRITON_CONFIG
-    step samtone 150 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
+    step samtone 130 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
         --impls ours-fused ours-hybrid ours-auto ours-eager eager-chunked torch.compile sentence-transformers \
         --out "$WORK/speed"
-    step infonce 60 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
+    step infonce 50 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
         --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
-    step large 60 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
+    step large 50 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
+        --out "$WORK/speed" --no-plot
+    # Matryoshka (dims 64 .. 768): the two one-pass paths (hybrid, eager) against a loss per prefix
+    # (fused, eager) and sentence-transformers' MatryoshkaLoss(MNRL) computation.
+    step matryoshka 45 "$PY" -m bench.speed --workloads matryoshka-samtone --sizes 16384 --dtypes bfloat16 \
+        --repeats 3 --impls ours-hybrid ours-eager ours-auto ours-fused ours-per-prefix sentence-transformers \
         --out "$WORK/speed" --no-plot
     # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
     # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
@@ -70,7 +75,7 @@ else
     RESIDENT_TILES="64,64,64,8,3,1,2 128,32,128,8,2,0,1,1" RESIDENT_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 128)
 fi
 for tile in $TILES; do
-    step "tile $tile" 40 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+    step "tile $tile" 35 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
         --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
 done
 for tile in $RESIDENT_TILES; do
