@@ -106,16 +106,19 @@ def check_disagreeing_ranks_raise(rank: int) -> None:
         raise AssertionError("no error for ranks with different H")
 
 
-def main(rank: int, world: int, init_method: str, sizes: list[int], count: int) -> None:
+def main(rank: int, world: int, init_method: str, batches: list[tuple[list[int], int]]) -> None:
+    """Rank ``rank`` of ``world``: for each (local sizes, count) of ``batches``, ``count``
+    configurations on every backend."""
     import faulthandler
 
     faulthandler.enable()  # a crash in a collective prints where it happened
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup to pick a device
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        for backend in ("torch", "triton", "hybrid"):
-            for cfg in configurations(count, seed=world):
-                check(rank, world, sizes, backend, cfg)
+        for i, (sizes, count) in enumerate(batches):
+            for backend in ("torch", "triton", "hybrid"):
+                for cfg in configurations(count, seed=world + 7 * i):
+                    check(rank, world, sizes, backend, cfg)
         check_disagreeing_ranks_raise(rank)
         dist.barrier()
     finally:
