@@ -88,13 +88,23 @@ def test_kernel_backends_match_the_sum_of_prefix_losses(backend, dtype, data, ca
     _compare(case, dims, weights, dtype, backend, tensor_temperature=False)
 
 
-def test_a_single_prefix_is_the_plain_loss():
+@pytest.mark.parametrize("backend", ["torch", "hybrid"])
+def test_a_single_prefix_is_the_plain_loss(backend):
+    """dims = (D,): the plain loss, values and gradients (the hybrid path normalises it through the
+    prefix norms inside its epilogues, the plain call through normalised copies)."""
+    if backend == "hybrid":
+        pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
     q, d, n = torch.randn(9, 7, generator=g), torch.randn(9, 7, generator=g), torch.randn(9, 2, 7, generator=g)
+    q, d, n = (x.to(DEVICE).requires_grad_() for x in (q, d, n))
     for kwargs in (dict(), dict(normalize=True, directions=("q2d", "q2q", "d2q", "d2d"))):
-        plain = fused_samtone_loss(q, d, n, backend="torch", **kwargs)
-        torch.testing.assert_close(fused_samtone_loss(q, d, n, backend="torch", matryoshka_dims=(7,), **kwargs), plain)
-        halves = fused_samtone_loss(q, d, n, backend="torch", matryoshka_dims=(7,), matryoshka_weights=(0.5,), **kwargs)
+        plain = fused_samtone_loss(q, d, n, backend=backend, **kwargs)
+        grads = torch.autograd.grad(plain, [q, d, n])
+        one = fused_samtone_loss(q, d, n, backend=backend, matryoshka_dims=(7,), **kwargs)
+        torch.testing.assert_close(one, plain)
+        for got, want in zip(torch.autograd.grad(one, [q, d, n]), grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        halves = fused_samtone_loss(q, d, n, backend=backend, matryoshka_dims=(7,), matryoshka_weights=(0.5,), **kwargs)
         torch.testing.assert_close(halves, 0.5 * plain)
 
 
