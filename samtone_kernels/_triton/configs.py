@@ -41,12 +41,23 @@ GPU_TILES = {
 #: coefficients' dot, and on sm_90 Triton lays such a chain's first dot out with every warp along
 #: M: 128 rows for 8 warps, else both warpgroups compute each product (the compile check fails it).
 #: Kept: every launch variant compiles without spills in 16-bit with triton 3.6 and 3.9 (the
-#: heaviest, with the margin, spilled at 128 x 64 x 128). sm_90 only: on sm_80 / sm_89 every tile
-#: tried spilled in some variant under triton 3.6 (4-16 B at 64 x 32 x 64 and 64 x 16 x 64 with 4
-#: warps, 64 x 64 x 128 and 64 x 32 x 128), though 3.9 compiled two of them cleanly. D = 256 is not
-#: offered: its float32 rows alone take 128 registers a thread, and the heaviest variant spills on
-#: sm_90 (320 B at 128 x 32, 8 warps; 136 B at 64 x 16, 4 warps).
-RESIDENT_TILES = {90: ((128, 64, 64, 8, 2), (128, 32, 128, 8, 2))}
+#: compile check's heaviest variants, with the last sweep's finish, included).
+#: - sm_90, D <= 128: 128 rows, 8 warps (the heaviest variant, with the margin, spilled at 128 x 64 x
+#:   128). D = 256 is not offered: 32 x 32 with 4 warps spilled 8 B (3.9) in the heaviest variant with
+#:   the margin (4-40 B with 1 stage; 8 warps repeat the dots' work), 128 x 32 with 8 warps 320 B,
+#:   64 x 16 with 4 warps 136 B (the float32 rows alone take 128 registers a thread there).
+#: - sm_80 (no margin variants there: ``MARGIN_MIN_ARCH``), D <= 64: 32 x 32, 4 warps, 1 stage. Keyed
+#:   by the exact architecture (sm_86 / sm_89, compiled apart, get none): on sm_89 its heaviest
+#:   variant spilled 8 B with 3.6 (and with 2 stages, 3.9). D <= 128 is not offered: 32 x 32 x 128
+#:   spilled 8 B in the heaviest variant (3.6, 2 stages; 3.9 on sm_89, 1 stage); with 64 rows some
+#:   variant spilled (4-16 B at 64 x 32 x 64 and 64 x 16 x 64, 4 warps; 12 B at 64 x 32 x 128, 4
+#:   warps; 4-16 B in six variants at 64 x 64 x 128, 8 warps), and 32 rows on 8 warps, or 64 x 32 on
+#:   8, lay their dots out with warps repeating each other's mma.sync work.
+#: Modelled (``traffic_model``), the 32-row walk moves 0.65-0.70 of the swept walk's bytes at N = 16384.
+RESIDENT_TILES = {
+    90: ((128, 64, 64, 8, 2), (128, 32, 128, 8, 2)),
+    80: ((32, 32, 64, 4, 1),),
+}
 
 
 #: The oldest architecture on which the fused kernel takes the false-negative margin. Its backward's
@@ -71,7 +82,8 @@ def tiles_for(arch: int, grad: bool = True) -> tuple:
     """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...): for ``grad_kernel``
     (``grad``) with the resident ones (8 fields), for ``lse_kernel`` without."""
     key = 90 if arch >= 90 else 80
-    resident = tuple((*t, False, 1, True) for t in RESIDENT_TILES.get(key, ())) if grad else ()
+    offered = RESIDENT_TILES.get(90 if arch >= 90 else arch, ())  # by the exact architecture below sm_90
+    resident = tuple((*t, False, 1, True) for t in offered) if grad else ()
     return GPU_TILES[key] + resident
 
 

@@ -9,8 +9,9 @@ fraction is the textbook FLOPs (3 tile products per block) / peak / time.
 
 - The fused kernels: executed work ``_plan.tile_units``; bytes ``traffic_model.bytes_by_kernel`` at
   the tile each GPU is offered (sm_90: 64 x 64 paired, two tiles per sweep; sm_80: 64 x 128, each
-  segment alone, one tile per sweep) and, for D <= 128 on sm_90, the fewer of those and the
-  resident backward's (``RESIDENT_OFFERED``; the autotuner times both). Attainable fraction of the tensor
+  segment alone, one tile per sweep) and, where a resident config serves D (sm_90: D <= 128, sm_80:
+  D <= 64), the fewer of those and the resident backward's (``RESIDENT_OFFERED``; the autotuner
+  times both). Attainable fraction of the tensor
   rate in their dot products: ``FUSED_ATTAINABLE``, from a review of the compiled kernels (PTX and
   ``ptxas -v``): on sm_90 the K-loop is capped near half the rate by shared-memory reads (the
   estimate was made when each sweep's first dot was also issued twice, since fixed, and is kept);
@@ -48,7 +49,8 @@ GPUS = (Gpu("H100 SXM", 90, 989.0, 3.35), Gpu("A100 SXM 80 GB", 80, 312.0, 2.04)
 FUSED_ATTAINABLE = {90: 0.4, 80: 0.5}  # of the tensor rate, in the fused kernels' dot products
 GEMM_ATTAINABLE = 0.7  # cuBLAS at these shapes, assumed
 OFFERED = {90: (64, 64, traffic_model.TODAY), 80: (64, 128, traffic_model.Design(fused_epilogue=True))}
-RESIDENT_OFFERED = {90: (128, 32)}  # the resident backward's rows and columns (D <= 128; sm_90 only)
+# The resident backward's rows and columns by the largest D they serve (configs.RESIDENT_TILES).
+RESIDENT_OFFERED = {90: {128: (128, 32)}, 80: {64: (32, 32)}}
 FORWARD_BYTES_PER_LOGIT = 8
 BACKWARD_BYTES_PER_LOGIT = {"pair": 4 + 6 + 4, "symmetric": 4 + 6 + 2}
 
@@ -59,9 +61,10 @@ def fused_fraction(gpu: Gpu, directions, n_pairs: int, dim: int) -> float:
     unit = 2 * n_pairs * n_pairs * dim
     flops = executed * unit
     byte_count = sum(traffic_model.bytes_by_kernel(directions, n_pairs, dim, 0, 2, block_m, block_n, design).values())
-    if dim <= 128 and gpu.arch in RESIDENT_OFFERED:  # the resident backward, beside the offered forward
+    widths = [w for w in RESIDENT_OFFERED.get(gpu.arch, {}) if dim <= w]
+    if widths:  # the resident backward, beside the offered forward
         forward = traffic_model.bytes_by_kernel(directions, n_pairs, dim, 0, 2, block_m, block_n, design)
-        rows, cols = RESIDENT_OFFERED[gpu.arch]
+        rows, cols = RESIDENT_OFFERED[gpu.arch][min(widths)]
         back = traffic_model.bytes_by_kernel(directions, n_pairs, dim, 0, 2, rows, cols, traffic_model.RESIDENT)
         byte_count = min(byte_count, forward["lse_kernel"] + back["grad_kernel"] + back["epilogue_kernel"])
     seconds = max(
