@@ -315,11 +315,16 @@ def _run(args):
 
 
 def sweep(archs, tiles):
-    """Every variant (``variants(everything=False)``, no epilogue) x the given tiles x architectures,
-    bfloat16, contiguous: the spill tables of bench/RESULTS.md."""
-    for arch, tile, (fn, flags) in itertools.product(archs, tiles, list(variants(everything=False))):
-        if fn == "grad_kernel" or (fn == "lse_kernel" and not C.full_tile(tile)[7]):  # (resident: backward only)
-            yield fn, flags, "bf16", tile, arch, True, "tf32"
+    """Every variant (``variants(everything=False)``, no epilogue) and the heaviest backward ones
+    (their last sweep's finish; the margin where the architecture takes it) x the given tiles x
+    architectures, bfloat16, contiguous: the spill tables of bench/RESULTS.md."""
+    for arch, tile in itertools.product(archs, tiles):
+        for fn, flags in variants(everything=False):
+            if fn == "grad_kernel" or (fn == "lse_kernel" and not C.full_tile(tile)[7]):  # (resident: backward only)
+                yield fn, flags, "bf16", tile, arch, True, "tf32"
+        for normed, margin in itertools.product((False, True), (False, True)):
+            if not margin or arch >= C.MARGIN_MIN_ARCH:
+                yield "grad_kernel", heaviest_backward(normed, margin), "bf16", tile, arch, True, "tf32"
 
 
 def main() -> int:
