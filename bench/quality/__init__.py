@@ -2,7 +2,7 @@
 
     python -m bench.quality                # frozen encoders + trainable towers, random batches -> QUALITY.md
     python -m bench.quality --repeated     # batches where documents repeat, group masking -> REPEATED.md
-    python -m bench.quality --finetune     # fine-tune MiniLM itself through SamToNeLoss -> FINETUNE.md
+    python -m bench.quality --finetune     # fine-tune MiniLM itself through SamToNeRankingLoss -> FINETUNE.md
     python -m bench.quality --quick        # any of them, small and fast, into a scratch folder
 
 Task (CodeSearchNet-style, built from source code installed packages ship, nothing downloaded): the

@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument(
         "--finetune",
         action="store_true",
-        help="fine-tune all-MiniLM-L6-v2 itself through SamToNeLoss -> bench/FINETUNE.md",
+        help="fine-tune all-MiniLM-L6-v2 itself through SamToNeRankingLoss -> bench/FINETUNE.md",
     )
     which.add_argument(
         "--anchors",
@@ -386,7 +386,7 @@ def run_repeated(args, command, started, train, test, test_queries, info) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
-# Fine-tuning MiniLM through SamToNeLoss -> FINETUNE.md
+# Fine-tuning MiniLM through SamToNeRankingLoss -> FINETUNE.md
 # --------------------------------------------------------------------------------------------------
 def run_finetune(args, command, started, train, test, test_queries, info) -> None:
     queries, codes, doc_of, doc, file = repeated_settings(train, test_queries, args, info)["shared-docs"]

@@ -192,7 +192,7 @@ def write_finetune_report(
     picture: str | None,
     seconds: float,
 ) -> None:
-    """FINETUNE.md: the encoder itself fine-tuned through SamToNeLoss."""
+    """FINETUNE.md: the encoder itself fine-tuned through SamToNeRankingLoss."""
     out = header(
         "Fine-tuning the encoder: InfoNCE, SamToNe, bidirectional SamToNe with masking",
         command,
@@ -200,7 +200,7 @@ def write_finetune_report(
         info,
         "The towers of [QUALITY.md](QUALITY.md) sit on a frozen encoder. Here all-MiniLM-L6-v2 itself "
         "(22M parameters, one encoder for queries and documents: SDE) is fine-tuned through the "
-        "library's sentence-transformers loss, `SamToNeLoss`, on the several-queries-per-document "
+        "library's sentence-transformers loss, `SamToNeRankingLoss`, on the several-queries-per-document "
         "pairs of [REPEATED.md](REPEATED.md), in `by-document` batches (documents repeat inside a "
         "batch). `+groups` is `mask_duplicate_positives=True`: identical documents of a batch share a "
         "group.",
