@@ -112,20 +112,7 @@ def lse_partials_kernel(
 def _prefix_coefficients(
     total,
     k,
-    S,
-    stride_s_prefix,
-    G,
-    stride_g_prefix,
-    tiles,
-    rows,
-    cols,
-    row_offset,
-    pairs,
-    stats,
-    norms,
-    dots,
-    scale,
-    penalty,
+    launch,
     ROLE: tl.constexpr,
     NORMED: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -133,7 +120,8 @@ def _prefix_coefficients(
 ):
     """``total`` plus prefix k's coefficient tile (times the inverse norms with NORMED), stored to
     G[k]; with NORMED, prefix k's partial sums for the norms' gradient (``coefficient_kernel``)."""
-    tile, out = tiles
+    buffers, rows, cols, row_offset, pairs, stats, norms, dots, scale, penalty = launch
+    S, stride_s_prefix, G, stride_g_prefix, tile, out = buffers
     GROUP_IDS, THRESHOLDS, stride_thresholds_prefix = pairs
     ROW_LSE, ROW_W, stride_row_stats_prefix, COL_LSE, COL_W, stride_col_stats_prefix = stats
     ROW_NORM, stride_row_norm, COL_NORM, stride_col_norm = norms
@@ -231,16 +219,17 @@ def coefficient_kernel(
     Row i is pair ``row_offset + i``, column j pair j."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tiles = (
-        rows.to(tl.int64)[:, None] * stride_s_row + cols[None, :] * stride_s_col,
-        rows.to(tl.int64)[:, None] * stride_g_row + cols[None, :] * stride_g_col,
-    )
+    tile = rows.to(tl.int64)[:, None] * stride_s_row + cols[None, :] * stride_s_col  # S's offsets
+    out = rows.to(tl.int64)[:, None] * stride_g_row + cols[None, :] * stride_g_col  # G's offsets
     pairs = (GROUP_IDS, THRESHOLDS, stride_thresholds_prefix)
     stats = (ROW_LSE, ROW_W, stride_row_stats_prefix, COL_LSE, COL_W, stride_col_stats_prefix)
     norms = (ROW_NORM, stride_row_norm, COL_NORM, stride_col_norm)
     dots = (ROW_DOTS, COL_DOTS, n_rows, n_cols)
     scale = tl.load(SCALE)
     penalty = hardness / scale
+    # The launch's pointers, offsets and scalars, which every prefix's step reads.
+    buffers = (S, stride_s_prefix, G, stride_g_prefix, tile, out)
+    launch = (buffers, rows, cols, row_offset, pairs, stats, norms, dots, scale, penalty)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFIXED:
         # A loop over a run-time count (one compile for any number of prefixes), not unrolled: unrolled,
@@ -248,48 +237,6 @@ def coefficient_kernel(
         # sm_89 / sm_90 at 4 prefixes).
         for j in range(n_prefixes):
             k = n_prefixes - 1 - j  # last first: the running sum over k' >= k
-            total = _prefix_coefficients(
-                total,
-                k,
-                S,
-                stride_s_prefix,
-                G,
-                stride_g_prefix,
-                tiles,
-                rows,
-                cols,
-                row_offset,
-                pairs,
-                stats,
-                norms,
-                dots,
-                scale,
-                penalty,
-                ROLE=ROLE,
-                NORMED=NORMED,
-                BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N,
-            )
+            total = _prefix_coefficients(total, k, launch, ROLE=ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     else:
-        _prefix_coefficients(
-            total,
-            0,
-            S,
-            stride_s_prefix,
-            G,
-            stride_g_prefix,
-            tiles,
-            rows,
-            cols,
-            row_offset,
-            pairs,
-            stats,
-            norms,
-            dots,
-            scale,
-            penalty,
-            ROLE=ROLE,
-            NORMED=NORMED,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-        )
+        _prefix_coefficients(total, 0, launch, ROLE=ROLE, NORMED=NORMED, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
