@@ -79,8 +79,8 @@ REGISTRY: dict[str, Backend] = {
         _triton_unavailable,
         lambda x: x.device.type == "cuda" and _triton_unavailable(x) is None,
     ),
-    # GEMMs by torch (cuBLAS) into float32 logit chunks, Triton epilogues for every elementwise step. Not
-    # yet picked by "auto" (a choice by measurement on the user's GPU is to come): by name only.
+    # GEMMs by torch (cuBLAS) into float32 logit chunks, Triton epilogues for every elementwise step.
+    # "auto" reaches it only by measurement on a GPU (``_choice``), never by this order.
     "hybrid": Backend(_prepare_hybrid, _row_stats_hybrid, _needs_triton("hybrid"), lambda x: False, prefixes=True),
     # Eager torch: every device and dtype; row chunks keep its logits within a memory budget.
     "torch": Backend(prepare_torch, row_stats_torch, lambda x: None, lambda x: True, prefixes=True),

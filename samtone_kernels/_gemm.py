@@ -19,14 +19,15 @@ HALF = (torch.float16, torch.bfloat16)
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b`` ([m, k] x [k, n]) accumulated and returned in float32, into ``out`` [m, n] (float32,
     contiguous) if given. No autograd (see ``matmul_f32``)."""
+    into = {} if out is None else {"out": out}
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return torch.mm(a, b, out=out)
+        return torch.mm(a, b, **into)
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return torch.mm(a, b, out_dtype=torch.float32, **into)
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm.dtype
             pass
-    return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a.float(), b.float(), **into)
 
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._constants import NORM_EPS
+from ._gemm import HALF
 
 # Elements of one float32 temporary (16 MiB): large enough that chunking costs nothing measurable.
 CHUNK_ELEMENTS = 1 << 22
@@ -83,13 +84,13 @@ def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor
     """[..., K]: 1 / max(|x[..., :m_k]|, eps) for each prefix, from the running sum of squares. The
     clamp comes before the square root, so a prefix of zeros has a zero gradient through its norm (as
     the reference's eps branch), not sqrt's infinite one times 0."""
-    squares = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).square().cumsum(-1)
+    squares = (x.float() if x.dtype in HALF else x).square().cumsum(-1)
     return squares[..., [m - 1 for m in dims]].clamp_min(NORM_EPS * NORM_EPS).sqrt().reciprocal()
 
 
 def prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: tuple[int, ...], normalize: bool) -> torch.Tensor:
     """[K, n]: a_i[:m_k] . b_i[:m_k] for each prefix (cosines with ``normalize``)."""
-    if a.dtype in (torch.float16, torch.bfloat16):
+    if a.dtype in HALF:
         a, b = a.float(), b.float()
     dots = (a * b).cumsum(-1)[..., [m - 1 for m in dims]]  # [n, K]
     if normalize:
