@@ -1,7 +1,8 @@
 """Worker of tests/test_distributed.py: one rank of a gloo process group on the CPU.
 
 Every rank builds the same random full batches, keeps its own slice of pairs, computes the loss with
-``gather_across_devices=True`` and checks it against the single-process loss on the full batch:
+``gather_across_devices=True`` (some configurations with Matryoshka prefixes) and checks it against
+the single-process loss on the full batch:
 per-pair losses equal, the ranks' reduced losses average to the single-process one, and each rank's
 gradient for its rows is W times the single-process gradient (DDP then averages them back).
 """
@@ -41,6 +42,7 @@ def configurations(count: int, seed: int):
             groups=bool(k % 2 == 0),
             temperature=float(rng.choice([0.05, 0.5, 2.0])),
             dim=int(rng.integers(1, 9)),
+            matryoshka=bool(k % 3 == 2),  # two prefixes (D - 1, D) where D >= 3
             seed=int(rng.integers(0, 2**31)),
         )
 
@@ -58,6 +60,10 @@ def check(rank: int, world: int, sizes: list[int], backend: str, cfg: dict) -> N
     options = {k: cfg[k] for k in ("directions", "partition", "doc_anchor_weight", "normalize", "reduction")}
     if cfg["hardness_mode"]:
         options.update(hardness_mode=cfg["hardness_mode"], hardness_strength=3.0)
+    if cfg["matryoshka"] and cfg["dim"] >= 3:
+        # Each prefix normalised (its norms' gradients cross ranks too); D - 1 of D dims, as a shorter
+        # prefix's normalisation is ill-conditioned beyond float32's tolerance here.
+        options.update(matryoshka_dims=(cfg["dim"] - 1, cfg["dim"]), matryoshka_weights=(0.5, 1.0), normalize=True)
 
     def run(tensors, group_ids, gather):
         leaves = [x.clone().requires_grad_() for x in tensors]
