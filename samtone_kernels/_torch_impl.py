@@ -196,7 +196,7 @@ def row_lse_torch(
     Returns
     -------
     [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
-    A = 2) log Zd (d2q + d2d). With Matryoshka prefixes, [K, A, n] (``row_lse_block_matryoshka``).
+    A = 2) log Zd (d2q + d2d). With Matryoshka prefixes, [K, A, n] (``row_lse_block``).
     """
     if n_all is not None and n_all.shape[1] == 0:
         n_all = None
@@ -204,9 +204,8 @@ def row_lse_torch(
     logit_size = 8 if q.dtype == torch.float64 else 4  # the logits are float32 for 16-bit inputs
     prefixes = 1 if options.matryoshka_dims is None else len(options.matryoshka_dims)  # each its logits
     step = chunk_rows(q_all.shape[0], n_cols, options, logit_size * prefixes, budget)
-    block = row_lse_block if options.matryoshka_dims is None else row_lse_block_matryoshka
     if step >= q.shape[0]:
-        return block(
+        return row_lse_block(
             q,
             d,
             q_all,
@@ -222,7 +221,7 @@ def row_lse_torch(
     return torch.cat(
         [
             checkpoint(
-                block,
+                row_lse_block,
                 q[r0 : r0 + step],
                 d[r0 : r0 + step],
                 q_all,
@@ -279,9 +278,19 @@ def row_lse_block(
     """Log-partitions of the query and document anchors ``q``, ``d``, from their whole logit rows,
     built block by block from ``_plan.BLOCKS`` (the same table the fused kernels read).
 
+    With Matryoshka prefixes (``options.matryoshka_dims``) the inputs are not normalised
+    (``prepare_torch`` leaves them raw: each prefix has its own norms). Per block, the prefixes' raw
+    logits are running sums of one GEMM per slice of D, ``S_k = S_{k-1} + X[:, m_{k-1}:m_k] Y[:,
+    m_{k-1}:m_k]^T``: the matmul work of one full-D block, not sum_k m_k / D of it. Each S_k (over the
+    prefix norms with ``normalize``, times the scale) is masked and penalised as its own loss's.
+    Autograd's backward of the running sum gives each slice the sum of the later prefixes' logit
+    gradients, ``dX[:, slice_k] = (sum_{k' >= k} G_k') Y[:, slice_k]``: again one GEMM per slice and
+    side.
+
     Parameters
     ----------
-    q, d : [n, D] anchor embeddings, already normalised if asked, in the compute dtype.
+    q, d : [n, D] anchor embeddings, already normalised if asked (without prefixes), in the compute
+        dtype.
     q_all, d_all : [N, D] candidate queries and positives (the same tensors as ``q``, ``d`` unless the
         batch was gathered across devices or ``q`` is a chunk of it); anchor i is pair ``offset + i``.
     n_all : [N, H, D] candidate hard negatives (H >= 1), or None.
@@ -295,92 +304,24 @@ def row_lse_block(
     Returns
     -------
     [A, n] tensor: row 0 is log Zq (q2d + q2q), row 1 (when documents are anchors, d2q and/or d2d,
-    A = 2) log Zd (d2q + d2d).
+    A = 2) log Zd (d2q + d2d). With K Matryoshka prefixes, [K, A, n].
     """
+    dims = options.matryoshka_dims
     device = q.device
-    # The temperature scales the [n, D] anchors, not the N x M logits: no N x M pass for it, forward
-    # or backward (d scale = sum(dQs * Q) over n x D).
     anchors = {"q": q, "d": d}
-    scaled: dict[str, torch.Tensor] = {}  # made when a block first needs them
     segments = {"q": (q_all, 1), "d": (d_all, 1)}  # (rows, columns per pair)
     if n_all is not None:
         segments["n"] = (n_all.reshape(-1, n_all.shape[-1]), n_all.shape[1])  # a view: column (j, k) at j H + k
     rows_g = torch.arange(q.shape[0], device=device) + offset
     blocks = [b for b in _plan.selected(options.directions) if b.segment in segments]
     transposed = {(b.anchor, b.segment) for b in blocks} if anchors_are_candidates else set()
-    parts: dict[str, list[torch.Tensor]] = {"q": [], "d": []}
-    # The anchors' positive similarities q_i . d_i (rows of a transposed tile are anchors too: there
-    # the anchors are the whole batch, offset 0).
-    positive = _dots(q, d).detach() if options.false_negative_margin is not None else None
-
-    def add(block: _plan.Block, s: torch.Tensor, row_pairs: torch.Tensor, col_pairs: torch.Tensor) -> None:
-        parts[block.anchor].append(masked(block, s, row_pairs, col_pairs, scale, group_ids, positive, offset, options))
-
-    done = set()
-    for block in blocks:
-        if (block.anchor, block.segment) in done:
-            continue
-        candidates, width = segments[block.segment]
-        col_pairs = _pairs(candidates.shape[0], width, device)
-        if q.dtype in HALF:  # 16-bit GEMM, float32 logits; the scale after it (not rounded to 16 bits)
-            s = matmul_f32(anchors[block.anchor], candidates.T) * scale
-        else:
-            if block.anchor not in scaled:
-                scaled[block.anchor] = anchors[block.anchor] * scale
-            s = scaled[block.anchor] @ candidates.T
-        partner = (block.segment, block.anchor)
-        if block.anchor != block.segment and partner in transposed:
-            # The partner block's logits are this one's transpose (s(y_j, x_i) = S_ij): its entries
-            # before this block's penalty; its rows are this block's columns.
-            partner_block = next(b for b in blocks if (b.anchor, b.segment) == partner)
-            add(partner_block, s.T, col_pairs, rows_g)
-            done.add(partner)
-        add(block, s, rows_g, col_pairs)
-        del s  # N x M blocks: not held past their use
-    lse = [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in parts.values() if p]
-    return torch.stack(lse)
-
-
-def row_lse_block_matryoshka(
-    q: torch.Tensor,
-    d: torch.Tensor,
-    q_all: torch.Tensor,
-    d_all: torch.Tensor,
-    n_all: torch.Tensor | None,
-    scale: float | torch.Tensor,
-    group_ids: torch.Tensor | None,
-    offset: int,
-    options: LossOptions,
-    anchors_are_candidates: bool = False,
-) -> torch.Tensor:
-    """``row_lse_block`` for every Matryoshka prefix at once: [K, A, n].
-
-    The inputs are not normalised (``prepare_torch`` leaves them raw: each prefix has its own norms).
-    Per block, the prefixes' raw logits are running sums of one GEMM per slice of D,
-    ``S_k = S_{k-1} + X[:, m_{k-1}:m_k] Y[:, m_{k-1}:m_k]^T``: the matmul work of one full-D block,
-    not sum_k m_k / D of it. Each S_k (over the prefix norms with ``normalize``, times the scale) is
-    masked and penalised as its own loss's. Autograd's backward of the running sum gives each slice
-    the sum of the later prefixes' logit gradients, ``dX[:, slice_k] = (sum_{k' >= k} G_k') Y[:,
-    slice_k]``: again one GEMM per slice and side.
-    """
-    dims = options.matryoshka_dims
-    slices = list(zip((0, *dims[:-1]), dims))
-    device = q.device
-    anchors = {"q": q, "d": d}
-    segments = {"q": (q_all, 1), "d": (d_all, 1)}
-    if n_all is not None:
-        segments["n"] = (n_all.reshape(-1, n_all.shape[-1]), n_all.shape[1])
-    inverse = {}  # [rows, K] prefix inverse norms, made when first needed
-    if options.normalize:
-        for name, x in (("aq", q), ("ad", d), *((k, x) for k, (x, _) in segments.items())):
-            inverse[name] = prefix_inverse_norms(x, dims)
-    rows_g = torch.arange(q.shape[0], device=device) + offset
-    blocks = [b for b in _plan.selected(options.directions) if b.segment in segments]
-    transposed = {(b.anchor, b.segment) for b in blocks} if anchors_are_candidates else set()
-    parts: list[dict[str, list[torch.Tensor]]] = [{"q": [], "d": []} for _ in dims]
-    positive = None  # [K, n] the anchors' positive similarities per prefix, for the margin
+    parts: list[dict[str, list[torch.Tensor]]] = [{"q": [], "d": []} for _ in dims or (None,)]
+    # The anchors' positive similarities q_i . d_i, [K, n] (rows of a transposed tile are anchors too:
+    # there the anchors are the whole batch, offset 0).
+    positive = None
     if options.false_negative_margin is not None:
-        positive = prefix_dots(q, d, dims, options.normalize).detach()
+        positive = (_dots(q, d)[None] if dims is None else prefix_dots(q, d, dims, options.normalize)).detach()
+    logits = _BlockLogits(anchors, {k: x for k, (x, _) in segments.items()}, scale, options)
 
     done = set()
     for block in blocks:
@@ -391,23 +332,60 @@ def row_lse_block_matryoshka(
         partner = (block.segment, block.anchor)
         partner_block = None
         if block.anchor != block.segment and partner in transposed:
+            # The partner block's logits are this one's transpose (s(y_j, x_i) = S_ij): its entries
+            # before this block's penalty; its rows are this block's columns.
             partner_block = next(b for b in blocks if (b.anchor, b.segment) == partner)
             done.add(partner)
-        raw = None
-        for k, (lo, hi) in enumerate(slices):
-            piece = matmul_f32(anchors[block.anchor][:, lo:hi], candidates[:, lo:hi].T)
-            raw = piece if raw is None else raw + piece
-            s = raw * scale
-            if options.normalize:
-                s = s * inverse["a" + block.anchor][:, k, None] * inverse[block.segment][None, :, k]
+        for k, s in enumerate(logits.of(block.anchor, block.segment)):
             pos_k = None if positive is None else positive[k]
-            if partner_block is not None:  # its entries are this block's transposed (see row_lse_block)
+            if partner_block is not None:
                 parts[k][partner_block.anchor].append(
                     masked(partner_block, s.T, col_pairs, rows_g, scale, group_ids, pos_k, offset, options)
                 )
             parts[k][block.anchor].append(masked(block, s, rows_g, col_pairs, scale, group_ids, pos_k, offset, options))
-    lse = [
-        [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in part.values() if p]
-        for part in parts
-    ]
-    return torch.stack([torch.stack(rows) for rows in lse])
+            del s  # N x M blocks: not held past their use
+    lse = torch.stack(
+        [
+            torch.stack(
+                [torch.logsumexp(p[0] if len(p) == 1 else torch.cat(p, dim=1), dim=1) for p in part.values() if p]
+            )
+            for part in parts
+        ]
+    )
+    return lse if dims is not None else lse[0]
+
+
+class _BlockLogits:
+    """The logits of a block of anchors against a segment's candidates: one tile, or with Matryoshka
+    prefixes one per prefix, in order (``of``)."""
+
+    def __init__(self, anchors: dict, candidates: dict, scale: float | torch.Tensor, options: LossOptions):
+        self.anchors, self.candidates, self.scale, self.options = anchors, candidates, scale, options
+        self.scaled: dict[str, torch.Tensor] = {}  # anchors times the scale, made when a block first needs them
+        self.inverse: dict[str, torch.Tensor] = {}  # [rows, K] prefix inverse norms, made when first needed
+
+    def _inverse(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        if key not in self.inverse:
+            self.inverse[key] = prefix_inverse_norms(x, self.options.matryoshka_dims)
+        return self.inverse[key]
+
+    def of(self, anchor: str, segment: str):
+        x, y, scale, dims = self.anchors[anchor], self.candidates[segment], self.scale, self.options.matryoshka_dims
+        if dims is None:
+            if x.dtype in HALF:  # 16-bit GEMM, float32 logits; the scale after it (not rounded to 16 bits)
+                yield matmul_f32(x, y.T) * scale
+                return
+            # The temperature scales the [n, D] anchors, not the N x M logits: no N x M pass for it,
+            # forward or backward (d scale = sum(dQs * Q) over n x D).
+            if anchor not in self.scaled:
+                self.scaled[anchor] = x * scale
+            yield self.scaled[anchor] @ y.T
+            return
+        raw = None
+        for k, (lo, hi) in enumerate(zip((0, *dims[:-1]), dims)):
+            piece = matmul_f32(x[:, lo:hi], y[:, lo:hi].T)
+            raw = piece if raw is None else raw + piece
+            s = raw * scale
+            if self.options.normalize:
+                s = s * self._inverse("anchor " + anchor, x)[:, k, None] * self._inverse(segment, y)[None, :, k]
+            yield s
