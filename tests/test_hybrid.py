@@ -130,8 +130,8 @@ def test_hybrid_custom_op_opcheck():
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     groups = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5, 6, 7, 0], device=DEVICE)
 
-    def norms(*xs):
-        return [None if x is None else prefix_inverse_norms(x, (3, 9)).requires_grad_() for x in xs]
+    def norms(dims, *xs):
+        return [None if x is None else prefix_inverse_norms(x, dims).requires_grad_() for x in xs]
 
     for args in [
         (q, d, None, None, n, groups, scale, 0, "q2d,q2q,d2q,d2d", 0.0, "", 1 << 30),
@@ -153,7 +153,7 @@ def test_hybrid_custom_op_opcheck():
             400,
             0.1,
             [3, 9],
-            *norms(q, d, None, None, n),
+            *norms((3, 9), q, d, None, None, n),
         ),
         (
             q[2:7],
@@ -170,7 +170,7 @@ def test_hybrid_custom_op_opcheck():
             1 << 30,
             None,
             [4, 9],
-            *norms(q[2:7], d[2:7], q, d, n),
+            *norms((4, 9), q[2:7], d[2:7], q, d, n),
         ),
     ]:
         torch.library.opcheck(
