@@ -45,6 +45,7 @@ def benchmarked(monkeypatch):
                 | ({"SPAN": span, "RESIDENT": w == 8} if grad else {}),
                 num_warps=w,
                 num_stages=1,
+                maxnreg=255 if grad and w == 8 else None,  # (a register cap, as the GPU's resident configs)
             )
             for w, paired, span in ((4, True, 2), (8, False, 1))
         ]
@@ -121,7 +122,7 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("arch", [90, 80, 89, None])
+@pytest.mark.parametrize("arch", [90, 80, 89, 86, None])
 def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
     """Each GPU is offered its architecture's configs only: one for the forward and, for the backward,
     one beside the resident ones, which serve D <= their BLOCK_D. Where no resident config serves D
@@ -133,19 +134,21 @@ def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
     monkeypatch.setattr(configs, "INTERPRETING", False)
     for grad in (False, True):
         offered = configs.configs(grad=grad, arch=arch)
-        tiles = configs.tiles_for(arch, grad) if arch else {t for a in (90, 80) for t in configs.tiles_for(a, grad)}
+        tiles = configs.tiles_for(arch, grad) if arch else {t for a in (90, 80, 89) for t in configs.tiles_for(a, grad)}
         assert len(offered) == len(tiles)
         assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps) for c in offered} == {
             t[:4] for t in tiles
         }
         if arch:
-            assert [c.kwargs.get("RESIDENT", False) for c in offered] == [len(t) == 8 and t[7] for t in tiles]
+            full = [configs.full_tile(t) for t in tiles]
+            assert [c.kwargs.get("RESIDENT", False) for c in offered] == [t[7] for t in full]
+            assert [c.maxnreg for c in offered] == [t[8] for t in full]  # (the resident tiles' register caps)
     if arch is not None:
         assert len(configs.configs(grad=False, arch=arch)) == 1
         grad = configs.configs(grad=True, arch=arch)
         monkeypatch.setattr(kernels.grad_kernel, "configs", grad)
         resident = [c.kwargs["BLOCK_D"] for c in grad if c.kwargs["RESIDENT"]]
-        assert bool(resident) == (arch in (90, 80))  # (configs.RESIDENT_TILES: sm_90 and sm_80 only)
+        assert sorted(resident) == ([64, 128, 256] if arch in (90, 80, 89) else [])  # (configs.RESIDENT_TILES)
         if not resident:
             assert kernels.grad_launcher(64, 4096) is kernels.grad_kernel and len(grad) == 1
             return
@@ -181,3 +184,11 @@ def test_a_resident_config_serves_d_within_its_tile_only(monkeypatch):
     configs.check_fits(pinned, 16)
     with pytest.raises(ValueError, match="BLOCK_D >= D"):
         configs.check_fits(pinned, 17)
+    # A ninth field pins the register cap (0: none); anything else is refused before a launch.
+    for cap, expected in (("128", 128), ("0", None)):
+        monkeypatch.setenv("SAMTONE_TRITON_CONFIG", "16,16,16,4,1,0,1,1," + cap)
+        assert configs.configs(grad=True)[0].maxnreg == expected and configs.configs(grad=False)[0].maxnreg is None
+    for bad in ("16,16,16,4,1,0,1,1,300", "16,16,16,4,1,0,1,1,8", "16,16,16,4,1,0,1,2", "16,16,16,4"):
+        monkeypatch.setenv("SAMTONE_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match="SAMTONE_TRITON_CONFIG.*MAXNREG"):
+            configs.configs(grad=True)

@@ -5,7 +5,7 @@ The tuning key holds every flag (each variant tunes its own tiles), the dtype, D
 sizes rounded up to a power of two (``bucket``), so a new batch size within the bucket (an epoch's
 short last batch) reuses the tuned tiles. Configs whose shared memory would exceed the running
 device's limit are pruned before they compile (``shared_bytes`` bounds it; the GPU compile check tests
-that bound). ``SAMTONE_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,PAIRED,SPAN]"``
+that bound). ``SAMTONE_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,PAIRED,SPAN[,RESIDENT[,MAXNREG]]]"``
 pins one config (no tuning).
 """
 
@@ -36,27 +36,33 @@ GPU_TILES = {
 
 #: The RESIDENT backward's tiles (``sweeps.resident_walk``: D within one BLOCK_D, the rows' tile and
 #: their float32 gradient on chip across all column tiles, each candidate tile loaded once), offered
-#: beside GPU_TILES' for the autotuner to time: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
-#: Each segment walks alone (with X resident, pairing saves no load). The logits' dot feeds the
-#: coefficients' dot, and on sm_90 Triton lays such a chain's first dot out with every warp along
-#: M: 128 rows for 8 warps, else both warpgroups compute each product (the compile check fails it).
+#: beside GPU_TILES' for the autotuner to time: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[,
+#: MAXNREG]), one per power of two of D. Each segment walks alone (with X resident, pairing saves no
+#: load). The logits' dot feeds the coefficients' dot, and Triton lays such a chain's first dot out
+#: with every warp along M: on sm_90 128 rows for 8 warps; on sm_80 / sm_89 32 rows take 4 warps
+#: (with 8, or at 32 x 16, warps repeat each other's tensor-core work; the compile check fails it).
+#: MAXNREG is the PTX register cap (``.maxnreg``). Without one, ptxas aims at more resident warps and
+#: spills a few bytes in the 32-row tiles' heaviest variants (8-40 B at 96-255 registers, e.g. 8 B at
+#: 96 on sm_89 for D <= 64); with one it uses what it needs up to the cap. Each cap is the lowest of
+#: 128 / 168 / 255 (4 / 3 / 2 CTAs of 128 threads an SM) at which nothing spills.
 #: Kept: every launch variant compiles without spills in 16-bit with triton 3.6 and 3.9 (the
-#: compile check's heaviest variants, with the last sweep's finish, included).
+#: compile check's heaviest variants, with the last sweep's finish, included):
 #: - sm_90, D <= 128: 128 rows, 8 warps (the heaviest variant, with the margin, spilled at 128 x 64 x
-#:   128). D = 256 is not offered: 32 x 32 with 4 warps spilled 8 B (3.9) in the heaviest variant with
-#:   the margin (4-40 B with 1 stage; 8 warps repeat the dots' work), 128 x 32 with 8 warps 320 B,
-#:   64 x 16 with 4 warps 136 B (the float32 rows alone take 128 registers a thread there).
-#: - sm_80 (no margin variants there: ``MARGIN_MIN_ARCH``), D <= 64: 32 x 32, 4 warps, 1 stage. Keyed
-#:   by the exact architecture (sm_86 / sm_89, compiled apart, get none): on sm_89 its heaviest
-#:   variant spilled 8 B with 3.6 (and with 2 stages, 3.9). D <= 128 is not offered: 32 x 32 x 128
-#:   spilled 8 B in the heaviest variant (3.6, 2 stages; 3.9 on sm_89, 1 stage); with 64 rows some
-#:   variant spilled (4-16 B at 64 x 32 x 64 and 64 x 16 x 64, 4 warps; 12 B at 64 x 32 x 128, 4
-#:   warps; 4-16 B in six variants at 64 x 64 x 128, 8 warps), and 32 rows on 8 warps, or 64 x 32 on
-#:   8, lay their dots out with warps repeating each other's mma.sync work.
-#: Modelled (``traffic_model``), the 32-row walk moves 0.65-0.70 of the swept walk's bytes at N = 16384.
+#:   128). D <= 256: 32 x 32, 4 warps, 1 stage, cap 255 (with 2 stages the heaviest variant with the
+#:   margin spilled 8 B at 255 registers; at cap 168, 12-88 B; 128 x 32 with 8 warps spilled 320 B,
+#:   64 x 32 with 4 warps 324-420 B: the float32 rows alone take 128 registers a thread there).
+#: - sm_80 / sm_89 (no margin variants there: ``MARGIN_MIN_ARCH``), keyed by the exact architecture
+#:   (sm_86, compiled by nobody here, gets none): 32 x 32 and 4 warps for each D, 1 stage for D <= 64
+#:   (sm_89: cap 128), 2 stages and cap 168 for D <= 128, cap 255 for D <= 256 (1 stage at D = 128
+#:   uses more shared memory than 2). With 64 rows some variant spilled (4-16 B at 64 x 32 x 64 and
+#:   64 x 16 x 64, 4 warps; 12 B at 64 x 32 x 128, 4 warps; 4-16 B in six variants at 64 x 64 x 128,
+#:   8 warps; all without a cap).
+#: Modelled (``traffic_model``), the 32-row walk moves 0.53-0.59 of sm_80's swept walk's bytes at
+#: N = 16384 (0.67-0.77 at N = 256), at any D.
 RESIDENT_TILES = {
-    90: ((128, 64, 64, 8, 2), (128, 32, 128, 8, 2)),
-    80: ((32, 32, 64, 4, 1),),
+    90: ((128, 64, 64, 8, 2), (128, 32, 128, 8, 2), (32, 32, 256, 4, 1, 255)),
+    80: ((32, 32, 64, 4, 1), (32, 32, 128, 4, 2, 168), (32, 32, 256, 4, 2, 255)),
+    89: ((32, 32, 64, 4, 1, 128), (32, 32, 128, 4, 2, 168), (32, 32, 256, 4, 2, 255)),
 }
 
 
@@ -74,16 +80,17 @@ DEFAULT_WALK = (True, 2)
 
 def full_tile(tile: tuple) -> tuple:
     """A config tuple with every field: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, PAIRED,
-    SPAN, RESIDENT), the walk's fields defaulted (``DEFAULT_WALK``, not resident)."""
-    return (*tile, *DEFAULT_WALK[len(tile) - 5 :], False)[:8] if len(tile) < 8 else tuple(tile)
+    SPAN, RESIDENT, MAXNREG), the walk's fields defaulted (``DEFAULT_WALK``, not resident, no
+    register cap: None)."""
+    return tuple(tile) + (*DEFAULT_WALK, False, None)[len(tile) - 5 :]
 
 
 def tiles_for(arch: int, grad: bool = True) -> tuple:
     """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...): for ``grad_kernel``
-    (``grad``) with the resident ones (8 fields), for ``lse_kernel`` without."""
+    (``grad``) with the resident ones (8 fields, 9 with a register cap), for ``lse_kernel`` without."""
     key = 90 if arch >= 90 else 80
     offered = RESIDENT_TILES.get(90 if arch >= 90 else arch, ())  # by the exact architecture below sm_90
-    resident = tuple((*t, False, 1, True) for t in offered) if grad else ()
+    resident = tuple((*t[:5], False, 1, True, *t[5:]) for t in offered) if grad else ()
     return GPU_TILES[key] + resident
 
 
@@ -100,12 +107,13 @@ def _config(
     paired: bool = DEFAULT_WALK[0],
     span: int = DEFAULT_WALK[1],
     resident: bool = False,
+    maxnreg: int | None = None,
     grad: bool = True,
 ) -> triton.Config:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
     if grad:
         kwargs.update(SPAN=span, RESIDENT=bool(resident))
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg if grad else None)
 
 
 def running_arch() -> int | None:
@@ -127,21 +135,24 @@ def configs(grad: bool, arch: int | None = None) -> list[triton.Config]:
     if pinned:
         values = [int(v) for v in pinned.split(",")]
         if (
-            len(values) not in (5, 7, 8)
+            len(values) not in (5, 7, 8, 9)
             or (len(values) >= 7 and (values[5] not in (0, 1) or values[6] not in (1, 2)))
-            or (len(values) == 8 and values[7] not in (0, 1))
+            or (len(values) >= 8 and values[7] not in (0, 1))
+            or (len(values) == 9 and not (values[8] == 0 or 24 <= values[8] <= 255))
         ):
             raise ValueError(
                 "SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' and "
-                f"optionally ',PAIRED,SPAN[,RESIDENT]' (0 or 1, 1 or 2, 0 or 1), got {pinned!r}"
+                "optionally ',PAIRED,SPAN[,RESIDENT[,MAXNREG]]' (0 or 1, 1 or 2, 0 or 1, 0 for no register "
+                f"cap or 24-255), got {pinned!r}"
             )
-        return [_config(*values[:7], resident=grad and len(values) == 8 and bool(values[7]), grad=grad)]
+        bm, bn, bd, warps, stages, paired, span, resident, maxnreg = full_tile(tuple(values))
+        return [_config(bm, bn, bd, warps, stages, paired, span, grad and bool(resident), maxnreg or None, grad=grad)]
     if INTERPRETING:
         tiles = INTERPRETER_TILES
     elif arch is not None:
         tiles = tiles_for(arch, grad)
     else:
-        tiles = tuple(dict.fromkeys(t for a in GPU_TILES for t in tiles_for(a, grad)))
+        tiles = tuple(dict.fromkeys(t for a in (*GPU_TILES, *RESIDENT_TILES) for t in tiles_for(a, grad)))
     return [_config(*t, grad=grad) for t in tiles]
 
 
@@ -159,12 +170,12 @@ def shared_bytes(
     and of one candidate tile, or two when ``paired``) and the backward's sweep over D (its staged
     coefficient tiles, two when paired or ``span`` = 2, and the pipelined chunks of their candidates),
     plus one tile for layout conversions and a few row vectors for reductions; ``resident``: the
-    rows' whole tile, the candidate tiles' ring and the logits' float32 tile (the GPU compile check
-    holds the compiled kernels to it on sm_80, sm_89 and sm_90)."""
-    if resident:  # the rows' tile once, a ring of candidate tiles, the logits' float32 tile
-        return (
-            (block_m + num_stages * block_n) * block_d * itemsize + block_m * block_n * 4 + 4 * (block_m + block_n) * 4
-        )
+    rows' whole tile, the candidate tiles' ring (two tiles at least: unpipelined, the tile is held in
+    both operand layouts) and the logits' float32 tile (the GPU compile check holds the compiled
+    kernels to it on sm_80, sm_89 and sm_90)."""
+    if resident:
+        ring = max(num_stages, 2) * block_n
+        return (block_m + ring) * block_d * itemsize + block_m * block_n * 4 + 4 * (block_m + block_n) * 4
     staged = 2 if paired or span == 2 else 1
     k_loop = num_stages * (block_m + (1 + paired) * block_n) * block_d * itemsize
     sweep = staged * (block_m * block_n + num_stages * block_n * block_d) * itemsize
@@ -219,6 +230,7 @@ def _tile_of(c: triton.Config, grad: bool) -> tuple:
         k.get("PAIRED", DEFAULT_WALK[0]),
         span,
         resident,
+        c.maxnreg if grad else None,
     )
 
 
@@ -230,7 +242,7 @@ def _allowed(c: triton.Config, grad: bool, arch: int | None, limit: int | None, 
         offered = [full_tile(t) for t in tiles_for(arch, grad)]
         if (tile if grad else tile[:6]) not in [(t if grad else t[:6]) for t in offered]:
             return False
-    bm, bn, bd, _, stages, paired, span, resident = tile
+    bm, bn, bd, _, stages, paired, span, resident, _ = tile
     return limit is None or shared_bytes(bm, bn, bd, stages, itemsize, paired, span if grad else 1, resident) <= limit
 
 

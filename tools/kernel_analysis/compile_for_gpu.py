@@ -206,7 +206,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages, paired, span, resident = C.full_tile(tile)
+    bm, bn, bd, warps, stages, paired, span, resident, maxnreg = C.full_tile(tile)
     epilogue = fn in (epilogue_kernel, lse_partials_kernel, coefficient_kernel)
     constexprs = dict(flags)
     if fn is epilogue_kernel:
@@ -230,7 +230,10 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
             divisible={n for n, ty in sig.items() if ty.startswith("*")}
             | {n for n in ints if n not in LAST_STRIDES and n not in UNALIGNED},
         )
-    compiled = compile_kernel(fn, sig, constexprs, arch=arch, num_warps=warps, num_stages=stages, **spec)
+    maxnreg = None if epilogue else maxnreg or None  # (0 in a --sweep tile: no cap)
+    compiled = compile_kernel(
+        fn, sig, constexprs, arch=arch, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **spec
+    )
     use = resource_usage(compiled, arch)
     failures = []
     label = (
@@ -329,7 +332,7 @@ def sweep(archs, tiles):
 
 def main() -> int:
     everything = "--all" in sys.argv
-    # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN[,RESIDENT]]
+    # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN[,RESIDENT[,MAXNREG]]]
     if "--sweep" in sys.argv:
         args = sys.argv[sys.argv.index("--sweep") + 1 :]
         archs = [int(a) for a in args[0].split(",")]

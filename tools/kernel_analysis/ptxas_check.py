@@ -65,10 +65,12 @@ def compile_kernel(
     num_stages: int,
     unit: Iterable[str] = (),
     divisible: Iterable[str] = (),
+    maxnreg: int | None = None,
 ):
     """``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, specialised like the JIT would:
     ``unit`` names int arguments equal to 1 (compiled as the constant 1), ``divisible`` names pointer or
-    int arguments marked divisible by 16 (``tt.divisibility = 16``). Returns the CompiledKernel
+    int arguments marked divisible by 16 (``tt.divisibility = 16``); ``maxnreg``: a config's register cap
+    (PTX ``.maxnreg``). Returns the CompiledKernel
     (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata``) with ``ptxas_log``: what Triton's own
     ``ptxas -v`` printed, or None when the kernel came from Triton's cache."""
     unit, divisible = set(unit), set(divisible)
@@ -100,7 +102,9 @@ def compile_kernel(
     try:
         with contextlib.redirect_stdout(printed):
             compiled = triton.compile(
-                src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg),
             )
     finally:
         knobs.nvidia.dump_ptxas_log = dump

@@ -9,9 +9,9 @@ fraction is the textbook FLOPs (3 tile products per block) / peak / time.
 
 - The fused kernels: executed work ``_plan.tile_units``; bytes ``traffic_model.bytes_by_kernel`` at
   the tile each GPU is offered (sm_90: 64 x 64 paired, two tiles per sweep; sm_80: 64 x 128, each
-  segment alone, one tile per sweep) and, where a resident config serves D (sm_90: D <= 128, sm_80:
-  D <= 64), the fewer of those and the resident backward's (``RESIDENT_OFFERED``; the autotuner
-  times both). Attainable fraction of the tensor
+  segment alone, one tile per sweep) and, where a resident config serves D (``configs.RESIDENT_TILES``:
+  D <= 256 on both), the fewer of those and the resident backward's (``RESIDENT_OFFERED``; the
+  autotuner times both). Attainable fraction of the tensor
   rate in their dot products: ``FUSED_ATTAINABLE``, from a review of the compiled kernels (PTX and
   ``ptxas -v``): on sm_90 the K-loop is capped near half the rate by shared-memory reads (the
   estimate was made when each sweep's first dot was also issued twice, since fixed, and is kept);
@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from samtone_kernels import _plan as plan
+from samtone_kernels._triton import configs
 from tools.kernel_analysis import traffic_model
 
 
@@ -49,8 +50,8 @@ GPUS = (Gpu("H100 SXM", 90, 989.0, 3.35), Gpu("A100 SXM 80 GB", 80, 312.0, 2.04)
 FUSED_ATTAINABLE = {90: 0.4, 80: 0.5}  # of the tensor rate, in the fused kernels' dot products
 GEMM_ATTAINABLE = 0.7  # cuBLAS at these shapes, assumed
 OFFERED = {90: (64, 64, traffic_model.TODAY), 80: (64, 128, traffic_model.Design(fused_epilogue=True))}
-# The resident backward's rows and columns by the largest D they serve (configs.RESIDENT_TILES).
-RESIDENT_OFFERED = {90: {128: (128, 32)}, 80: {64: (32, 32)}}
+# The resident backward's rows and columns by the largest D they serve, per modelled GPU.
+RESIDENT_OFFERED = {arch: {t[2]: (t[0], t[1]) for t in configs.RESIDENT_TILES[arch]} for arch in (90, 80)}
 FORWARD_BYTES_PER_LOGIT = 8
 BACKWARD_BYTES_PER_LOGIT = {"pair": 4 + 6 + 4, "symmetric": 4 + 6 + 2}
 

@@ -19,6 +19,7 @@ no temperature gradient (otherwise it reads its inputs twice).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -162,16 +163,22 @@ def table(n_pairs: int = 256) -> str:
     return "\n".join(lines)
 
 
-def resident_table(n_pairs: int, dim: int = 128) -> str:
-    """Bytes per textbook FLOP at D <= 128, sm_90's configs: the forward at 64 x 64 in both; the
-    backward swept (TODAY, 64 x 64) or resident (RESIDENT, 128 x 32)."""
+#: The swept backward's tile and design, and the resident backward's rows and columns, by architecture
+#: (``configs.GPU_TILES`` and ``RESIDENT_TILES``: sm_90 at D <= 128; sm_80 / sm_89 at each D).
+RESIDENT_COMPARED = {90: ((64, 64, TODAY), (128, 32)), 80: ((64, 128, Design(fused_epilogue=True)), (32, 32))}
+
+
+def resident_table(n_pairs: int, dim: int = 128, arch: int = 90) -> str:
+    """Bytes per textbook FLOP, the forward at the swept tile in both; the backward swept or
+    resident, at ``arch``'s tiles (``RESIDENT_COMPARED``)."""
+    (block_m, block_n, design), (rows, cols) = RESIDENT_COMPARED[arch]
     lines = ["| configuration | swept backward | resident backward | ratio |", "| --- | --- | --- | --- |"]
     for name, (directions, n_hard) in CONFIGURATIONS.items():
         flops = textbook_flops(directions, n_pairs, dim, n_hard)
-        forward = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 64, 64, TODAY)["lse_kernel"]
-        swept = sum(bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 64, 64, TODAY).values())
-        back = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, 128, 32, RESIDENT)
-        resident = forward + back["grad_kernel"] + back["epilogue_kernel"]
+        swept_bytes = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, block_m, block_n, design)
+        back = bytes_by_kernel(directions, n_pairs, dim, n_hard, 2, rows, cols, RESIDENT)
+        swept = sum(swept_bytes.values())
+        resident = swept_bytes["lse_kernel"] + back["grad_kernel"] + back["epilogue_kernel"]
         lines.append(f"| {name} | {swept / flops:.4f} | {resident / flops:.4f} | {resident / swept:.2f} |")
     return "\n".join(lines)
 
@@ -180,6 +187,6 @@ if __name__ == "__main__":
     for n in (256, 16384):
         print(f"bytes per textbook FLOP, float16, N = {n}, D = 768, 128 x 128 x 64 tiles (model)\n")
         print(table(n), "\n")
-    for n in (256, 16384):
-        print(f"bytes per textbook FLOP, float16, N = {n}, D = 128, sm_90's configs (model)\n")
-        print(resident_table(n), "\n")
+    for arch, n in itertools.product(RESIDENT_COMPARED, (256, 16384)):
+        print(f"bytes per textbook FLOP, float16, N = {n}, D = 128, sm_{arch}'s configs (model)\n")
+        print(resident_table(n, arch=arch), "\n")
