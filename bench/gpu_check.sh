@@ -3,8 +3,13 @@
 # everything it made in the folder named by its argument (the device's $OUT; three files come back:
 # the log, a summary and a tarball of the speed results).
 #
-#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, at most 9.7 min of steps (their limits summed)
+#   bash bench/gpu_check.sh "$OUT"              # on a lent GPU: installs nothing, done within 7 minutes
 #   bash bench/gpu_check.sh --dry-run DIR       # the same plumbing on CPU at tiny sizes (CI runs it)
+#
+# The steps run most telling first, each under its own limit and all under one deadline
+# (GPU_CHECK_SECONDS, 420 s, less 15 s kept for the summary): a step gets at most the time left, and
+# once it is spent the rest are listed as skipped, so the check fits one device call of 7 minutes
+# whatever the device's speed.
 #
 # The device image has its own python3 (torch, triton, sentence-transformers, pytest, hypothesis) and
 # no registry. Inf-CL, pure Python, travels as a wheel in .gpu_wheels/ (named in `carry`): it is
@@ -24,11 +29,20 @@ WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, report exit status and wall time
-    local name=$1 limit=$2 t0 rc
+BUDGET=${GPU_CHECK_SECONDS:-420}
+DEADLINE=$(( $(date +%s) + BUDGET - 15 ))
+step() {  # step NAME SECONDS COMMAND...: run within its limit and the deadline, report exit status and wall time
+    local name=$1 limit=$2 t0 rc left
     shift 2
     t0=$(date +%s)
-    echo "== $name: $*"
+    left=$(( DEADLINE - t0 ))
+    if [ "$left" -lt 10 ]; then
+        echo "== $name: skipped, the check's $BUDGET s are spent"
+        echo "| $name | skipped | 0 s |" >> "$WORK/steps.md"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "== $name: (limit $limit s) $*"
     timeout "$limit" "$@"
     rc=$?
     echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
@@ -49,6 +63,7 @@ if [ "$DRY" = 1 ]; then
         --repeats 1 --impls ours-fused ours-hybrid ours-eager eager-chunked ours-per-prefix --out "$WORK/speed" --no-plot
     TILES="16,32,16,4,1,0,1" TILE_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
     RESIDENT_TILES="16,16,32,4,1,0,1,1" RESIDENT_ARGS=(--device cpu --sizes 64 --dim 32 --repeats 1)
+    WIDE_TILES="16,16,32,4,1,0,1,1,128" WIDE_ARGS=(--device cpu --sizes 64 --dim 24 --repeats 1)
 else
     export SAMTONE_TRITON_CONFIG=${SAMTONE_TRITON_CONFIG:-64,64,64,8,3,1,2} HYPOTHESIS_PROFILE=gpu
     step tests 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_autotune.py \
@@ -57,30 +72,37 @@ else
     step samtone 130 "$PY" -m bench.speed --workloads samtone --sizes 16384 32768 --dtypes bfloat16 --repeats 3 \
         --impls ours-fused ours-hybrid ours-auto ours-eager eager-chunked torch.compile sentence-transformers \
         --out "$WORK/speed"
-    step infonce 50 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
-        --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
-    step large 50 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
-        --out "$WORK/speed" --no-plot
+    # D = 128 and 256: the swept backward sm_90 is offered against its resident one for that D
+    # (configs.RESIDENT_TILES), each pinned (the forward takes the pinned tile's first seven fields).
+    RESIDENT_TILES="64,64,64,8,3,1,2 128,32,128,8,2,0,1,1" RESIDENT_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 128)
+    WIDE_TILES="64,64,64,8,3,1,2 32,32,256,4,1,0,1,1,255" WIDE_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 256)
+    # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
+    # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
+    # spills in some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py); each pinned.
+    TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
+fi
+for tile in $RESIDENT_TILES; do
+    step "d128 tile $tile" 30 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+        --impls ours-fused "${RESIDENT_ARGS[@]}" --out "$WORK/speed/d128-$tile" --no-plot
+done
+for tile in $WIDE_TILES; do
+    step "d256 tile $tile" 30 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+        --impls ours-fused "${WIDE_ARGS[@]}" --out "$WORK/speed/d256-$tile" --no-plot
+done
+if [ "$DRY" = 0 ]; then
     # Matryoshka (dims 64 .. 768): the two one-pass paths (hybrid, eager) against a loss per prefix
     # (fused, eager) and sentence-transformers' MatryoshkaLoss(MNRL) computation.
     step matryoshka 45 "$PY" -m bench.speed --workloads matryoshka-samtone --sizes 16384 --dtypes bfloat16 \
         --repeats 3 --impls ours-hybrid ours-eager ours-auto ours-fused ours-per-prefix sentence-transformers \
         --out "$WORK/speed" --no-plot
-    # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
-    # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
-    # spills in some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py); each pinned.
-    TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
-    # D = 128: the swept backward sm_90 is offered against the resident one (configs.RESIDENT_TILES), each
-    # pinned (the forward takes the pinned tile's first seven fields).
-    RESIDENT_TILES="64,64,64,8,3,1,2 128,32,128,8,2,0,1,1" RESIDENT_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 128)
+    step infonce 50 "$PY" -m bench.speed --workloads symmetric-infonce --sizes 32768 --dtypes bfloat16 \
+        --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
+    step large 50 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
+        --out "$WORK/speed" --no-plot
 fi
 for tile in $TILES; do
     step "tile $tile" 35 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
         --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
-done
-for tile in $RESIDENT_TILES; do
-    step "d128 tile $tile" 30 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
-        --impls ours-fused "${RESIDENT_ARGS[@]}" --out "$WORK/speed/d128-$tile" --no-plot
 done
 
 {
@@ -91,7 +113,7 @@ done
     cat "$WORK/steps.md"
     echo
     echo '```'
-    grep -h -E "^(== (d128 )?tile [0-9,]+: env|# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" \
+    grep -h -E "^(== (d128 |d256 )?tile [0-9,]+: \(limit [0-9]+ s\) env|# (GPU|CPU|python|peers|commit|eff|[a-z.-]+: )|workload|[a-z-]+ +[0-9]+ +[0-9]+ )" \
         "$OUT/gpu_check.log"
     echo '```'
 } > "$OUT/summary.md"
