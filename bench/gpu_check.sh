@@ -76,11 +76,17 @@ else
     # (configs.RESIDENT_TILES), each pinned (the forward takes the pinned tile's first seven fields).
     RESIDENT_TILES="64,64,64,8,3,1,2 128,32,128,8,2,0,1,1" RESIDENT_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 128)
     WIDE_TILES="64,64,64,8,3,1,2 32,32,256,4,1,0,1,1,255" WIDE_ARGS=(--sizes 16384 --dtypes bfloat16 --dim 256)
-    # The config sm_90 is offered (paired 64 x 64) against each segment alone at 64 x 128 (sm_80 /
-    # sm_89's; one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and
-    # spills in some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py); each pinned.
-    TILES="64,64,64,8,3,1,2 64,128,64,8,3,0,1 64,128,64,8,3,1,2" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
+    # D = 768: sm_90's two swept configs, paired 64 x 64 with the products as they are and transposed
+    # (configs.TRANSPOSED_TILES), each pinned; last, each segment alone at 64 x 128 (sm_80 / sm_89's;
+    # one small spill on sm_90) and the paired walk at 64 x 128, which moves fewer bytes and spills in
+    # some backward variants (bench/RESULTS.md, tools/kernel_analysis/traffic_model.py).
+    TILES="64,64,64,8,3,1,2 64,64,64,8,3,1,2,0,0,1" TILE_ARGS=(--sizes 16384 --dtypes bfloat16)
+    MORE_TILES="64,128,64,8,3,0,1 64,128,64,8,3,1,2"
 fi
+for tile in $TILES; do
+    step "tile $tile" 35 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+        --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
+done
 for tile in $RESIDENT_TILES; do
     step "d128 tile $tile" 30 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
         --impls ours-fused "${RESIDENT_ARGS[@]}" --out "$WORK/speed/d128-$tile" --no-plot
@@ -99,11 +105,11 @@ if [ "$DRY" = 0 ]; then
         --impls ours-fused ours-hybrid inf-cl --out "$WORK/speed"
     step large 50 "$PY" -m bench.speed --workloads samtone --sizes 262144 --dtypes bfloat16 --impls ours-fused \
         --out "$WORK/speed" --no-plot
+    for tile in $MORE_TILES; do
+        step "tile $tile" 35 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
+            --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
+    done
 fi
-for tile in $TILES; do
-    step "tile $tile" 35 env SAMTONE_TRITON_CONFIG="$tile" "$PY" -m bench.speed --workloads samtone \
-        --impls ours-fused "${TILE_ARGS[@]}" --out "$WORK/speed/tile-$tile" --no-plot
-done
 
 {
     echo "# Device check, $(date -u '+%Y-%m-%d %H:%M') UTC"

@@ -125,8 +125,9 @@ def test_first_call_equals_cached_call_for_a_gathered_slice(benchmarked):
 @pytest.mark.parametrize("arch", [90, 80, 89, 86, None])
 def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
     """Each GPU is offered its architecture's configs only: one for the forward and, for the backward,
-    one beside the resident ones, which serve D <= their BLOCK_D. Where no resident config serves D
-    the backward runs ``wide_grad_kernel`` over the others, so that with one config left the
+    the swept walk (on sm_90 also with its products transposed) beside the resident ones, which serve
+    D <= their BLOCK_D. Where no resident config serves D the backward runs ``wide_grad_kernel`` over
+    the others: on sm_90 the two sweeps, timed against each other; elsewhere one config, so that the
     autotuner never benchmarks (triton 3.6 benchmarks even a pruned list of one: 7+ launches and an
     L2 flush per key); without a GPU every architecture's configs are listed."""
     from samtone_kernels._triton import configs, kernels
@@ -143,19 +144,23 @@ def test_a_gpu_is_offered_its_architectures_configs_only(monkeypatch, arch):
             full = [configs.full_tile(t) for t in tiles]
             assert [c.kwargs.get("RESIDENT", False) for c in offered] == [t[7] for t in full]
             assert [c.maxnreg for c in offered] == [t[8] for t in full]  # (the resident tiles' register caps)
+            assert [c.kwargs.get("TRANSPOSED", False) for c in offered] == [t[9] for t in full]
+            assert sum(t[9] for t in full) == (grad and arch == 90)  # (configs.TRANSPOSED_TILES)
     if arch is not None:
         assert len(configs.configs(grad=False, arch=arch)) == 1
         grad = configs.configs(grad=True, arch=arch)
         monkeypatch.setattr(kernels.grad_kernel, "configs", grad)
         resident = [c.kwargs["BLOCK_D"] for c in grad if c.kwargs["RESIDENT"]]
         assert sorted(resident) == ([64, 128, 256] if arch in (90, 80, 89) else [])  # (configs.RESIDENT_TILES)
+        swept = [c for c in grad if not c.kwargs["RESIDENT"]]
+        assert [c.kwargs["TRANSPOSED"] for c in swept] == ([False, True] if arch == 90 else [False])
         if not resident:
             assert kernels.grad_launcher(64, 4096) is kernels.grad_kernel and len(grad) == 1
             return
         assert kernels.grad_launcher(max(resident), 4096) is kernels.grad_kernel
         assert kernels.grad_launcher(max(resident), 16) is kernels.wide_grad_kernel  # (rows < every resident tile)
         wide = kernels.grad_launcher(max(resident) + 1, 4096)
-        assert wide is kernels.wide_grad_kernel and len(wide.configs) == 1 and not wide.configs[0].kwargs["RESIDENT"]
+        assert wide is kernels.wide_grad_kernel and wide.configs == swept
 
 
 def test_a_resident_config_serves_d_within_its_tile_only(monkeypatch):
@@ -184,11 +189,15 @@ def test_a_resident_config_serves_d_within_its_tile_only(monkeypatch):
     configs.check_fits(pinned, 16)
     with pytest.raises(ValueError, match="BLOCK_D >= D"):
         configs.check_fits(pinned, 17)
-    # A ninth field pins the register cap (0: none); anything else is refused before a launch.
+    # A ninth field pins the register cap (0: none), a tenth the transposed sweep (not with the
+    # resident walk, which has no sweep); anything else is refused before a launch.
     for cap, expected in (("128", 128), ("0", None)):
         monkeypatch.setenv("SAMTONE_TRITON_CONFIG", "16,16,16,4,1,0,1,1," + cap)
         assert configs.configs(grad=True)[0].maxnreg == expected and configs.configs(grad=False)[0].maxnreg is None
-    for bad in ("16,16,16,4,1,0,1,1,300", "16,16,16,4,1,0,1,1,8", "16,16,16,4,1,0,1,2", "16,16,16,4"):
+    monkeypatch.setenv("SAMTONE_TRITON_CONFIG", "16,16,16,4,1,1,2,0,0,1")
+    assert configs.configs(grad=True)[0].kwargs["TRANSPOSED"] and "TRANSPOSED" not in configs.configs(False)[0].kwargs
+    bad_values = ("16,16,16,4,1,0,1,1,300", "16,16,16,4,1,0,1,1,8", "16,16,16,4,1,0,1,2", "16,16,16,4")
+    for bad in (*bad_values, "16,16,16,4,1,0,1,1,0,1", "16,16,16,4,1,0,1,0,0,2"):
         monkeypatch.setenv("SAMTONE_TRITON_CONFIG", bad)
-        with pytest.raises(ValueError, match="SAMTONE_TRITON_CONFIG.*MAXNREG"):
+        with pytest.raises(ValueError, match="SAMTONE_TRITON_CONFIG.*MAXNREG.*TRANSPOSED"):
             configs.configs(grad=True)

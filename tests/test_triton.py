@@ -91,20 +91,27 @@ def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hard
 
 
 @pytest.mark.parametrize(
-    "paired,span,resident", [(True, 1, False), (False, 1, False), (False, 2, False), (False, 1, True)]
+    "paired,span,resident,transposed",
+    [
+        (True, 1, False, False),
+        (False, 1, False, False),
+        (False, 2, False, False),
+        (False, 1, True, False),
+        (True, 2, False, True),
+    ],
 )
 @pytest.mark.parametrize("normalize", [False, True], ids=["fused", "epilogue"])
-def test_kernel_walk_structures(monkeypatch, paired, span, resident, normalize):
-    """The walks the configs choose between (``configs.GPU_TILES``, ``RESIDENT_TILES``; the
-    interpreter's default is paired with two tiles per lone-segment sweep): Q and D paired or each
-    alone, one or two column tiles per sweep, or resident (D = 21 within one 32-wide tile, the rows'
-    gradient on chip). N = 40 leaves the last two-tile sweep half past the end; hard negatives,
-    groups, the hardness penalty, and the gradient written by the last sweep (fused) or by the
-    epilogue."""
+def test_kernel_walk_structures(monkeypatch, paired, span, resident, transposed, normalize):
+    """The walks the configs choose between (``configs.GPU_TILES``, ``TRANSPOSED_TILES``,
+    ``RESIDENT_TILES``; the interpreter's default is paired with two tiles per lone-segment sweep): Q
+    and D paired or each alone, one or two column tiles per sweep, the sweeps' products transposed
+    (sm_90's second swept config), or resident (D = 21 within one 32-wide tile, the rows' gradient on
+    chip). N = 40 leaves the last two-tile sweep half past the end; hard negatives, groups, the
+    hardness penalty, and the gradient written by the last sweep (fused) or by the epilogue."""
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):
         kwargs = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
         if grad:
-            kwargs.update(SPAN=span, RESIDENT=resident, BLOCK_D=32 if resident else 16)
+            kwargs.update(SPAN=span, RESIDENT=resident, TRANSPOSED=transposed, BLOCK_D=32 if resident else 16)
         monkeypatch.setattr(kernel, "configs", [triton.Config(kwargs, num_warps=4, num_stages=1)])
         monkeypatch.setattr(kernel, "cache", {})
     rng = np.random.default_rng(span)

@@ -5,8 +5,8 @@ The tuning key holds every flag (each variant tunes its own tiles), the dtype, D
 sizes rounded up to a power of two (``bucket``), so a new batch size within the bucket (an epoch's
 short last batch) reuses the tuned tiles. Configs whose shared memory would exceed the running
 device's limit are pruned before they compile (``shared_bytes`` bounds it; the GPU compile check tests
-that bound). ``SAMTONE_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,PAIRED,SPAN[,RESIDENT[,MAXNREG]]]"``
-pins one config (no tuning).
+that bound). ``SAMTONE_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages"`` pins one config
+(no tuning); ``",PAIRED,SPAN[,RESIDENT[,MAXNREG[,TRANSPOSED]]]"`` appended, its walk too.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ GPU_TILES = {
     90: ((64, 64, 64, 8, 3, True, 2),),
     80: ((64, 128, 64, 8, 3, False, 1),),
 }
+
+#: The swept backward with its products transposed (``sweeps.sweep``, TRANSPOSED: ``BUF^T += Y^T
+#: coef^T``), offered beside GPU_TILES' on sm_90 for the autotuner to time, at the same tile. There
+#: wgmma reads its B operand from shared memory as it is, while an A operand goes through registers:
+#: as the A operand (the plain walk) each staged coefficient tile is reloaded from shared memory per
+#: chunk of D, as the B operand it is not. Compiled (the heaviest backward, triton 3.9): the same
+#: wgmma count, no ``ldmatrix`` (46 in the plain walk), registers within 7 of it, more shared-memory
+#: loads and stores for the transposes. Which is faster only a GPU can say.
+TRANSPOSED_TILES = {90: ((64, 64, 64, 8, 3, True, 2),)}
 
 #: The RESIDENT backward's tiles (``sweeps.resident_walk``: D within one BLOCK_D, the rows' tile and
 #: their float32 gradient on chip across all column tiles, each candidate tile loaded once), offered
@@ -80,18 +89,20 @@ DEFAULT_WALK = (True, 2)
 
 def full_tile(tile: tuple) -> tuple:
     """A config tuple with every field: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages, PAIRED,
-    SPAN, RESIDENT, MAXNREG), the walk's fields defaulted (``DEFAULT_WALK``, not resident, no
-    register cap: None)."""
-    return tuple(tile) + (*DEFAULT_WALK, False, None)[len(tile) - 5 :]
+    SPAN, RESIDENT, MAXNREG, TRANSPOSED), the walk's fields defaulted (``DEFAULT_WALK``, not
+    resident, no register cap: None, not transposed)."""
+    return tuple(tile) + (*DEFAULT_WALK, False, None, False)[len(tile) - 5 :]
 
 
 def tiles_for(arch: int, grad: bool = True) -> tuple:
     """The GPU configs offered on compute capability ``arch`` (90, 80, 89, ...): for ``grad_kernel``
-    (``grad``) with the resident ones (8 fields, 9 with a register cap), for ``lse_kernel`` without."""
+    (``grad``) with the transposed and the resident ones (all ``full_tile``'s fields), for
+    ``lse_kernel`` without."""
     key = 90 if arch >= 90 else 80
     offered = RESIDENT_TILES.get(90 if arch >= 90 else arch, ())  # by the exact architecture below sm_90
-    resident = tuple((*t[:5], False, 1, True, *t[5:]) for t in offered) if grad else ()
-    return GPU_TILES[key] + resident
+    resident = tuple(full_tile((*t[:5], False, 1, True, *t[5:6])) for t in offered) if grad else ()
+    transposed = tuple(full_tile(t)[:9] + (True,) for t in TRANSPOSED_TILES.get(key, ())) if grad else ()
+    return GPU_TILES[key] + transposed + resident
 
 
 #: Under the interpreter every program runs in NumPy: the smallest legal tiles, one config.
@@ -108,11 +119,12 @@ def _config(
     span: int = DEFAULT_WALK[1],
     resident: bool = False,
     maxnreg: int | None = None,
+    transposed: bool = False,
     grad: bool = True,
 ) -> triton.Config:
     kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "PAIRED": bool(paired)}
     if grad:
-        kwargs.update(SPAN=span, RESIDENT=bool(resident))
+        kwargs.update(SPAN=span, RESIDENT=bool(resident), TRANSPOSED=bool(transposed))
     return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg if grad else None)
 
 
@@ -135,18 +147,20 @@ def configs(grad: bool, arch: int | None = None) -> list[triton.Config]:
     if pinned:
         values = [int(v) for v in pinned.split(",")]
         if (
-            len(values) not in (5, 7, 8, 9)
+            len(values) not in (5, 7, 8, 9, 10)
             or (len(values) >= 7 and (values[5] not in (0, 1) or values[6] not in (1, 2)))
             or (len(values) >= 8 and values[7] not in (0, 1))
-            or (len(values) == 9 and not (values[8] == 0 or 24 <= values[8] <= 255))
+            or (len(values) >= 9 and not (values[8] == 0 or 24 <= values[8] <= 255))
+            or (len(values) == 10 and (values[9] not in (0, 1) or values[7] and values[9]))
         ):
             raise ValueError(
                 "SAMTONE_TRITON_CONFIG: expected 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' and "
-                "optionally ',PAIRED,SPAN[,RESIDENT[,MAXNREG]]' (0 or 1, 1 or 2, 0 or 1, 0 for no register "
-                f"cap or 24-255), got {pinned!r}"
+                "optionally ',PAIRED,SPAN[,RESIDENT[,MAXNREG[,TRANSPOSED]]]' (0 or 1, 1 or 2, 0 or 1, 0 for "
+                f"no register cap or 24-255, 0 or 1 where not resident), got {pinned!r}"
             )
-        bm, bn, bd, warps, stages, paired, span, resident, maxnreg = full_tile(tuple(values))
-        return [_config(bm, bn, bd, warps, stages, paired, span, grad and bool(resident), maxnreg or None, grad=grad)]
+        bm, bn, bd, warps, stages, paired, span, resident, maxnreg, transposed = full_tile(tuple(values))
+        walk = dict(resident=grad and bool(resident), maxnreg=maxnreg or None, transposed=grad and bool(transposed))
+        return [_config(bm, bn, bd, warps, stages, paired, span, **walk, grad=grad)]
     if INTERPRETING:
         tiles = INTERPRETER_TILES
     elif arch is not None:
@@ -231,6 +245,7 @@ def _tile_of(c: triton.Config, grad: bool) -> tuple:
         span,
         resident,
         c.maxnreg if grad else None,
+        k.get("TRANSPOSED", False) if grad else False,
     )
 
 
@@ -242,7 +257,7 @@ def _allowed(c: triton.Config, grad: bool, arch: int | None, limit: int | None, 
         offered = [full_tile(t) for t in tiles_for(arch, grad)]
         if (tile if grad else tile[:6]) not in [(t if grad else t[:6]) for t in offered]:
             return False
-    bm, bn, bd, _, stages, paired, span, resident, _ = tile
+    bm, bn, bd, _, stages, paired, span, resident, _, _ = tile
     return limit is None or shared_bytes(bm, bn, bd, stages, itemsize, paired, span if grad else 1, resident) <= limit
 
 

@@ -8,7 +8,9 @@ DROP_GROUP (the entries the block removes) and PEN_OWN / PEN_OTHER / PEN_COL (th
 take the hardness penalty, ``_plan.HARDNESS``), read with ``tiles.has``; and for the grad kernel
 ``FINISH`` (``_plan.Launch.finish``: FUSED, PARTNER, DOTS). The walk itself is a config choice
 (``configs``): PAIRED (the Q and D segments together, column tile by column tile, or each alone),
-SPAN (column tiles per sweep of a lone segment in the backward); the hard-negative blocks come last.
+SPAN (column tiles per sweep of a lone segment in the backward), TRANSPOSED (the backward's sweeps
+take their products transposed) or RESIDENT (the rows' tile and gradient on chip, D within one tile);
+the hard-negative blocks come last.
 Every launch writes its outputs without reading them first, so the autotuner may run it any number of
 times on live buffers.
 """
@@ -248,6 +250,7 @@ def grad_kernel(
     PAIRED: tl.constexpr = DEFAULT_WALK[0],
     SPAN: tl.constexpr = DEFAULT_WALK[1],
     RESIDENT: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """The gradient of X's rows: sum over the walked segments of ``coef @ Y`` (``tiles.coefficient``).
 
@@ -426,6 +429,7 @@ def grad_kernel(
                 BLOCK_N=BLOCK_N,
                 BLOCK_D=BLOCK_D,
                 PRECISION=PRECISION,
+                TRANSPOSED=TRANSPOSED,
             )
         else:  # each segment alone, SPAN column tiles per sweep
             if WALK_Q:
@@ -454,6 +458,7 @@ def grad_kernel(
                     BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D,
                     PRECISION=PRECISION,
+                    TRANSPOSED=TRANSPOSED,
                 )
             if WALK_D:
                 dots = grad_walk(
@@ -481,6 +486,7 @@ def grad_kernel(
                     BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D,
                     PRECISION=PRECISION,
+                    TRANSPOSED=TRANSPOSED,
                 )
         if WALK_N:
             for k in range(0, n_hard):
@@ -510,6 +516,7 @@ def grad_kernel(
                     BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D,
                     PRECISION=PRECISION,
+                    TRANSPOSED=TRANSPOSED,
                 )
     if has(FINISH, DOTS):
         tl.store(DOTS_OUT + rows * tl.num_programs(1) + blk, dots, mask=row_ok)

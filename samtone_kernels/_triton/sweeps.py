@@ -162,15 +162,22 @@ def coefficients(
 
 
 @triton.jit
-def _times_chunk(acc, coef, seg, cols, col_ok, ks, k_ok, PRECISION: tl.constexpr):
-    """acc + coef @ Y[cols, ks] for the segment ``seg``."""
+def _times_chunk(acc, coef, seg, cols, col_ok, ks, k_ok, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """acc + coef @ Y[cols, ks] for the segment ``seg`` ([BLOCK_M, BLOCK_D]); TRANSPOSED: the same
+    product transposed, acc^T + Y[cols, ks]^T @ coef^T, with ``acc``, ``coef`` and ``k_ok`` passed
+    transposed ([BLOCK_D, BLOCK_M], [BLOCK_N, BLOCK_M], [BLOCK_D, 1])."""
     Y, stride_y_row, stride_y_dim, _, _, _ = seg
-    y = tl.load(
-        Y + cols.to(tl.int64)[:, None] * stride_y_row + ks[None, :] * stride_y_dim,
-        mask=col_ok[:, None] & k_ok,
-        other=0.0,
-    )
-    return tl.dot(coef, y, acc, input_precision=PRECISION)
+    c64 = cols.to(tl.int64)
+    if TRANSPOSED:
+        y_t = tl.load(
+            Y + c64[None, :] * stride_y_row + ks[:, None] * stride_y_dim, mask=col_ok[None, :] & k_ok, other=0.0
+        )
+        return tl.dot(y_t, coef, acc, input_precision=PRECISION)
+    else:
+        y = tl.load(
+            Y + c64[:, None] * stride_y_row + ks[None, :] * stride_y_dim, mask=col_ok[:, None] & k_ok, other=0.0
+        )
+        return tl.dot(coef, y, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -213,6 +220,7 @@ def sweep(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """One sweep over D: the rows' float32 buffer (+)= the staged coefficient tiles times their
     candidates, ``coef_a0 A[cols0] + coef_b0 B[cols0] (+ coef_a1 A[cols1] + coef_b1 B[cols1] with SPAN
@@ -223,7 +231,10 @@ def sweep(
     per row; those writes are masked by ``last``, not branched (triton 3.6 cannot pipeline a branch
     here), so ``grad_walk`` compiles FINISH into its last step only. A barrier after the sweep orders
     its stores before the next sweep's loads of the same rows, which other threads of the program may
-    make."""
+    make. TRANSPOSED: each product as its transpose, ``BUF^T += Y[cols]^T coef^T``, so that on sm_90
+    each coefficient tile is wgmma's B operand, read from shared memory as it is in every chunk of D
+    (as the A operand it is loaded into registers again per chunk); the buffer is read and written
+    through transposed pointers, and the last sweep transposes its sum back for the gradient."""
     BUF, stride_buf_row, stride_buf_dim, _, _, _, _ = dst
     rows, _, row_ok, _, _, _ = row
     coef_a0, coef_b0, cols0, ok0 = staged0
@@ -234,31 +245,48 @@ def sweep(
     # they come from are Python ints there), which a mask cannot take.
     started_rows = tl.full((BLOCK_M,), 1, tl.int1) & started
     last_rows = tl.full((BLOCK_M,), 1, tl.int1) & last
+    if TRANSPOSED:  # (once per sweep, outside the loop over D)
+        coef_a0, coef_b0 = tl.trans(coef_a0), tl.trans(coef_b0)
+        coef_a1, coef_b1 = tl.trans(coef_a1), tl.trans(coef_b1)
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + offs_k
-        k_ok = ks[None, :] < dim
-        ok = row_ok[:, None] & k_ok
-        buf = BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim
+        out_ok = row_ok[:, None] & (ks[None, :] < dim)  # the gradient's [BLOCK_M, BLOCK_D] chunk
+        if TRANSPOSED:
+            k_ok = ks[:, None] < dim
+            ok = row_ok[None, :] & k_ok
+            buf = BUF + rows.to(tl.int64)[None, :] * stride_buf_row + ks[:, None] * stride_buf_dim
+            started_mask = started_rows[None, :]
+            not_last = (last_rows == 0)[None, :]
+        else:
+            k_ok = ks[None, :] < dim
+            ok = out_ok
+            buf = BUF + r64 * stride_buf_row + ks[None, :] * stride_buf_dim
+            started_mask = started_rows[:, None]
+            not_last = (last_rows == 0)[:, None]
         # The buffer's load comes first (issued before any MMA wait), and each product after the first
         # goes into its own accumulator, added after: chained through one accumulator, Triton lays the
         # chain's first dot out with every warp along M (its choice for FlashAttention's chained dots),
         # and on sm_90 both warpgroups of a 64-row tile then compute the same product. The accumulators
         # start from ``zero``, a run-time zero, which Triton cannot fold back into one chain as it folds
         # ``dot(a, b, 0) + c`` (tools/kernel_analysis/tensor_cores.py; the compile check counts it).
-        acc = tl.load(buf, mask=ok & started_rows[:, None], other=0.0)
+        acc = tl.load(buf, mask=ok & started_mask, other=0.0)
         zero = acc * 0.0  # (a non-finite buffer gives NaN here: the gradient is non-finite either way)
         if A_ROLE != 0:
-            acc = _times_chunk(acc, coef_a0, seg_a, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
+            acc = _times_chunk(acc, coef_a0, seg_a, cols0, ok0, ks, k_ok, PRECISION, TRANSPOSED)
         if B_ROLE != 0:
-            acc += _times_chunk(zero, coef_b0, seg_b, cols0, ok0, ks, k_ok, PRECISION=PRECISION)
+            acc += _times_chunk(zero, coef_b0, seg_b, cols0, ok0, ks, k_ok, PRECISION, TRANSPOSED)
         if SPAN == 2:
             if A_ROLE != 0:
-                acc += _times_chunk(zero, coef_a1, seg_a, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
+                acc += _times_chunk(zero, coef_a1, seg_a, cols1, ok1, ks, k_ok, PRECISION, TRANSPOSED)
             if B_ROLE != 0:
-                acc += _times_chunk(zero, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION=PRECISION)
+                acc += _times_chunk(zero, coef_b1, seg_b, cols1, ok1, ks, k_ok, PRECISION, TRANSPOSED)
         if has(FINISH, FUSED):  # masks, not a branch: the loop stays one block for the software pipeliner
-            dots = finish_rows(acc, dots, r64, ks, ok & last_rows[:, None], dst, x, partner, FINISH=FINISH)
-            tl.store(buf, acc, mask=ok & (last_rows == 0)[:, None])
+            if TRANSPOSED:
+                rows_acc = tl.trans(acc)
+            else:
+                rows_acc = acc
+            dots = finish_rows(rows_acc, dots, r64, ks, out_ok & last_rows[:, None], dst, x, partner, FINISH=FINISH)
+            tl.store(buf, acc, mask=ok & not_last)
         else:
             tl.store(buf, acc, mask=ok)
     tl.debug_barrier()
@@ -292,6 +320,7 @@ def _walk_step(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """The SPAN column tiles from ``c0``: their coefficient tiles, then one ``sweep``."""
     staged0 = coefficients(
@@ -356,6 +385,7 @@ def _walk_step(
         BLOCK_M=BLOCK_M,
         BLOCK_D=BLOCK_D,
         PRECISION=PRECISION,
+        TRANSPOSED=TRANSPOSED,
     )
 
 
@@ -385,13 +415,14 @@ def grad_walk(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """Walk segments A and B (each if its role is not 0) together, SPAN column tiles a step
-    (``_walk_step``). FIRST: this is the program's first walk, whose first sweep stores instead of
-    adding (the buffer needs no zeroing); ``final``: no walk follows, so its last sweep is the
-    program's last. With FINISH (FUSED) the last step is peeled off the loop: only its sweep carries the
-    masked writes of the gradient, the others are plain read-modify-writes of BUF. Returns dots
-    (``sweep``)."""
+    (``_walk_step``; TRANSPOSED: its products transposed, ``sweep``). FIRST: this is the program's
+    first walk, whose first sweep stores instead of adding (the buffer needs no zeroing); ``final``:
+    no walk follows, so its last sweep is the program's last. With FINISH (FUSED) the last step is
+    peeled off the loop: only its sweep carries the masked writes of the gradient, the others are
+    plain read-modify-writes of BUF. Returns dots (``sweep``)."""
     step: tl.constexpr = SPAN * BLOCK_N
     last_c0 = (tl.cdiv(n_cols, step) - 1) * step
     if has(FINISH, FUSED):
@@ -429,6 +460,7 @@ def grad_walk(
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            TRANSPOSED=TRANSPOSED,
         )
     if has(FINISH, FUSED):
         if FIRST:
@@ -461,6 +493,7 @@ def grad_walk(
             BLOCK_N=BLOCK_N,
             BLOCK_D=BLOCK_D,
             PRECISION=PRECISION,
+            TRANSPOSED=TRANSPOSED,
         )
     return dots
 

@@ -206,7 +206,7 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
     """Compile one kernel; return a printable line and the failures it found."""
     start = time.perf_counter()
     fn = KERNELS[name]
-    bm, bn, bd, warps, stages, paired, span, resident, maxnreg = C.full_tile(tile)
+    bm, bn, bd, warps, stages, paired, span, resident, maxnreg, transposed = C.full_tile(tile)
     epilogue = fn in (epilogue_kernel, lse_partials_kernel, coefficient_kernel)
     constexprs = dict(flags)
     if fn is epilogue_kernel:
@@ -218,7 +218,14 @@ def job(name, flags, dtype, tile, arch, contiguous, precision):
         warps, stages = fixed["num_warps"], 1
     else:
         constexprs.update(
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, PAIRED=bool(paired), SPAN=span, RESIDENT=resident
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_D=bd,
+            PRECISION=precision,
+            PAIRED=bool(paired),
+            SPAN=span,
+            RESIDENT=resident,
+            TRANSPOSED=bool(transposed),
         )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     sig = signature(fn, constexprs, types(dtype))
@@ -332,7 +339,8 @@ def sweep(archs, tiles):
 
 def main() -> int:
     everything = "--all" in sys.argv
-    # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES[,PAIRED,SPAN[,RESIDENT[,MAXNREG]]]
+    # --sweep ARCH[,ARCH] TILE [TILE ...], a tile as BM,BN,BD,WARPS,STAGES and optionally
+    # ,PAIRED,SPAN[,RESIDENT[,MAXNREG[,TRANSPOSED]]]
     if "--sweep" in sys.argv:
         args = sys.argv[sys.argv.index("--sweep") + 1 :]
         archs = [int(a) for a in args[0].split(",")]
