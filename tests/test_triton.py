@@ -91,23 +91,26 @@ def test_kernel_joint_subsets_and_hardness_weighting(directions, partition, hard
 
 
 @pytest.mark.parametrize(
-    "paired,span,resident,transposed",
+    "paired,span,resident,transposed,normalize",
     [
-        (True, 1, False, False),
-        (False, 1, False, False),
-        (False, 2, False, False),
-        (False, 1, True, False),
-        (True, 2, False, True),
+        (True, 1, False, False, False),
+        (True, 1, False, False, True),
+        (False, 1, False, False, False),
+        (False, 2, False, False, False),
+        (False, 1, True, False, False),
+        (False, 1, True, False, True),
+        (True, 2, False, True, False),
+        (True, 2, False, True, True),
     ],
 )
-@pytest.mark.parametrize("normalize", [False, True], ids=["fused", "epilogue"])
 def test_kernel_walk_structures(monkeypatch, paired, span, resident, transposed, normalize):
     """The walks the configs choose between (``configs.GPU_TILES``, ``TRANSPOSED_TILES``,
     ``RESIDENT_TILES``; the interpreter's default is paired with two tiles per lone-segment sweep): Q
     and D paired or each alone, one or two column tiles per sweep, the sweeps' products transposed
     (sm_90's second swept config), or resident (D = 21 within one 32-wide tile, the rows' gradient on
     chip). N = 40 leaves the last two-tile sweep half past the end; hard negatives, groups, the
-    hardness penalty, and the gradient written by the last sweep (fused) or by the epilogue."""
+    hardness penalty, and the gradient written by the last sweep (``normalize=False``) or by the
+    epilogue from the buffer (``normalize=True``: for each walk that stores the buffer its own way)."""
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):
         kwargs = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
         if grad:
