@@ -37,12 +37,14 @@ def benchmarked(monkeypatch):
         return [float(len(calls) % 3)] * 3  # a different winner from one key to the next
 
     for kernel, grad in zip(_triton.AUTOTUNED, (False, True)):  # tiles the interpreter runs at any size
-        # The tuner sees two configs: the two walks of the GPU configs (configs.GPU_TILES), and for the
-        # backward the second resident (configs.RESIDENT_TILES: the tests' D = 9 is within its tile).
+        # The tuner sees two configs: the two walks of the GPU configs (configs.GPU_TILES); for the
+        # backward the first takes its sweeps transposed (sm_90's second swept config; the
+        # interpreter's default config, which the other tests run, sweeps plainly) and the second is
+        # resident (configs.RESIDENT_TILES: the tests' D = 9 is within its tile).
         configs = [
             triton.Config(
                 {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "PAIRED": paired}
-                | ({"SPAN": span, "RESIDENT": w == 8} if grad else {}),
+                | ({"SPAN": span, "RESIDENT": w == 8, "TRANSPOSED": w == 4} if grad else {}),
                 num_warps=w,
                 num_stages=1,
                 maxnreg=255 if grad and w == 8 else None,  # (a register cap, as the GPU's resident configs)
