@@ -191,3 +191,19 @@ def test_the_resident_backward_at_16384_pairs_modelled(directions, n_hard):
         return forward["lse_kernel"] + backward["grad_kernel"] + backward["epilogue_kernel"]
 
     assert total(traffic_model.RESIDENT, 128, 32) <= 0.6 * total(traffic_model.TODAY, 64, 64)
+
+
+def test_the_transposed_sweep_moves_and_multiplies_what_the_plain_one_does(monkeypatch):
+    """sm_90's second swept config takes each sweep's products transposed (``BUF^T += Y^T coef^T``):
+    the same loads, stores and tile products per kernel as the plain sweep at the same tile
+    (bidirectional SamToNe, float16, N = 80 and D = 40: a second row tile and the chunk of D past
+    their ends, masked)."""
+    counted = {}
+    for transposed in (False, True):
+        grad = triton.Config({**_SWEPT_90.kwargs, "TRANSPOSED": transposed}, num_warps=8, num_stages=3)
+        _gpu_configs(monkeypatch, grad, _FORWARD_90)
+        counts = _count(DIRECTION_SETS[-1], 80, 40, 0, dtype=torch.float16)
+        counted[transposed] = {
+            k: (v["load_bytes"], v["store_bytes"], v["flops"]) for k, v in counts.per_kernel.items()
+        }
+    assert counted[True] == counted[False] and counted[False]["grad_kernel"][2] > 0
