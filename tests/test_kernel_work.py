@@ -203,7 +203,5 @@ def test_the_transposed_sweep_moves_and_multiplies_what_the_plain_one_does(monke
         grad = triton.Config({**_SWEPT_90.kwargs, "TRANSPOSED": transposed}, num_warps=8, num_stages=3)
         _gpu_configs(monkeypatch, grad, _FORWARD_90)
         counts = _count(DIRECTION_SETS[-1], 80, 40, 0, dtype=torch.float16)
-        counted[transposed] = {
-            k: (v["load_bytes"], v["store_bytes"], v["flops"]) for k, v in counts.per_kernel.items()
-        }
+        counted[transposed] = {k: (v["load_bytes"], v["store_bytes"], v["flops"]) for k, v in counts.per_kernel.items()}
     assert counted[True] == counted[False] and counted[False]["grad_kernel"][2] > 0
