@@ -46,7 +46,7 @@ def test_torch_with_16_bit_gemms_matches_reference(dtype, case):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_torch_impl, "gemms_in_input_dtype", lambda x: x.dtype in (torch.float16, torch.bfloat16))
         mp.setattr(_gemm, "mm_f32", spy)
-        run_and_compare(case, dtype, "torch", tensor_temperature=False, renormalized=True)
+        run_and_compare(case, dtype, "torch", tensor_temperature=False, renormalized=True, rounded_coefficients=True)
     assert seen and all(types == (dtype, dtype) for types in seen), seen
 
 
