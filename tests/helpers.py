@@ -126,13 +126,12 @@ def _logit_error(dtype: torch.dtype, case: Case, renormalized: bool) -> float:
     return err * (1.0 + case.logit_bound())
 
 
-#: Where the backward's GEMMs take the coefficients G = dL/dS rounded to a 16-bit dtype (the fused
-#: and hybrid paths, and the eager backend's 16-bit GEMMs on a GPU), a gradient entry sum_j G_ij y_j
-#: carries one rounding per coefficient: u times the coefficient mass sum_j |G_ij| that row collects,
-#: in units of the natural size c / tau. That is up to 2 from its own softmax and positive, plus, as
-#: a candidate of other anchors (q2q, d2d, d2q), their probabilities' column sums; 3 in all is
-#: budgeted. Found by Hypothesis (bf16, SamToNe, N = 4, eager 16-bit GEMMs): 2.1 u with the
-#: rounding, 0.5 u with the coefficients kept in float32.
+#: Where the backward's GEMMs take the coefficients G = dL/dS rounded to a 16-bit dtype (the eager
+#: backend's 16-bit GEMMs), a gradient entry sum_j G_ij y_j carries one rounding per coefficient: u
+#: times the coefficient mass sum_j |G_ij| that row collects, in units of the natural size c / tau.
+#: That is up to 2 from its own softmax and positive, plus, as a candidate of other anchors (q2q, d2d,
+#: d2q), their probabilities' column sums; 3 in all is budgeted. Found by Hypothesis (bf16, SamToNe,
+#: N = 4): 2.1 u with the rounding, 0.5 u with the coefficients kept in float32.
 COEFFICIENT_MASS = 3
 
 
@@ -279,22 +278,20 @@ def run_and_compare(
     backend: str,
     tensor_temperature: bool,
     renormalized: bool | None = None,
-    rounded_coefficients: bool | None = None,
+    rounded_coefficients: bool = False,
     **extra,
 ) -> None:
     """Loss and every gradient of ``backend`` against the float64 reference on the same rounded inputs.
 
     The kernel paths normalise in float32 and round the unit vectors back to ``dtype`` (the torch
     path keeps them in float32, ``renormalized`` unless told): that rounding is part of their budget.
-    ``rounded_coefficients``: the backward's GEMMs take the coefficients in ``dtype`` (``tolerance``;
-    the kernel paths do, the torch path on a CPU does not, unless told).
+    ``rounded_coefficients``: the backward's GEMMs take the coefficients in ``dtype`` (``tolerance``).
     ``extra``: options of the implementation that do not change the loss (``chunk_bytes``), passed to
     it only.
     """
     case = case.rounded(dtype)
-    kernel = backend in ("triton", "hybrid")
-    tol = dict(renormalized=kernel if renormalized is None else renormalized)
-    grad_tol = dict(tol, rounded_coefficients=kernel if rounded_coefficients is None else rounded_coefficients)
+    tol = dict(renormalized=backend in ("triton", "hybrid") if renormalized is None else renormalized)
+    grad_tol = dict(tol, rounded_coefficients=rounded_coefficients)
     q, d, n, kwargs = case.torch_inputs(dtype, tensor_temperature=tensor_temperature)
     loss = fused_samtone_loss(q, d, n, backend=backend, **kwargs, **extra)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
