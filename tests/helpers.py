@@ -131,7 +131,8 @@ def _logit_error(dtype: torch.dtype, case: Case, renormalized: bool) -> float:
 #: times the coefficient mass sum_j |G_ij| that row collects, in units of the natural size c / tau.
 #: That is up to 2 from its own softmax and positive, plus, as a candidate of other anchors (q2q, d2d,
 #: d2q), their probabilities' column sums; 3 in all is budgeted. Found by Hypothesis (bf16, SamToNe,
-#: N = 4): 2.1 u with the rounding, 0.5 u with the coefficients kept in float32.
+#: N = 4): 2.1 u with the rounding, 0.5 u with the coefficients kept in float32. The fused and hybrid
+#: paths round G to the input dtype too, and keep the tighter budget until an example says otherwise.
 COEFFICIENT_MASS = 3
 
 
